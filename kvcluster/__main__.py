@@ -1,0 +1,3 @@
+from kvcluster.cli import main
+
+raise SystemExit(main())

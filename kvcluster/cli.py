@@ -1,0 +1,63 @@
+"""The `kvcluster` command: each subcommand lives in the module that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvcluster", description=__doc__)
+    sub = parser.add_subparsers()
+
+    demo = sub.add_parser("demo", help="run the demo workload on the embedded default")
+    demo.add_argument("--model", default="smollm2", help="HF folder, .gguf file or 'smollm2'")
+    demo.set_defaults(func=_demo)
+
+    model = sub.add_parser("model", help="model utilities").add_subparsers()
+    tiny = model.add_parser("init-tiny", help="write a tiny random Llama model (HF format)")
+    tiny.add_argument("dir")
+    tiny.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_init_tiny)
+
+    config = sub.add_parser("config", help="configuration").add_subparsers()
+    check = config.add_parser("check", help="validate a cluster YAML file")
+    check.add_argument("file")
+    check.set_defaults(func=_config_check)
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from kvcluster.demo import run_demo
+
+    return run_demo(model=args.model)
+
+
+def _init_tiny(args: argparse.Namespace) -> int:
+    from kvcluster.engine.tiny import write_tiny_model
+
+    path = write_tiny_model(args.dir, arch=args.arch, seed=args.seed)
+    print(f"wrote tiny {args.arch} model to {path}")
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    from kvcluster.common.config import ConfigError, load_config
+
+    try:
+        load_config(args.file)
+    except (ConfigError, OSError) as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok")
+    return 0

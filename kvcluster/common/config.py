@@ -1,0 +1,285 @@
+"""Typed configuration: dataclasses built from one YAML file, validated when built.
+
+Every error names the bad field by its dotted path (``store.host.capacity_bytes``),
+so ``kvcluster config check FILE`` can point at the line to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    path: str = "smollm2"
+    """A Hugging Face folder, a .gguf file, or "smollm2" for the packaged default."""
+    model_id: str = ""
+    """Identity used in block hashes; defaults to the checkpoint's name."""
+    dtype: str = "float32"
+    """Compute and KV dtype: float32, float16 or bfloat16."""
+    device: str = "auto"
+    """"auto" picks cuda when present, else cpu."""
+
+    def validate(self, path: str) -> None:
+        _check_choice(path + ".dtype", self.dtype, ("float32", "float16", "bfloat16"))
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    """Tokens per paged-cache block."""
+    num_blocks: int = 2048
+    """Blocks in the preallocated paged KV pool."""
+    max_batch_size: int = 16
+    max_model_len: int = 8192
+
+    def validate(self, path: str) -> None:
+        for name in ("block_size", "num_blocks", "max_batch_size", "max_model_len"):
+            _check_positive(f"{path}.{name}", getattr(self, name))
+
+
+@dataclass
+class TierConfig:
+    enabled: bool = True
+    capacity_bytes: int = 256 << 20
+    policy: str = "lru"
+    """Eviction policy: lru or s3fifo."""
+
+    def validate(self, path: str) -> None:
+        _check_positive(path + ".capacity_bytes", self.capacity_bytes)
+        _check_choice(path + ".policy", self.policy, ("lru", "s3fifo"))
+
+
+@dataclass
+class DiskTierConfig(TierConfig):
+    enabled: bool = False
+    directory: str = ""
+    """Empty: a folder under the user's cache directory."""
+    compression: str = "none"
+    """none or zstd."""
+    max_pending_writes: int = 64
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        _check_choice(path + ".compression", self.compression, ("none", "zstd"))
+        _check_positive(path + ".max_pending_writes", self.max_pending_writes)
+
+
+@dataclass
+class RedisTierConfig(TierConfig):
+    enabled: bool = False
+    url: str = "redis://127.0.0.1:6379/0"
+    ttl_s: int = 3600
+    retry_after_s: float = 5.0
+
+
+@dataclass
+class StoreConfig:
+    chunk_tokens: int = 256
+    """Tokens per stored chunk; a multiple of engine.block_size."""
+    device: TierConfig = field(default_factory=lambda: TierConfig(capacity_bytes=64 << 20))
+    host: TierConfig = field(default_factory=TierConfig)
+    disk: DiskTierConfig = field(default_factory=DiskTierConfig)
+    redis: RedisTierConfig = field(default_factory=RedisTierConfig)
+
+    def validate(self, path: str) -> None:
+        _check_positive(path + ".chunk_tokens", self.chunk_tokens)
+
+
+@dataclass
+class CodecConfig:
+    default_level: int = -1
+    """-1: the codec's measured default level."""
+    group_size: int = 10
+    """Tokens per anchor group."""
+
+    def validate(self, path: str) -> None:
+        _check_positive(path + ".group_size", self.group_size)
+
+
+@dataclass
+class TransferConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    """0 picks a free port."""
+    slo_ms: float = 1000.0
+    chunk_tokens: int = 1024
+    max_message_bytes: int = 64 << 20
+    timeout_s: float = 30.0
+
+    def validate(self, path: str) -> None:
+        _check_positive(path + ".slo_ms", self.slo_ms)
+        _check_positive(path + ".chunk_tokens", self.chunk_tokens)
+        _check_positive(path + ".max_message_bytes", self.max_message_bytes)
+
+
+@dataclass
+class RouterConfig:
+    policy: str = "kv_aware"
+    """kv_aware, round_robin, least_loaded or prefix_only."""
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 0
+    heartbeat_ttl_s: float = 10.0
+    temperature: float = 0.0
+    """Softmax temperature over scores; 0 picks the best."""
+
+    def validate(self, path: str) -> None:
+        _check_choice(path + ".policy", self.policy,
+                      ("kv_aware", "round_robin", "least_loaded", "prefix_only"))
+        _check_positive(path + ".heartbeat_ttl_s", self.heartbeat_ttl_s)
+
+
+@dataclass
+class WorkersConfig:
+    num_prefill: int = 1
+    num_decode: int = 1
+    colocated: bool = False
+    """Prefill and decode in one actor (baseline, small deployments)."""
+    max_queue: int = 64
+
+    def validate(self, path: str) -> None:
+        _check_positive(path + ".num_prefill", self.num_prefill)
+        _check_positive(path + ".num_decode", self.num_decode)
+        _check_positive(path + ".max_queue", self.max_queue)
+
+
+@dataclass
+class SecurityConfig:
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    """Set to require client certificates (mutual TLS)."""
+    tokens: dict[str, str] = field(default_factory=dict)
+    """Bearer token -> tenant. Empty: no authentication (local default only)."""
+
+
+@dataclass
+class ClusterConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    redis_url: str = ""
+    """Cluster mode (event streams, registry); empty: the in-process default."""
+
+    def __post_init__(self) -> None:
+        _validate_tree(self, "")
+
+    def validate(self, path: str) -> None:
+        if self.store.chunk_tokens % self.engine.block_size:
+            raise ConfigError("store.chunk_tokens",
+                              f"must be a multiple of engine.block_size ({self.engine.block_size})")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path) -> ClusterConfig:
+    """Read and validate a cluster YAML file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
+    return from_dict(ClusterConfig, data)
+
+
+def from_dict(cls: type[T], data: Any, path: str = "") -> T:
+    """Build dataclass ``cls`` from plain data, checking every field's type."""
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(_join(path, unknown[0]), f"unknown field (known: {sorted(names)})")
+    kwargs = {k: _convert(hints[k], v, _join(path, k)) for k, v in data.items()}
+    obj = cls(**kwargs)
+    if not hasattr(obj, "__post_init__"):
+        _validate_tree(obj, path)
+    return obj
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def _validate_tree(obj: Any, path: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate_tree(value, _join(path, f.name))
+    if hasattr(obj, "validate"):
+        obj.validate(path)
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, path)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {type(value).__name__}")
+        key_t, val_t = typing.get_args(hint)
+        return {_convert(key_t, k, f"{path}[{k}]"): _convert(val_t, v, f"{path}[{k}]")
+                for k, v in value.items()}
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected a list, got {type(value).__name__}")
+        (item_t, *_) = typing.get_args(hint) or (Any,)
+        items = [_convert(item_t, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    return _scalar(hint, value, path)
+
+
+def _scalar(hint: Any, value: Any, path: str) -> Any:
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(path, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_positive(path: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(path, f"must be positive, got {value!r}")
+
+
+def _check_choice(path: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(path, f"must be one of {list(choices)}, got {value!r}")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name

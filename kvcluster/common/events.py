@@ -1,0 +1,113 @@
+"""KV events: what workers tell the router about the blocks they hold.
+
+The router's index is built only from these (Dynamo's Stored / Removed /
+Cleared). Each batch carries the publishing instance, a per-instance sequence
+number (so the router can detect a gap and ask for a resync) and the hash
+configuration (so a worker hashing differently is caught, never silently
+treated as an empty instance).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Union
+
+from kvcluster.common.hashing import HASH_VERSION
+
+
+class Tier(enum.IntEnum):
+    """Storage tiers, fastest first."""
+
+    DEVICE = 0
+    HOST = 1
+    DISK = 2
+    REDIS = 3
+
+
+@dataclass(frozen=True)
+class BlockStored:
+    block_hashes: tuple[int, ...]
+    """64-bit chained hashes, in prefix order."""
+    tier: Tier
+    parent_hash: int | None = None
+    """64-bit hash of the block before the first one, None at the sequence start."""
+
+
+@dataclass(frozen=True)
+class BlockRemoved:
+    block_hashes: tuple[int, ...]
+    tier: Tier
+
+
+@dataclass(frozen=True)
+class AllCleared:
+    tier: Tier | None = None
+    """None clears every tier."""
+
+
+KVEvent = Union[BlockStored, BlockRemoved, AllCleared]
+
+
+@dataclass(frozen=True)
+class HashSettings:
+    """What must agree between a worker and the router for hashes to match."""
+
+    model_id: str
+    block_size: int
+    hash_version: int = HASH_VERSION
+
+
+@dataclass
+class KVEventBatch:
+    instance_id: str
+    seq: int
+    """Per-instance sequence number, starting at 0, +1 per batch."""
+    settings: HashSettings
+    events: list[KVEvent] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "instance_id": self.instance_id,
+                "seq": self.seq,
+                "settings": [self.settings.model_id, self.settings.block_size,
+                             self.settings.hash_version],
+                "events": [_event_to_list(e) for e in self.events],
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "KVEventBatch":
+        try:
+            raw = json.loads(text)
+            model_id, block_size, version = raw["settings"]
+            return cls(
+                instance_id=str(raw["instance_id"]),
+                seq=int(raw["seq"]),
+                settings=HashSettings(str(model_id), int(block_size), int(version)),
+                events=[_event_from_list(e) for e in raw["events"]],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed KV event batch: {exc}") from exc
+
+
+def _event_to_list(event: KVEvent) -> list:
+    if isinstance(event, BlockStored):
+        return ["S", int(event.tier), list(event.block_hashes), event.parent_hash]
+    if isinstance(event, BlockRemoved):
+        return ["R", int(event.tier), list(event.block_hashes)]
+    return ["C", None if event.tier is None else int(event.tier)]
+
+
+def _event_from_list(item: list) -> KVEvent:
+    kind = item[0]
+    if kind == "S":
+        return BlockStored(tuple(int(h) for h in item[2]), Tier(item[1]), item[3])
+    if kind == "R":
+        return BlockRemoved(tuple(int(h) for h in item[2]), Tier(item[1]))
+    if kind == "C":
+        return AllCleared(None if item[1] is None else Tier(item[1]))
+    raise ValueError(f"unknown KV event kind {kind!r}")
