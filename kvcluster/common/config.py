@@ -173,6 +173,24 @@ class SecurityConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """Per-tenant admission limits enforced by the front end."""
+
+    max_prompt_tokens: int = 8192
+    max_new_tokens: int = 1024
+    max_message_bytes: int = 4 << 20
+    """Largest Generate request accepted, in bytes."""
+    requests_per_s: float = 50.0
+    """Sustained request rate per tenant."""
+    burst: int = 100
+
+    def validate(self, path: str) -> None:
+        for name in ("max_prompt_tokens", "max_new_tokens", "max_message_bytes",
+                     "requests_per_s", "burst"):
+            _check_positive(f"{path}.{name}", getattr(self, name))
+
+
+@dataclass
 class ClusterConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -182,6 +200,7 @@ class ClusterConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     redis_url: str = ""
     """Cluster mode (event streams, registry); empty: the in-process default."""
 

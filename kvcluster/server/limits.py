@@ -1,0 +1,71 @@
+"""Per-tenant request limits: sizes checked up front, rates by token bucket.
+
+Every violation becomes a :class:`LimitError` carrying the gRPC status a
+front end should answer with (INVALID_ARGUMENT for a request that can never
+succeed, RESOURCE_EXHAUSTED for one that may succeed later).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from kvcluster.common.config import LimitsConfig
+
+INVALID_ARGUMENT = "INVALID_ARGUMENT"
+RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+
+
+class LimitError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def check_request_size(limits: LimitsConfig, *, num_prompt_tokens: int,
+                       max_new_tokens: int) -> None:
+    """Raise INVALID_ARGUMENT when a request exceeds the configured sizes."""
+    if num_prompt_tokens <= 0:
+        raise LimitError(INVALID_ARGUMENT, "prompt is empty")
+    if num_prompt_tokens > limits.max_prompt_tokens:
+        raise LimitError(INVALID_ARGUMENT, f"prompt has {num_prompt_tokens} tokens; "
+                         f"the limit is {limits.max_prompt_tokens}")
+    if not 1 <= max_new_tokens <= limits.max_new_tokens:
+        raise LimitError(INVALID_ARGUMENT, f"max_new_tokens={max_new_tokens} must be in "
+                         f"[1, {limits.max_new_tokens}]")
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class TenantRateLimiter:
+    """Token bucket per tenant: ``requests_per_s`` refill, ``burst`` capacity."""
+
+    def __init__(self, requests_per_s: float, burst: int, clock=time.monotonic):
+        self._rate = requests_per_s
+        self._burst = float(burst)
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, tenant: str) -> None:
+        """Take one request's token or raise RESOURCE_EXHAUSTED."""
+        with self._lock:
+            bucket = self._refill(tenant)
+            if bucket.tokens < 1.0:
+                wait_s = (1.0 - bucket.tokens) / self._rate
+                raise LimitError(RESOURCE_EXHAUSTED, f"tenant {tenant!r} is over its rate "
+                                 f"limit of {self._rate:g} requests/s; retry in {wait_s:.2f} s")
+            bucket.tokens -= 1.0
+
+    def _refill(self, tenant: str) -> _Bucket:
+        now = self._clock()
+        bucket = self._buckets.setdefault(tenant, _Bucket(self._burst, now))
+        bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.updated) * self._rate)
+        bucket.updated = now
+        return bucket
