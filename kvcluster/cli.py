@@ -30,6 +30,15 @@ def _build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_init_tiny)
 
+    serve = sub.add_parser("serve", help="start the whole system from one config file")
+    serve.add_argument("--config", default="", help="cluster YAML (default: built-in defaults)")
+    serve.add_argument("--ray-address", default="", help="join this Ray cluster (default: local)")
+    serve.set_defaults(func=_serve)
+
+    status = sub.add_parser("status", help="print the cluster: instances, health, tiers")
+    status.add_argument("--ray-address", default="auto")
+    status.set_defaults(func=_status)
+
     config = sub.add_parser("config", help="configuration").add_subparsers()
     check = config.add_parser("check", help="validate a cluster YAML file")
     check.add_argument("file")
@@ -41,6 +50,18 @@ def _demo(args: argparse.Namespace) -> int:
     from kvcluster.demo import run_demo
 
     return run_demo(model=args.model)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kvcluster.runtime.serve import serve_forever
+
+    return serve_forever(args.config, args.ray_address)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from kvcluster.runtime.status import print_status
+
+    return print_status(args.ray_address)
 
 
 def _init_tiny(args: argparse.Namespace) -> int:

@@ -50,6 +50,8 @@ class EngineConfig:
     """Blocks in the preallocated paged KV pool."""
     max_batch_size: int = 16
     max_model_len: int = 8192
+    cpu_packed_weights: bool = True
+    """On CPU (fp32), also keep oneDNN-packed weight copies: faster batched decode, 2x weight memory."""
 
     def validate(self, path: str) -> None:
         for name in ("block_size", "num_blocks", "max_batch_size", "max_model_len"):
@@ -75,12 +77,23 @@ class DiskTierConfig(TierConfig):
     """Empty: a folder under the user's cache directory."""
     compression: str = "none"
     """none or zstd."""
-    max_pending_writes: int = 64
+    max_pending_writes: int = 16
+    """Chunks queued for the background writer (each holds one preallocated
+    chunk-sized staging buffer); when all are busy a spill skips this tier."""
+    writer_threads: int = 4
+    """Background writer threads (several fsyncs in flight)."""
+    reader_threads: int = 4
+    """Threads reading chunk files of one get concurrently."""
+    verify_on_start: bool = False
+    """Read and checksum every chunk file at start-up (slower start); otherwise
+    only headers and lengths are checked then, and payloads on every read."""
 
     def validate(self, path: str) -> None:
         super().validate(path)
         _check_choice(path + ".compression", self.compression, ("none", "zstd"))
         _check_positive(path + ".max_pending_writes", self.max_pending_writes)
+        _check_positive(path + ".writer_threads", self.writer_threads)
+        _check_positive(path + ".reader_threads", self.reader_threads)
 
 
 @dataclass
@@ -89,6 +102,16 @@ class RedisTierConfig(TierConfig):
     url: str = "redis://127.0.0.1:6379/0"
     ttl_s: int = 3600
     retry_after_s: float = 5.0
+    """After a connection error the tier is off this long, then retried."""
+    socket_timeout_s: float = 2.0
+    key_prefix: str = "kvc"
+    """Keys are PREFIX:MODEL:TENANT:LAYOUT_FP:CHUNK_HASH."""
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        _check_positive(path + ".ttl_s", self.ttl_s)
+        _check_positive(path + ".retry_after_s", self.retry_after_s)
+        _check_positive(path + ".socket_timeout_s", self.socket_timeout_s)
 
 
 @dataclass
@@ -99,6 +122,8 @@ class StoreConfig:
     host: TierConfig = field(default_factory=TierConfig)
     disk: DiskTierConfig = field(default_factory=DiskTierConfig)
     redis: RedisTierConfig = field(default_factory=RedisTierConfig)
+    promote_on_hit: bool = True
+    """A hit in a lower tier moves the chunk into the top tier."""
 
     def validate(self, path: str) -> None:
         _check_positive(path + ".chunk_tokens", self.chunk_tokens)
@@ -123,12 +148,68 @@ class TransferConfig:
     slo_ms: float = 1000.0
     chunk_tokens: int = 1024
     max_message_bytes: int = 64 << 20
+    """Largest gRPC message either end accepts (both directions)."""
     timeout_s: float = 30.0
+    """gRPC deadline of one request's whole stream."""
+    message_payload_bytes: int = 1 << 20
+    """A chunk's encoded bytes are split into messages of at most this many bytes."""
+    num_channels: int = 4
+    """TCP connections per receiver; concurrent requests are spread over them."""
+    max_inflight_chunks: int = 2
+    """Chunks sent but not yet acked, per stream (application flow control)."""
+    max_pending_chunks: int = 4
+    """Chunks received but not yet decoded before the receiver stops reading."""
+    chunk_timeout_s: float = 5.0
+    """Receiver gives up on a silent sender after this long and recomputes."""
+    max_resends: int = 2
+    """Re-requests of a chunk that failed its checksum before recomputing it."""
+    policy: str = "adaptive"
+    """adaptive, recompute, lowest, best or a codec level name (always that level)."""
+    probe_level: str = ""
+    """Level of the first (probe) chunk on a link; empty: the codec's default level."""
+    bandwidth_alpha: float = 0.3
+    """EWMA weight of the newest bandwidth sample."""
+    bandwidth_safety: float = 0.8
+    """The adaptive policy plans with this fraction of the estimated bandwidth."""
+    bandwidth_quantile: float = 0.05
+    """Plan with this quantile of the recent per-chunk bandwidth samples; 0: their moving average."""
+    bandwidth_window: int = 32
+    """Per-chunk bandwidth samples kept for the quantile."""
+    slo_reserve: float = 0.1
+    """Fraction of the SLO kept back for the receiver's last decode and per-call overheads."""
+    decode_threads: int = 2
+    """Receiver threads decoding chunks (off the event loop)."""
+    tls_root_cert: str = ""
+    """Sender: PEM bundle that signs receivers' certificates; set to use TLS."""
+    tls_client_cert: str = ""
+    """Sender: client certificate for mutual TLS (with tls_client_key)."""
+    tls_client_key: str = ""
+    tls_server_name: str = ""
+    """Sender: expected name in the receiver's certificate (default: the host)."""
+    bearer_token: str = ""
+    """Sender: sent as ``authorization: Bearer <token>``; receivers check security.tokens."""
 
     def validate(self, path: str) -> None:
         _check_positive(path + ".slo_ms", self.slo_ms)
         _check_positive(path + ".chunk_tokens", self.chunk_tokens)
         _check_positive(path + ".max_message_bytes", self.max_message_bytes)
+        for name in ("message_payload_bytes", "num_channels", "max_inflight_chunks",
+                     "max_pending_chunks", "chunk_timeout_s", "timeout_s", "decode_threads"):
+            _check_positive(f"{path}.{name}", getattr(self, name))
+        if self.message_payload_bytes + (64 << 10) > self.max_message_bytes:
+            raise ConfigError(path + ".message_payload_bytes",
+                              "must leave 64 KiB of max_message_bytes for metadata")
+        if not 0 < self.bandwidth_alpha <= 1:
+            raise ConfigError(path + ".bandwidth_alpha", "must be in (0, 1]")
+        if not 0 < self.bandwidth_safety <= 1:
+            raise ConfigError(path + ".bandwidth_safety", "must be in (0, 1]")
+        if not 0 <= self.bandwidth_quantile < 1:
+            raise ConfigError(path + ".bandwidth_quantile", "must be in [0, 1)")
+        if not 0 <= self.slo_reserve < 1:
+            raise ConfigError(path + ".slo_reserve", "must be in [0, 1)")
+        _check_positive(path + ".bandwidth_window", self.bandwidth_window)
+        if self.max_resends < 0:
+            raise ConfigError(path + ".max_resends", "must be >= 0")
 
 
 @dataclass
@@ -141,11 +222,52 @@ class RouterConfig:
     heartbeat_ttl_s: float = 10.0
     temperature: float = 0.0
     """Softmax temperature over scores; 0 picks the best."""
+    seed: int = 0
+    """Seed of the softmax sampler (temperature > 0)."""
+    tokens_per_hash: int = 0
+    """Tokens per hash in the workers' KV events: the kvstore announces one key per
+    chunk (store.chunk_tokens); 0 means that (build_router), or HashSettings.block_size."""
+    prefill_tokens_per_s: float = 10000.0
+    """Estimated prefill throughput of one instance: turns tokens into milliseconds."""
+    kv_bytes_per_token: int = 0
+    """KV bytes per token, for transfer-time estimates of host/disk/redis hits; 0: free."""
+    tier_gbps: list[float] = field(default_factory=lambda: [0.0, 10.0, 2.0, 1.0])
+    """Load bandwidth (GB/s) per tier DEVICE, HOST, DISK, REDIS; 0: instant."""
+    overlap_weight: float = 2.0
+    """Multiplier on the time a cached prefix saves (kv_aware): > 1 also values keeping
+    a prefix's later requests on the instance that holds it."""
+    decode_request_ms: float = 1.0
+    """Estimated prefill slowdown (ms) per active decode request on an instance."""
+    kv_memory_ms: float = 10.0
+    """Cost (ms) of an instance whose KV memory is full (scaled by the used fraction)."""
+    silent_window_s: float = 5.0
+    """A registered instance that publishes no KV event batch within this is flagged."""
+    resync_timeout_s: float = 2.0
+    """Re-ask a worker for a snapshot when none arrived within this."""
+    redis_prefix: str = "kvcluster"
+    """Key prefix of the event stream, resync streams and registry keys."""
+    consumer_group: str = "router"
+    """Redis consumer group of this router; one group per router (each needs every event)."""
+    stream_maxlen: int = 100_000
+    """Approximate cap on the event stream's length (batches)."""
+    registry_refresh_s: float = 0.2
+    """How often a Redis-backed registry re-reads instance keys."""
 
     def validate(self, path: str) -> None:
         _check_choice(path + ".policy", self.policy,
                       ("kv_aware", "round_robin", "least_loaded", "prefix_only"))
         _check_positive(path + ".heartbeat_ttl_s", self.heartbeat_ttl_s)
+        _check_positive(path + ".prefill_tokens_per_s", self.prefill_tokens_per_s)
+        _check_positive(path + ".silent_window_s", self.silent_window_s)
+        _check_positive(path + ".resync_timeout_s", self.resync_timeout_s)
+        _check_positive(path + ".stream_maxlen", self.stream_maxlen)
+        if self.overlap_weight < 0:
+            raise ConfigError(path + ".overlap_weight", f"must be >= 0, got {self.overlap_weight!r}")
+        if self.temperature < 0:
+            raise ConfigError(path + ".temperature", f"must be >= 0, got {self.temperature!r}")
+        if len(self.tier_gbps) != 4 or any(g < 0 for g in self.tier_gbps):
+            raise ConfigError(path + ".tier_gbps",
+                              f"needs 4 values >= 0 (DEVICE, HOST, DISK, REDIS), got {self.tier_gbps!r}")
 
 
 @dataclass

@@ -108,6 +108,21 @@ def hash_blocks(
     return hashes
 
 
+def chunk_hashes(
+    token_ids: Sequence[int], block_size: int, chunk_tokens: int, extra: ExtraKeys
+) -> list[BlockHash]:
+    """Keys of every full chunk: the chained hash of each chunk's last block.
+
+    A chunk key therefore implies its whole prefix, and the router (which must
+    not import the store) computes exactly the keys the store announces.
+    """
+    if chunk_tokens <= 0 or chunk_tokens % block_size:
+        raise ValueError(f"chunk_tokens ({chunk_tokens}) must be a positive multiple of "
+                         f"block_size ({block_size})")
+    step = chunk_tokens // block_size
+    return hash_blocks(token_ids, block_size, extra)[step - 1 :: step]
+
+
 def hashes_u64(hashes: Iterable[BlockHash]) -> list[int]:
     return [h.u64 for h in hashes]
 

@@ -1,0 +1,247 @@
+"""DecodeWorker: receive a prompt's KV, then generate with continuous batching.
+
+    KV stream (gRPC) -> PagedCacheSink: decoded chunks land in paged blocks
+    DecodeTask (Ray) -> wait for that stream's result -> LLMEngine.add_request
+                        with those blocks as the cached prefix -> tokens
+
+One engine thread steps the batch; every engine and allocator call holds
+``_lock`` (the receiver's sinks too), so requests join and leave between
+steps. Received chunks also go into this worker's kvstore, so the next turn of
+a conversation can start here without a transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from kvcluster.common.config import ClusterConfig
+from kvcluster.engine.llm_engine import LLMEngine, StepOutput
+from kvcluster.engine.runner import ModelRunner
+from kvcluster.engine.sequence import Sequence
+from kvcluster.runtime.node import WorkerNode
+from kvcluster.runtime.tasks import DecodeStep, DecodeTask, OverloadedError
+from kvcluster.transfer.levels import LevelSet
+from kvcluster.transfer.messages import StreamHeader
+from kvcluster.transfer.paged_sink import PagedCacheSink
+from kvcluster.transfer.receiver import KVReceiver
+from kvcluster.transfer.security import ServerSecurity
+from kvcluster.transfer.server import TransferServer
+from kvcluster.transfer.sink import RecomputeSpeed
+from router.event_bus import EventBus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Active:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    arrived_s: float
+    first_token_s: float = 0.0
+    kv_source: str = "none"
+    extra_cached: int = 0
+    """Cached tokens the engine does not count (they came with the request)."""
+    done: bool = False
+    events: list = field(default_factory=list)
+
+
+class DecodeWorker:
+    def __init__(self, config: ClusterConfig, instance_id: str,
+                 runner: ModelRunner | None = None, bus: EventBus | None = None):
+        self.config = config
+        self.node = WorkerNode(config, instance_id, "decode", runner, bus)
+        self.engine = LLMEngine(self.node.runner)
+        self.speed = RecomputeSpeed()
+        self.receiver = KVReceiver(self.node.layout, LevelSet.from_factory(), self._open_sink,
+                                   config.transfer, self.speed)
+        self.server = TransferServer(self.receiver, config.transfer,
+                                     ServerSecurity.from_config(config.security))
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._active: dict[str, _Active] = {}
+        self._thread = threading.Thread(target=self._loop, name=f"decode-{instance_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def instance_id(self) -> str:
+        return self.node.instance_id
+
+    async def start(self) -> str:
+        """Start the KV receiver; returns its ``host:port``."""
+        await self.server.start()
+        return self.server.address
+
+    async def generate(self, task: DecodeTask) -> AsyncIterator[DecodeStep]:
+        """Tokens of ``task`` as they are sampled, then one final summary step.
+
+        Raises:
+            OverloadedError: ``workers.max_queue`` requests are already active.
+        """
+        if len(self._active) >= self.config.workers.max_queue:
+            raise OverloadedError(f"decode worker {self.instance_id} has "
+                                  f"{len(self._active)} active requests")
+        active = _Active(asyncio.get_running_loop(), asyncio.Queue(), time.perf_counter())
+        self._active[task.request_id] = active
+        try:
+            blocks = await self._prefix_blocks(task, active)
+            with self._lock:
+                self.engine.add_request(task.request_id, task.token_ids, task.params,
+                                        cached_blocks=blocks, tenant_salt=task.tenant)
+            self._wake.set()
+            async for step in self._drain(active):
+                yield step
+        finally:
+            self._abort(task.request_id)
+
+    def load(self):
+        return self.node.load(active_decode_requests=len(self._active))
+
+    async def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        await self.server.stop(0)
+        self.receiver.close()
+        self._thread.join(timeout=5)
+        self.node.close()
+
+    # ------------------------------------------------------------ KV arrival
+
+    async def _prefix_blocks(self, task: DecodeTask, active: _Active) -> list[int]:
+        """Blocks holding the request's prefix: from the stream, else the local store."""
+        if task.expect_kv:
+            blocks = await self._received_blocks(task)
+            if blocks:
+                active.kv_source = "transfer"
+                return blocks
+            active.kv_source = "recompute"
+        keys = self.node.chunk_keys(task.token_ids[:-1], task.tenant)
+        if keys:
+            with self._lock:
+                blocks, by_tier = self.node.load_prefix(keys)
+            if blocks:
+                active.kv_source = "local-store"
+                return blocks
+        return []
+
+    async def _received_blocks(self, task: DecodeTask) -> list[int]:
+        try:
+            result = await self.receiver.wait_result(task.request_id, task.kv_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("request %s: no KV within %.1f s; recomputing", task.request_id,
+                        task.kv_timeout_s)
+            return []
+        sink: PagedCacheSink = result.sink
+        blocks = list(sink.seq.block_table)
+        num_tokens = sink.seq.num_tokens
+        if not result.status.ok or num_tokens > len(task.token_ids) \
+                or tuple(sink.seq.token_ids) != tuple(task.token_ids[:num_tokens]):
+            log.warning("request %s: KV stream unusable (%s); recomputing", task.request_id,
+                        result.status.message)
+            with self._lock:
+                self.node.runner.free(sink.seq)
+            return []
+        self._keep(task, sink)
+        return blocks
+
+    def _open_sink(self, header: StreamHeader) -> PagedCacheSink:
+        """Receiver callback: allocate the request's blocks for the stream."""
+        seq = Sequence(header.request_id, list(header.token_ids))
+        with self._lock:
+            return _LockedSink(self._lock, self.node.runner, seq, self.speed)
+
+    def _keep(self, task: DecodeTask, sink: PagedCacheSink) -> None:
+        """Store the received chunks so the next turn can hit here."""
+        keys = self.node.chunk_keys(sink.seq.token_ids, task.tenant)
+        with self._lock:
+            kv = sink.export(0, len(keys) * self.node.chunk_tokens)
+        self.node.save_chunks(keys, kv, task.tenant)
+
+    # ------------------------------------------------------------ engine loop
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                busy = self.engine.has_unfinished()
+                outputs = self._step() if busy else []
+            if not busy:
+                self._wake.wait(0.05)
+                self._wake.clear()
+            for output in outputs:
+                self._deliver(output)
+
+    def _step(self) -> list[StepOutput]:
+        try:
+            return self.engine.step()
+        except Exception as exc:  # fail the requests, keep the worker alive
+            log.exception("decode worker %s: engine step failed", self.instance_id)
+            for request_id in list(self.engine.sequences):
+                self._fail(request_id, exc)
+            return []
+
+    def _deliver(self, output: StepOutput) -> None:
+        active = self._active.get(output.request_id)
+        if active is None:
+            return
+        if not active.first_token_s:
+            active.first_token_s = time.perf_counter() - active.arrived_s
+        steps = [DecodeStep(output.token_id)]
+        if output.finished:
+            with self._lock:
+                seq = self.engine.pop(output.request_id)
+            steps.append(DecodeStep(finish_reason=seq.finish_reason,
+                                    num_cached_tokens=seq.num_cached_tokens,
+                                    kv_source=active.kv_source,
+                                    first_token_s=active.first_token_s))
+        for step in steps:
+            active.loop.call_soon_threadsafe(active.queue.put_nowait, step)
+
+    def _fail(self, request_id: str, exc: Exception) -> None:
+        with self._lock:
+            self.engine.abort(request_id)
+        active = self._active.get(request_id)
+        if active is not None:
+            active.loop.call_soon_threadsafe(active.queue.put_nowait, exc)
+
+    async def _drain(self, active: _Active) -> AsyncIterator[DecodeStep]:
+        while True:
+            item = await active.queue.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                active.done = True
+                return
+
+    def _abort(self, request_id: str) -> None:
+        self._active.pop(request_id, None)
+        with self._lock:
+            self.engine.abort(request_id)
+
+
+class _LockedSink(PagedCacheSink):
+    """PagedCacheSink whose cache and allocator calls hold the engine's lock."""
+
+    def __init__(self, lock: threading.RLock, runner: ModelRunner, seq: Sequence,
+                 speed: RecomputeSpeed):
+        self._lock = lock
+        super().__init__(runner, seq, speed)
+
+    def write_chunk(self, index, token_range, kv: torch.Tensor) -> None:
+        with self._lock:
+            super().write_chunk(index, token_range, kv)
+
+    def recompute_chunk(self, index, token_range, token_ids) -> None:
+        with self._lock:
+            super().recompute_chunk(index, token_range, token_ids)
+
+    def close(self, ok: bool) -> None:
+        super().close(ok)

@@ -1,0 +1,1 @@
+"""What both worker roles share: the task types and the node they run on."""

@@ -1,0 +1,99 @@
+"""Start the whole system from one config: Ray pools, routers, the front end.
+
+    cluster = LocalCluster(config)
+    address = await cluster.start()     # the Generate service's host:port
+    ...
+    await cluster.stop()
+
+Embedded default (``redis_url`` empty): local Ray on 127.0.0.1, in-process
+event buses fed by the actors' heartbeats. Cluster mode: the workers publish
+to Redis Streams and the routers read them there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+
+from kvcluster.common.config import ClusterConfig
+from kvcluster.engine.models import resolve_model
+from kvcluster.engine.tokenizer import Tokenizer
+from kvcluster.runtime.node import hash_settings
+from kvcluster.runtime.pools import WorkerPools, init_local_ray
+from router.cluster_backend import RayClusterBackend
+from router.frontend import serve_frontend
+from router.router import Router, build_router
+
+log = logging.getLogger(__name__)
+
+
+class LocalCluster:
+    def __init__(self, config: ClusterConfig, num_cpus: int | None = None):
+        self.config = config
+        self.num_cpus = num_cpus
+        self.pools = WorkerPools(config)
+        self.backend: RayClusterBackend | None = None
+        self.server = None
+        self.address = ""
+
+    async def start(self) -> str:
+        """Start everything; returns the front end's ``host:port``."""
+        init_local_ray(self.num_cpus)
+        await asyncio.to_thread(self.pools.start)
+        info = await self.pools.decode[0].actor.info.remote()
+        settings = hash_settings(info["model_id"], info["block_size"])
+        routers = [self._router(role, settings) for role in ("prefill", "decode")]
+        self.backend = RayClusterBackend(self.config, self.pools, info["model_id"], *routers,
+                                         block_size=info["block_size"])
+        await self.backend.start()
+        tokenizer = Tokenizer.from_pretrained(resolve_model(self.config.model.path))
+        rc = self.config.router
+        self.server, port = await serve_frontend(self.backend, tokenizer, self.config,
+                                                 host=rc.host, port=rc.port)
+        self.address = f"{rc.host}:{port}"
+        log.info("kvcluster front end on %s", self.address)
+        return self.address
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(1)
+        if self.backend is not None:
+            await self.backend.close()
+            for router in self.backend.routers.values():
+                router.stop()
+        self.pools.shutdown()
+
+    def _router(self, role: str, settings) -> Router:
+        """One router per pool; in cluster mode each reads its own stream prefix."""
+        rc = replace(self.config.router, redis_prefix=f"{self.config.router.redis_prefix}:{role}")
+        router = build_router(replace(self.config, router=rc), settings)
+        router.start()
+        return router
+
+
+class ClusterThread:
+    """A :class:`LocalCluster` on its own event-loop thread, for synchronous callers
+    (the demo, benchmarks, tests)."""
+
+    def __init__(self, config: ClusterConfig, num_cpus: int | None = None,
+                 start_timeout_s: float = 600.0):
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="kvcluster-loop",
+                                        daemon=True)
+        self._thread.start()
+        self.cluster = LocalCluster(config, num_cpus)
+        self.address = self.run(self.cluster.start(), start_timeout_s)
+
+    def run(self, coro, timeout_s: float = 60.0):
+        """Run ``coro`` on the cluster's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        try:
+            self.run(self.cluster.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)

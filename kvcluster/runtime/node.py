@@ -1,0 +1,113 @@
+"""A worker node: the model runner, its kvstore and the KV-event publisher.
+
+Both roles build one. The store's events feed the publisher, whose batches
+reach the router over the event bus (in-process queue relayed by the front
+end in the embedded default, Redis Streams in cluster mode).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from kvcluster.common.config import ClusterConfig
+from kvcluster.common.events import HashSettings, Tier
+from kvcluster.common.hashing import BlockHash, ExtraKeys, chunk_hashes
+from kvcluster.engine.runner import ModelRunner
+from kvstore import build_store
+from router.event_bus import EventBus, make_event_bus
+from router.load import InstanceLoad
+from router.publisher import KVEventPublisher
+
+log = logging.getLogger(__name__)
+
+
+def build_runner(config: ClusterConfig) -> ModelRunner:
+    return ModelRunner.from_pretrained(
+        config.model.path, dtype=config.model.dtype, device=config.model.device,
+        engine_config=config.engine, model_id=config.model.model_id or None)
+
+
+def hash_settings(model_id: str, block_size: int) -> HashSettings:
+    """What the router must share with the workers (it hashes per store chunk,
+    ``router.tokens_per_hash`` = ``store.chunk_tokens``, as the stores announce)."""
+    return HashSettings(model_id, block_size)
+
+
+class WorkerNode:
+    def __init__(self, config: ClusterConfig, instance_id: str, role: str,
+                 runner: ModelRunner | None = None, bus: EventBus | None = None):
+        """
+        Args:
+            role: "prefill" or "decode": each pool's events go to its own router.
+        """
+        self.config = config
+        self.instance_id = instance_id
+        self.runner = runner or build_runner(config)
+        self.layout = self.runner.layout
+        self.chunk_tokens = config.store.chunk_tokens
+        self.store = build_store(config.store, self.layout, device=self.runner.device,
+                                 model_id=self.runner.model_id)
+        self.bus = bus or make_event_bus(
+            config.redis_url, prefix=f"{config.router.redis_prefix}:{role}")
+        self.publisher = KVEventPublisher(instance_id, self.settings, self.bus)
+        self.store.on_event.append(self.publisher.on_event)
+        self.publisher.start()
+
+    @property
+    def settings(self) -> HashSettings:
+        return hash_settings(self.runner.model_id, self.layout.block_size)
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        return self.chunk_tokens // self.layout.block_size
+
+    def chunk_keys(self, token_ids: Sequence[int], tenant: str) -> list[BlockHash]:
+        extra = ExtraKeys(self.runner.model_id, tenant)
+        return chunk_hashes(token_ids, self.layout.block_size, self.chunk_tokens, extra)
+
+    def load_prefix(self, keys: Sequence[BlockHash]) -> tuple[list[int], dict[str, int]]:
+        """Copy the stored prefix of ``keys`` into fresh paged blocks.
+
+        Returns:
+            The blocks (one reference each, handed to the caller) and the
+            number of tokens served from each tier.
+        """
+        with self.store.pinned(keys):
+            found = self.store.lookup(keys)
+            if not found.num_chunks:
+                return [], {}
+            kv = self.store.get(keys[: found.num_chunks])  # [L, 2, n * C, H, D]
+        num_chunks = kv.shape[2] // self.chunk_tokens
+        block_ids = self.runner.cache.allocator.allocate(num_chunks * self.blocks_per_chunk)
+        self.runner.cache.import_blocks(block_ids, kv.to(self.runner.cache.dtype))
+        by_tier: dict[str, int] = {}
+        for tier in found.tiers[:num_chunks]:
+            by_tier[Tier(tier).name.lower()] = by_tier.get(Tier(tier).name.lower(), 0) \
+                + self.chunk_tokens
+        return block_ids, by_tier
+
+    def save_chunks(self, keys: Sequence[BlockHash], kv, tenant: str) -> int:
+        """Store whole chunks ``kv`` ``[L, 2, len(keys) * C, H, D]`` under ``keys``."""
+        if not keys:
+            return 0
+        return self.store.put(keys, kv, tenant=tenant)
+
+    def load(self, queued_prefill_tokens: int = 0, active_decode_requests: int = 0
+             ) -> InstanceLoad:
+        cache = self.runner.cache
+        used = (cache.num_blocks - cache.allocator.num_free) * self.layout.bytes_per_block
+        return InstanceLoad(queued_prefill_tokens, active_decode_requests, used,
+                            cache.num_blocks * self.layout.bytes_per_block)
+
+    def stats(self) -> dict:
+        """Per-tier usage and hits, for ``kvcluster status``."""
+        metrics = self.store.metrics
+        return {"instance_id": self.instance_id, "tiers": {
+            t.name: {"used_bytes": t.used_bytes, "capacity_bytes": t.capacity_bytes,
+                     "hits": metrics.value("kvstore_hits_total", tier=t.name), "up": t.is_up}
+            for t in self.store.tiers}, "misses": metrics.value("kvstore_misses_total")}
+
+    def close(self) -> None:
+        self.publisher.stop()
+        self.store.close()

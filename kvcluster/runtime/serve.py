@@ -1,0 +1,47 @@
+"""``kvcluster serve``: run the front end, routers and worker pools until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from kvcluster.common.config import ClusterConfig, load_config
+from kvcluster.server.logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+
+def serve_forever(config_path: str = "", ray_address: str = "") -> int:
+    configure_logging()
+    config = load_config(config_path) if config_path else ClusterConfig()
+    if ray_address:
+        os.environ["RAY_ADDRESS"] = ray_address
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(_serve(config))
+    return 0
+
+
+async def _serve(config: ClusterConfig) -> None:
+    from kvcluster.runtime.launcher import LocalCluster
+
+    cluster = LocalCluster(config)
+    address = await cluster.start()
+    if config.router.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.router.metrics_port, addr=config.router.host)
+    print(f"kvcluster serving on {address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await cluster.stop()

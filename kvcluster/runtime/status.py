@@ -1,0 +1,40 @@
+"""``kvcluster status``: ask each worker actor of a running cluster how it is."""
+
+from __future__ import annotations
+
+import os
+
+
+def print_status(ray_address: str = "auto") -> int:
+    import ray
+    from rich.console import Console
+    from rich.table import Table
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(address=ray_address, namespace="kvcluster", log_to_driver=False,
+             configure_logging=False)
+    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["namespace"] == "kvcluster"
+                   if a["name"].startswith("kvcluster-"))
+    table = Table(title="kvcluster instances")
+    for column in ("instance", "health", "queued prefill tok", "active decodes", "tiers"):
+        table.add_column(column)
+    for name in names:
+        table.add_row(*_row(name))
+    Console().print(table if names else "no kvcluster actors in this Ray cluster")
+    return 0 if names else 1
+
+
+def _row(name: str) -> list[str]:
+    import ray
+
+    try:
+        actor = ray.get_actor(name)
+        load, _ = ray.get(actor.poll.remote(False), timeout=5)
+        stats = ray.get(actor.stats.remote(), timeout=5)
+    except Exception as exc:  # dead, restarting or unreachable
+        return [name, f"[red]down[/red] ({type(exc).__name__})", "-", "-", "-"]
+    tiers = ", ".join(f"{t}: {v['used_bytes'] / 2**20:.1f}/{v['capacity_bytes'] / 2**20:.0f} MiB "
+                      f"{int(v['hits'])} hits" for t, v in stats["tiers"].items())
+    return [name, "[green]ok[/green]", str(load.queued_prefill_tokens),
+            str(load.active_decode_requests), tiers]

@@ -1,0 +1,73 @@
+"""Small, explicit messages between the front end and the workers (pure Python).
+
+Only these cross process boundaries on the control plane (Ray); KV bytes go
+over the gRPC transfer, never through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvcluster.common.sampling import SamplingParams
+
+
+class OverloadedError(RuntimeError):
+    """The worker's bounded queue is full: answer RESOURCE_EXHAUSTED, don't queue."""
+
+
+@dataclass(frozen=True)
+class PrefillTask:
+    request_id: str
+    token_ids: tuple[int, ...]
+    tenant: str = ""
+    decode_target: str = ""
+    """host:port of the decode worker's KV receiver; "" keeps the KV local."""
+    slo_ms: float = 0.0
+    """Transfer budget; 0 uses the configured SLO."""
+
+
+@dataclass
+class PrefillResult:
+    request_id: str
+    num_prompt_tokens: int
+    num_transferred_tokens: int
+    """Chunk-aligned prompt tokens whose KV was sent (the rest the decoder computes)."""
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    num_computed_tokens: int = 0
+    prefill_s: float = 0.0
+    transfer_s: float = 0.0
+    wire_bytes: int = 0
+    raw_bytes: int = 0
+    """What the same KV weighs as raw fp16."""
+    levels: list[str] = field(default_factory=list)
+    transfer_ok: bool = True
+    message: str = ""
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return sum(self.cached_tokens_by_tier.values())
+
+
+@dataclass(frozen=True)
+class DecodeTask:
+    request_id: str
+    token_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    tenant: str = ""
+    expect_kv: bool = False
+    """True: a prefill worker streams this request's KV to us; wait for it."""
+    kv_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """One streamed item from a decode worker: a token, or the final summary."""
+
+    token_id: int = -1
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+    """Final only: prompt tokens whose KV was not computed by this worker."""
+    kv_source: str = ""
+    """Final only: "transfer", "local-store", "recompute" or "none"."""
+    first_token_s: float = 0.0
+    """Final only: seconds from the task's arrival to its first token."""

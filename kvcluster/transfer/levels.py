@@ -1,0 +1,57 @@
+"""The ordered codec levels a link can use, and their quality ranks.
+
+Quality rank: 0 for the lowest (smallest) level up to ``len(levels) - 1`` for
+the best; ``"text"`` (recomputed from tokens, exact) ranks with the best.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from kvcluster.transfer.messages import TEXT_LEVEL
+
+
+class LevelSet:
+    def __init__(self, codecs: Mapping[str, object]):
+        """
+        Args:
+            codecs: level name -> ``KVCodec``, best quality first.
+        """
+        if not codecs:
+            raise ValueError("LevelSet needs at least one codec")
+        self._codecs = dict(codecs)
+        self.names: list[str] = list(codecs)
+
+    @classmethod
+    def from_factory(cls, names: Sequence[str] | None = None) -> "LevelSet":
+        """Codecs from ``kvstore.codec.factory`` (all levels unless ``names``)."""
+        from kvstore.codec.factory import get_codec, level_names
+
+        chosen = list(names) if names is not None else level_names()
+        return cls({name: get_codec(name) for name in chosen})
+
+    @property
+    def best(self) -> str:
+        return self.names[0]
+
+    @property
+    def lowest(self) -> str:
+        return self.names[-1]
+
+    def codec(self, name: str):
+        try:
+            return self._codecs[name]
+        except KeyError:
+            raise ValueError(f"unknown level {name!r}; known: {self.names}") from None
+
+    def quality(self, name: str) -> int:
+        """0 (lowest level) .. len-1 (best level, or text)."""
+        if name == TEXT_LEVEL:
+            return len(self.names) - 1
+        return len(self.names) - 1 - self.names.index(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._codecs
+
+    def __len__(self) -> int:
+        return len(self.names)

@@ -1,0 +1,140 @@
+"""Our own types for the KV streaming protocol (pure Python, no torch, no protobuf).
+
+The generated protobuf classes never leave :mod:`kvcluster.proto.convert`;
+everything else in :mod:`kvcluster.transfer` speaks these dataclasses.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+import xxhash
+
+TEXT_LEVEL = "text"
+"""Level name of a chunk sent as token ids, to be recomputed by the receiver."""
+
+
+class ProtocolError(ValueError):
+    """A peer broke the protocol (no header first, unknown layout, bad header, ...)."""
+
+
+class StreamCode(enum.IntEnum):
+    UNSPECIFIED = 0
+    OK = 1
+    RECOMPUTED = 2
+    """Complete, but some chunks were recomputed from tokens."""
+    FAILED = 3
+
+
+@dataclass(frozen=True)
+class StreamHeader:
+    request_id: str
+    layout_identity: str
+    num_chunks: int
+    num_tokens: int
+    token_ids: tuple[int, ...]
+    """Every token of the request: the receiver recomputes what never arrives."""
+    chunk_tokens: int
+    """Chunk i covers tokens [i * chunk_tokens, min((i + 1) * chunk_tokens, num_tokens))."""
+    slo_ms: float = 0.0
+    prefix_key: bytes = b""
+
+    def token_range(self, index: int) -> tuple[int, int]:
+        start = index * self.chunk_tokens
+        return start, min(start + self.chunk_tokens, self.num_tokens)
+
+
+@dataclass(frozen=True)
+class ChunkFrame:
+    """One message on the wire: part ``part`` of chunk ``index``."""
+
+    request_id: str
+    index: int
+    token_start: int
+    token_end: int
+    level: str
+    chunk_key: bytes = b""
+    token_ids: tuple[int, ...] = ()
+    """Only for ``level == TEXT_LEVEL``."""
+    checksum: int = 0
+    attempt: int = 0
+    part: int = 0
+    num_parts: int = 1
+    chunk_bytes: int = 0
+    payload: bytes | memoryview = b""
+
+    @property
+    def is_text(self) -> bool:
+        return self.level == TEXT_LEVEL
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_end - self.token_start
+
+    def checksum_ok(self) -> bool:
+        return frame_checksum(self.payload, self.token_ids) == self.checksum
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    num_chunks_sent: int
+
+
+@dataclass(frozen=True)
+class ChunkAck:
+    index: int
+    attempt: int
+    payload_bytes: int
+
+
+@dataclass(frozen=True)
+class ChunkNak:
+    index: int
+    attempt: int
+    reason: str
+    resend: bool
+    """False: the receiver recomputes the chunk itself; do not send it again."""
+
+
+@dataclass(frozen=True)
+class StreamStatus:
+    code: StreamCode
+    message: str = ""
+    num_chunks_decoded: int = 0
+    num_chunks_recomputed: int = 0
+    payload_bytes: int = 0
+    elapsed_s: float = 0.0
+    decode_overlap_s: float = 0.0
+    decode_total_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.code in (StreamCode.OK, StreamCode.RECOMPUTED)
+
+
+@dataclass(frozen=True)
+class ReceiverInfo:
+    layout_identities: tuple[str, ...] = ()
+    levels: tuple[str, ...] = ()
+    prefill_tokens_per_s: float = 0.0
+    """Measured recompute speed of the receiver; 0 when unknown (never recompute)."""
+    max_message_bytes: int = 0
+
+
+SenderMessage = StreamHeader | ChunkFrame | StreamEnd
+ReceiverMessage = ChunkAck | ChunkNak | StreamStatus
+
+
+def frame_checksum(payload: bytes | memoryview, token_ids: tuple[int, ...] = ()) -> int:
+    """XXH3-64 of the payload followed by the token ids (little-endian uint32).
+
+    XXH3 rather than CRC-32: ~4x faster here (5.7 vs 1.4 GB/s), and it is paid
+    on every byte at both ends.
+    """
+    if not token_ids:
+        return xxhash.xxh3_64_intdigest(payload)
+    state = xxhash.xxh3_64(payload)
+    state.update(struct.pack(f"<{len(token_ids)}I", *token_ids))
+    return state.intdigest()

@@ -1,0 +1,67 @@
+"""Level selection: which codec level (or "text") each chunk is sent at.
+
+Deciding is separate from doing: a policy sees a :class:`ChunkPlan` (sizes,
+time left, bandwidth estimate, the receiver's recompute speed) and returns a
+level name; the sender does the sending. Implementations:
+:class:`~kvcluster.transfer.adaptive_policy.AdaptivePolicy` and
+:class:`~kvcluster.transfer.fixed_policy.FixedLevelPolicy`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from kvcluster.transfer.messages import TEXT_LEVEL
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """What is known when chunk ``index`` is about to be sent."""
+
+    index: int
+    num_chunks: int
+    num_tokens: int
+    """Tokens in this chunk."""
+    time_left_s: float
+    """Until the request's SLO deadline (may be negative)."""
+    bytes_by_level: Mapping[str, int]
+    """Encoded size of this chunk per level (exact or estimated)."""
+    bytes_per_s: float | None
+    """Bandwidth to plan with (BandwidthEstimator.planning_bytes_per_s); None before the probe."""
+    prefill_tokens_per_s: float
+    """Receiver's recompute speed; 0: cannot recompute."""
+
+    @property
+    def chunks_left(self) -> int:
+        """This chunk and the ones after it."""
+        return self.num_chunks - self.index
+
+
+class LevelPolicy(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def choose(self, plan: ChunkPlan) -> str:
+        """The level name (or ``"text"``) to send chunk ``plan.index`` at."""
+
+
+def make_policy(name: str, level_names: Sequence[str], probe_level: str | None = None,
+                bandwidth_safety: float = 0.8) -> LevelPolicy:
+    """Policy by name: ``adaptive``, ``recompute`` or a level name (always that level).
+
+    ``lowest`` and ``best`` name the last and first of ``level_names``.
+    """
+    from kvcluster.transfer.adaptive_policy import AdaptivePolicy
+    from kvcluster.transfer.fixed_policy import FixedLevelPolicy
+
+    if name == "adaptive":
+        return AdaptivePolicy(level_names, probe_level=probe_level,
+                              bandwidth_safety=bandwidth_safety)
+    aliases = {"recompute": TEXT_LEVEL, "lowest": level_names[-1], "best": level_names[0]}
+    level = aliases.get(name, name)
+    if level != TEXT_LEVEL and level not in level_names:
+        raise ValueError(f"unknown policy {name!r}: use adaptive, recompute, lowest, best "
+                         f"or one of {list(level_names)}")
+    return FixedLevelPolicy(level)

@@ -1,0 +1,124 @@
+"""The receiving end of KV streams: one :class:`ReceiveSession` per request.
+
+Transport-agnostic: :meth:`KVReceiver.run_stream` takes ``read`` (next
+message, None at the end of the stream) and ``write`` coroutines; the gRPC
+binding is in :mod:`kvcluster.transfer.server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from kvcluster.common.config import TransferConfig
+from kvcluster.common.layout import KVLayout
+from kvcluster.transfer.levels import LevelSet
+from kvcluster.transfer.messages import (
+    ChunkFrame, ProtocolError, ReceiverInfo, ReceiverMessage, SenderMessage, StreamCode, StreamEnd,
+    StreamHeader, StreamStatus,
+)
+from kvcluster.transfer.session import ReceiveSession, SessionStats
+from kvcluster.transfer.sink import KVSink, RecomputeSpeed, SinkFactory
+
+ReadFn = Callable[[], Awaitable[SenderMessage | None]]
+WriteFn = Callable[[ReceiverMessage], Awaitable[None]]
+
+
+@dataclass
+class ReceiveResult:
+    status: StreamStatus
+    stats: SessionStats
+    sink: KVSink
+
+
+class KVReceiver:
+    def __init__(self, layout: KVLayout, levels: LevelSet, sink_factory: SinkFactory,
+                 config: TransferConfig | None = None, speed: RecomputeSpeed | None = None):
+        """
+        Args:
+            sink_factory: opens the sink of each new request.
+            speed: the recompute speed the sinks measure, advertised to senders.
+        """
+        self.layout = layout
+        self.levels = levels
+        self.sink_factory = sink_factory
+        self.config = config or TransferConfig()
+        self.speed = speed or RecomputeSpeed()
+        self.executor = ThreadPoolExecutor(self.config.decode_threads, "kv-decode")
+        self._results: dict[str, asyncio.Future] = {}
+
+    def info(self) -> ReceiverInfo:
+        return ReceiverInfo((self.layout.identity,), tuple(self.levels.names),
+                            self.speed.tokens_per_s, self.config.max_message_bytes)
+
+    async def run_stream(self, read: ReadFn, write: WriteFn) -> StreamStatus:
+        """Serve one stream to completion; survives the sender vanishing."""
+        header = await self._read(read)
+        if not isinstance(header, StreamHeader):
+            raise ProtocolError("a stream must start with a header")
+        session = self._open(header)
+        try:
+            await self._pump(session, read, write)
+        except asyncio.TimeoutError:
+            session.close_input(f"sender silent for {self.config.chunk_timeout_s:g} s")
+        finally:  # also on cancellation: the session task finishes on its own
+            session.close_input("stream ended before all chunks arrived")
+        status = await asyncio.shield(session.task)
+        await write(status)
+        return status
+
+    async def wait_result(self, request_id: str, timeout_s: float | None = None) -> ReceiveResult:
+        """The outcome of ``request_id`` once its session has finished."""
+        future = self._future(request_id)
+        return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------ helpers
+
+    def _open(self, header: StreamHeader) -> ReceiveSession:
+        if header.layout_identity != self.layout.identity:
+            raise ProtocolError(f"layout {header.layout_identity} is not {self.layout.identity}")
+        sink = self.sink_factory(header)
+        session = ReceiveSession(header, sink, self.levels, self.layout, self.config,
+                                 self.executor)
+        future = self._future(header.request_id)
+        session.task.add_done_callback(lambda task: _publish(task, future, session, sink))
+        return session
+
+    async def _pump(self, session: ReceiveSession, read: ReadFn, write: WriteFn) -> None:
+        while True:
+            await session.wait_drained()  # backpressure: stop reading while decode lags
+            message = await self._read(read)
+            if message is None or isinstance(message, StreamEnd):
+                session.close_input("" if message else "stream closed without an end marker")
+                return
+            if not isinstance(message, ChunkFrame):
+                raise ProtocolError(f"unexpected {type(message).__name__} inside a stream")
+            reply = session.on_frame(message)
+            if reply is not None:
+                await write(reply)
+
+    async def _read(self, read: ReadFn) -> SenderMessage | None:
+        return await asyncio.wait_for(read(), self.config.chunk_timeout_s)
+
+    def _future(self, request_id: str) -> asyncio.Future:
+        if request_id not in self._results:
+            self._results[request_id] = asyncio.get_running_loop().create_future()
+        return self._results[request_id]
+
+
+def _publish(task: asyncio.Task, future: asyncio.Future, session: ReceiveSession,
+             sink: KVSink) -> None:
+    if future.done():
+        return
+    if task.cancelled():
+        status = StreamStatus(StreamCode.FAILED, "session cancelled")
+    elif task.exception() is not None:
+        status = StreamStatus(StreamCode.FAILED, repr(task.exception()))
+    else:
+        status = task.result()
+    future.set_result(ReceiveResult(status, session.stats, sink))

@@ -1,0 +1,226 @@
+"""One request on the receiver: assemble, check, decode and store its chunks.
+
+Two halves run concurrently so that chunk i is decoded while chunk i+1 is on
+the wire:
+
+* ``on_frame`` (called by the stream handler for every message, on the event
+  loop) checks the frame's checksum, assembles a chunk's parts and answers with an
+  ack, a nak (re-request) or nothing (more parts to come);
+* ``_run`` (its own task) takes chunks in index order and decodes them in a
+  thread pool (or recomputes them from tokens) into the :class:`KVSink`.
+
+When input stops early (end marker, idle timeout, cancelled call, sender
+gone), ``close_input`` marks every chunk that never arrived for recompute, so
+the session always completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from kvcluster.common.config import TransferConfig
+from kvcluster.transfer.levels import LevelSet
+from kvcluster.transfer.messages import (
+    ChunkAck, ChunkFrame, ChunkNak, ProtocolError, ReceiverMessage, StreamCode, StreamHeader, StreamStatus,
+)
+from kvcluster.transfer.sink import KVSink
+
+
+@dataclass
+class _Arrived:
+    level: str
+    payload: bytes | memoryview
+    """Encoded KV; empty for text and for chunks to recompute."""
+    recompute: bool = False
+
+
+@dataclass
+class _Assembly:
+    buffer: bytearray
+    offset: int = 0
+    next_part: int = 0
+
+
+@dataclass
+class SessionStats:
+    levels: dict[int, str] = field(default_factory=dict)
+    """chunk index -> level decoded, "text", or "recomputed" (never arrived / bad)."""
+    payload_bytes: int = 0
+    decode_intervals: list[tuple[float, float]] = field(default_factory=list)
+    last_arrival: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    finished: float = 0.0
+
+
+class ReceiveSession:
+    def __init__(self, header: StreamHeader, sink: KVSink, levels: LevelSet, layout,
+                 config: TransferConfig, executor: Executor):
+        expected = -(-header.num_tokens // max(header.chunk_tokens, 1))
+        if header.chunk_tokens <= 0 or header.num_chunks != expected:
+            raise ProtocolError(f"header: {header.num_chunks} chunks of {header.chunk_tokens} "
+                             f"tokens cannot cover {header.num_tokens} tokens")
+        if len(header.token_ids) != header.num_tokens:
+            raise ProtocolError("header: token_ids do not match num_tokens")
+        self.header, self.sink, self.levels, self.layout = header, sink, levels, layout
+        self.config, self.executor = config, executor
+        self.stats = SessionStats()
+        self.input_closed_reason = ""
+        self._input_closed = False
+        self._parts: dict[int, _Assembly] = {}
+        self._attempt: dict[int, int] = {}
+        self._failures: dict[int, int] = {}
+        self._ready: dict[int, _Arrived] = {}
+        self._changed = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._next_index = 0
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    # ------------------------------------------------------------ input side
+
+    def on_frame(self, frame: ChunkFrame) -> ReceiverMessage | None:
+        """Take one message; returns the reply to send, if any."""
+        index = frame.index
+        self.stats.last_arrival = time.perf_counter()
+        if not 0 <= index < self.header.num_chunks or index in self._ready:
+            return None  # duplicate or stray
+        if frame.attempt < self._attempt.get(index, 0):
+            return None  # rest of an attempt already rejected
+        if not frame.checksum_ok() or not self._frame_fits(frame):
+            return self._reject(frame, "checksum mismatch")
+        if frame.num_parts == 1:
+            payload = frame.payload  # zero-copy view of the received message
+        else:
+            payload, problem = self._assemble(frame)
+            if problem:
+                return self._reject(frame, problem)
+            if payload is None:
+                return None  # more parts to come
+        if len(payload) != frame.chunk_bytes:
+            return self._reject(frame, f"chunk has {len(payload)} bytes, expected {frame.chunk_bytes}")
+        self.stats.payload_bytes += len(payload)
+        self._put(index, _Arrived(frame.level, payload))
+        return ChunkAck(index, frame.attempt, len(payload))
+
+    def _assemble(self, frame: ChunkFrame) -> tuple[bytearray | None, str]:
+        """Copy a part into the chunk's buffer while it is still in cache.
+
+        Returns:
+            (the whole chunk once its last part is in, else None; a problem or "").
+            Parts of one attempt arrive in order (one HTTP/2 stream).
+        """
+        index = frame.index
+        if frame.part == 0:
+            self._parts[index] = _Assembly(bytearray(frame.chunk_bytes))
+        assembly = self._parts.get(index)
+        if assembly is None or frame.part != assembly.next_part:
+            return None, f"part {frame.part} out of order"
+        if assembly.offset + len(frame.payload) > len(assembly.buffer):
+            return None, "parts exceed chunk_bytes"
+        end = assembly.offset + len(frame.payload)
+        assembly.buffer[assembly.offset:end] = frame.payload
+        assembly.offset, assembly.next_part = end, assembly.next_part + 1
+        if assembly.next_part < frame.num_parts:
+            return None, ""
+        del self._parts[index]
+        return assembly.buffer, ""
+
+    def close_input(self, reason: str) -> None:
+        """No more frames will come: whatever is missing is recomputed. Idempotent."""
+        if self._input_closed:
+            return
+        self._input_closed = True
+        self.input_closed_reason = reason
+        for index in range(self.header.num_chunks):
+            if index not in self._ready:
+                self._put(index, _Arrived("recomputed", b"", recompute=True))
+
+    @property
+    def backlog(self) -> int:
+        """Chunks received and waiting to be decoded."""
+        return sum(1 for i in self._ready if i >= self._next_index)
+
+    async def wait_drained(self) -> None:
+        self._drained.clear()
+        if self.backlog >= self.config.max_pending_chunks:
+            await self._drained.wait()
+
+    # ------------------------------------------------------------ decode side
+
+    async def _run(self) -> StreamStatus:
+        failed = ""
+        loop = asyncio.get_running_loop()
+        for index in range(self.header.num_chunks):
+            item = await self._take(index)
+            try:
+                await loop.run_in_executor(self.executor, self._store, index, item)
+            except Exception as exc:  # a chunk we cannot store fails the request
+                failed = f"chunk {index}: {type(exc).__name__}: {exc}"
+                break
+        self.stats.finished = time.perf_counter()
+        self.sink.close(ok=not failed)
+        return self._status(failed)
+
+    async def _take(self, index: int) -> _Arrived:
+        while index not in self._ready:
+            self._changed.clear()
+            await self._changed.wait()
+        self._next_index = index + 1
+        self._drained.set()
+        return self._ready[index]
+
+    def _store(self, index: int, item: _Arrived) -> None:
+        """Runs in the thread pool: decode (or recompute) one chunk into the sink."""
+        token_range = self.header.token_range(index)
+        began = time.perf_counter()
+        if not item.recompute and item.level != "text":
+            try:
+                kv = self.levels.codec(item.level).decode(item.payload, self.layout)
+                self.sink.write_chunk(index, token_range, kv)
+                self.stats.levels[index] = item.level
+                self.stats.decode_intervals.append((began, time.perf_counter()))
+                return
+            except ValueError as exc:  # CodecError, unknown level, wrong shape
+                item = _Arrived(f"recomputed ({type(exc).__name__})", b"", recompute=True)
+        start, end = token_range
+        self.sink.recompute_chunk(index, token_range, self.header.token_ids[start:end])
+        self.stats.levels[index] = "text" if item.level == "text" else "recomputed"
+
+    # ------------------------------------------------------------ helpers
+
+    def _frame_fits(self, frame: ChunkFrame) -> bool:
+        start, end = self.header.token_range(frame.index)
+        ok = (frame.token_start, frame.token_end) == (start, end) and 0 <= frame.part < frame.num_parts
+        if frame.is_text:
+            return ok and frame.token_ids == self.header.token_ids[start:end]
+        return ok and frame.level in self.levels
+
+    def _reject(self, frame: ChunkFrame, reason: str) -> ChunkNak:
+        index = frame.index
+        self._parts.pop(index, None)
+        self._attempt[index] = frame.attempt + 1
+        self._failures[index] = self._failures.get(index, 0) + 1
+        resend = self._failures[index] <= self.config.max_resends
+        if not resend:
+            self._put(index, _Arrived("recomputed", b"", recompute=True))
+        return ChunkNak(index, frame.attempt, reason, resend)
+
+    def _put(self, index: int, item: _Arrived) -> None:
+        self._ready[index] = item
+        self._changed.set()
+
+    def _status(self, failed: str) -> StreamStatus:
+        stats = self.stats
+        recomputed = sum(1 for lv in stats.levels.values() if lv in ("text", "recomputed"))
+        decode_total = sum(b - a for a, b in stats.decode_intervals)
+        overlap = sum(max(0.0, min(b, stats.last_arrival) - a) for a, b in stats.decode_intervals)
+        if failed:
+            code = StreamCode.FAILED
+        else:
+            code = StreamCode.RECOMPUTED if recomputed else StreamCode.OK
+        message = failed or self.input_closed_reason
+        return StreamStatus(code, message, len(stats.levels) - recomputed, recomputed,
+                            stats.payload_bytes, stats.finished - stats.started,
+                            overlap, decode_total)

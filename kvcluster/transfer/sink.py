@@ -1,0 +1,54 @@
+"""Where the receiver puts one request's KV: a small interface.
+
+The receiver calls, in chunk order, either ``write_chunk`` (decoded KV) or
+``recompute_chunk`` (tokens only: the sink recomputes the chunk, e.g. with the
+engine's prefill over the prefix already written). Implementations:
+:class:`~kvcluster.transfer.tensor_sink.TensorSink` (one tensor; tests and
+benchmarks) and :class:`~kvcluster.transfer.paged_sink.PagedCacheSink` (the
+engine's paged blocks, and optionally the kvstore).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable, Sequence
+
+from kvcluster.transfer.messages import StreamHeader
+
+TokenRange = tuple[int, int]
+"""[start, end) token positions of the request."""
+
+
+class KVSink(abc.ABC):
+    @abc.abstractmethod
+    def write_chunk(self, index: int, token_range: TokenRange, kv) -> None:
+        """Store decoded KV ``[num_layers, 2, end - start, num_kv_heads, head_dim]``."""
+
+    @abc.abstractmethod
+    def recompute_chunk(self, index: int, token_range: TokenRange,
+                        token_ids: Sequence[int]) -> None:
+        """Recompute and store the KV of ``token_ids`` (chunks before it are written)."""
+
+    def close(self, ok: bool) -> None:
+        """The request is complete (``ok``) or abandoned; release or publish."""
+
+
+SinkFactory = Callable[[StreamHeader], KVSink]
+"""Opens the sink of a new request from its stream header."""
+
+
+class RecomputeSpeed:
+    """Measured recompute speed (tokens/s), shared by a receiver's sinks."""
+
+    def __init__(self, initial_tokens_per_s: float = 0.0, alpha: float = 0.3):
+        self.tokens_per_s = initial_tokens_per_s
+        self.alpha = alpha
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens <= 0 or seconds <= 0:
+            return
+        sample = num_tokens / seconds
+        if self.tokens_per_s <= 0:
+            self.tokens_per_s = sample
+        else:
+            self.tokens_per_s += self.alpha * (sample - self.tokens_per_s)

@@ -1,0 +1,113 @@
+"""The sender's view of one request: its chunks, their tokens and encoded bytes.
+
+Built either from a KV tensor (each level is encoded on first use and cached;
+sizes of levels not yet encoded are estimated from the bytes per token seen so
+far) or from bytes encoded in advance (what a kvstore holding every level, as
+CacheGen stores them, would hand over).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from kvcluster.common.layout import KVLayout
+from kvcluster.transfer.levels import LevelSet
+from kvcluster.transfer.messages import TEXT_LEVEL
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    index: int
+    token_start: int
+    token_end: int
+    chunk_key: bytes = b""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_end - self.token_start
+
+
+class ChunkSource:
+    def __init__(self, token_ids: Sequence[int], layout: KVLayout, levels: LevelSet,
+                 chunk_tokens: int, kv=None, chunk_keys: Sequence[bytes] = ()):
+        """
+        Args:
+            token_ids: every token of the request.
+            kv: ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]`` or None when
+                every chunk is handed over encoded (:meth:`add_encoded`).
+            chunk_keys: optional kvstore key per chunk.
+        """
+        if chunk_tokens <= 0:
+            raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        if kv is not None and tuple(kv.shape) != layout.shape(len(token_ids)):
+            raise ValueError(f"kv shape {tuple(kv.shape)} != {layout.shape(len(token_ids))}")
+        self.token_ids = tuple(int(t) for t in token_ids)
+        self.layout = layout
+        self.levels = levels
+        self.kv = kv
+        self.chunk_tokens = chunk_tokens
+        self.specs = _split(len(self.token_ids), chunk_tokens, chunk_keys)
+        self._encoded: dict[tuple[int, str], bytes] = {}
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.specs)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def chunk_token_ids(self, index: int) -> tuple[int, ...]:
+        spec = self.specs[index]
+        return self.token_ids[spec.token_start:spec.token_end]
+
+    def has_payload(self, index: int, level: str) -> bool:
+        return level == TEXT_LEVEL or (index, level) in self._encoded
+
+    def add_encoded(self, index: int, level: str, data: bytes) -> None:
+        self._encoded[(index, level)] = data
+
+    def encode_all(self, levels: Sequence[str] | None = None) -> None:
+        """Encode every chunk at every level now (off the critical path)."""
+        for index in range(self.num_chunks):
+            for level in levels or self.levels.names:
+                self.payload(index, level)
+
+    def payload(self, index: int, level: str) -> bytes:
+        """Encoded bytes of chunk ``index`` at ``level`` (empty for text)."""
+        if level == TEXT_LEVEL:
+            return b""
+        key = (index, level)
+        if key not in self._encoded:
+            self._encoded[key] = self._encode(index, level)
+        return self._encoded[key]
+
+    def estimated_bytes(self, index: int, level: str) -> int:
+        """Exact if already encoded; else scaled from this level's other chunks; else raw size."""
+        if level == TEXT_LEVEL:
+            return 4 * self.specs[index].num_tokens
+        if (index, level) in self._encoded:
+            return len(self._encoded[(index, level)])
+        seen = [(len(d), self.specs[i].num_tokens)
+                for (i, lv), d in self._encoded.items() if lv == level]
+        num_tokens = self.specs[index].num_tokens
+        if not seen:
+            return self.layout.bytes_per_chunk(num_tokens)
+        return int(sum(b for b, _ in seen) / sum(t for _, t in seen) * num_tokens)
+
+    def bytes_by_level(self, index: int) -> Mapping[str, int]:
+        return {level: self.estimated_bytes(index, level) for level in self.levels.names}
+
+    def _encode(self, index: int, level: str) -> bytes:
+        if self.kv is None:
+            raise KeyError(f"chunk {index} at level {level!r} was not handed over encoded")
+        spec = self.specs[index]
+        chunk = self.kv[:, :, spec.token_start:spec.token_end].contiguous()
+        return self.levels.codec(level).encode(chunk, self.layout)
+
+
+def _split(num_tokens: int, chunk_tokens: int, keys: Sequence[bytes]) -> list[ChunkSpec]:
+    starts = range(0, num_tokens, chunk_tokens)
+    return [ChunkSpec(i, s, min(s + chunk_tokens, num_tokens), keys[i] if i < len(keys) else b"")
+            for i, s in enumerate(starts)]

@@ -1,0 +1,192 @@
+"""One request on the sender: header, chunks at the policy's levels, re-sends, end.
+
+Flow control: at most ``config.max_inflight_chunks`` chunks are sent and not
+yet acked (the receiver acks a chunk when it has all of it and the checksum
+is good, before decoding it; it stops reading while its decode backlog is
+full, which stalls HTTP/2 and then this window).
+
+Bandwidth samples come from acks: chunk i occupied the wire from
+``max(its first write, the previous ack)`` until its ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from kvcluster.common.config import TransferConfig
+from kvcluster.transfer.bandwidth import BandwidthEstimator
+from kvcluster.transfer.messages import (
+    TEXT_LEVEL, ChunkAck, ChunkFrame, ChunkNak, ReceiverInfo, StreamEnd, StreamHeader,
+    StreamStatus, frame_checksum,
+)
+from kvcluster.transfer.policy import ChunkPlan, LevelPolicy
+from kvcluster.transfer.shaper import NullShaper, Shaper
+from kvcluster.transfer.source import ChunkSource
+
+BeforeChunk = Callable[[int], None]
+"""Called with a chunk's index before its level is chosen (benchmarks set the link rate)."""
+PayloadFilter = Callable[[int, int, memoryview], bytes | memoryview]
+"""(index, attempt, part payload) -> what goes on the wire; for fault injection only."""
+
+
+@dataclass
+class SendResult:
+    request_id: str
+    status: StreamStatus | None
+    """The receiver's final status; None when the stream failed."""
+    levels: list[str] = field(default_factory=list)
+    """Level of each chunk's last send."""
+    elapsed_s: float = 0.0
+    """From send() until the final status: the KV is in the receiver's sink."""
+    bytes_sent: int = 0
+    resends: int = 0
+    error: str = ""
+
+
+@dataclass
+class StreamOptions:
+    slo_ms: float
+    before_chunk: BeforeChunk | None = None
+    payload_filter: PayloadFilter | None = None
+
+
+class StreamWriter:
+    def __init__(self, call, request_id: str, source: ChunkSource, policy: LevelPolicy,
+                 estimator: BandwidthEstimator, info: ReceiverInfo, config: TransferConfig,
+                 options: StreamOptions, shaper: Shaper | None = None):
+        self.call, self.request_id, self.source = call, request_id, source
+        self.policy, self.estimator, self.info = policy, estimator, info
+        self.config, self.options = config, options
+        self.shaper = shaper or NullShaper()
+        self.result = SendResult(request_id, None, [""] * source.num_chunks)
+        self._window = asyncio.Semaphore(config.max_inflight_chunks)
+        self._unresolved = set(range(source.num_chunks))
+        self._resend: list[int] = []
+        self._changed = asyncio.Event()
+        self._first_write: dict[int, float] = {}
+        self._last_ack = 0.0
+        self._attempt_count: dict[int, int] = {}
+        self._started = time.perf_counter()
+
+    async def run(self) -> SendResult:
+        reader = asyncio.ensure_future(self._read_replies())
+        try:
+            await self.call.write(self._header())
+            for index in range(self.source.num_chunks):
+                await self._wait_window(reader)
+                await self._send_resends()
+                await self._send_chunk(index, self._choose(index), attempt=0)
+            while self._unresolved and not reader.done():
+                self._changed.clear()
+                await self._send_resends()
+                await self._changed.wait()
+            await self.call.write(StreamEnd(self.source.num_chunks))
+            await self.call.done_writing()
+            self.result.status = await reader
+        finally:
+            reader.cancel()
+        self.result.elapsed_s = time.perf_counter() - self._started
+        return self.result
+
+    # ------------------------------------------------------------ sending
+
+    def _choose(self, index: int) -> str:
+        if self.options.before_chunk is not None:
+            self.options.before_chunk(index)
+        spec = self.source.specs[index]
+        elapsed_s = time.perf_counter() - self._started
+        deadline_s = self.options.slo_ms / 1000 * (1 - self.config.slo_reserve)
+        plan = ChunkPlan(index, self.source.num_chunks, spec.num_tokens, deadline_s - elapsed_s,
+                         self.source.bytes_by_level(index),
+                         self.estimator.planning_bytes_per_s(self.config.bandwidth_quantile),
+                         self.info.prefill_tokens_per_s)
+        return self.policy.choose(plan)
+
+    async def _send_chunk(self, index: int, level: str, attempt: int) -> None:
+        payload = await self._payload(index, level)
+        self.result.levels[index] = level
+        self._first_write[index] = time.perf_counter()
+        for frame in self._frames(index, level, attempt, payload):
+            await self.shaper.acquire(len(frame.payload))
+            await self.call.write(frame)
+            self.result.bytes_sent += len(frame.payload)
+
+    async def _payload(self, index: int, level: str) -> memoryview:
+        if level == TEXT_LEVEL or self.source.has_payload(index, level):
+            return memoryview(self.source.payload(index, level))
+        data = await asyncio.get_running_loop().run_in_executor(
+            None, self.source.payload, index, level)
+        return memoryview(data)
+
+    def _frames(self, index: int, level: str, attempt: int, payload: memoryview):
+        spec = self.source.specs[index]
+        token_ids = self.source.chunk_token_ids(index) if level == TEXT_LEVEL else ()
+        step = self.config.message_payload_bytes
+        num_parts = max(1, -(-len(payload) // step))
+        for part in range(num_parts):
+            piece = payload[part * step:(part + 1) * step]
+            checksum = frame_checksum(piece, token_ids)
+            if self.options.payload_filter is not None:
+                piece = self.options.payload_filter(index, attempt, piece)
+            yield ChunkFrame(self.request_id, index, spec.token_start, spec.token_end, level,
+                             spec.chunk_key, token_ids, checksum, attempt, part, num_parts,
+                             len(payload), piece)
+
+    async def _send_resends(self) -> None:
+        while self._resend:
+            index = self._resend.pop(0)
+            self.result.resends += 1
+            await self._send_chunk(index, self.result.levels[index], self._attempts(index))
+
+    async def _wait_window(self, reader: asyncio.Future) -> None:
+        acquire = asyncio.ensure_future(self._window.acquire())
+        await asyncio.wait({acquire, reader}, return_when=asyncio.FIRST_COMPLETED)
+        if not acquire.done():
+            acquire.cancel()
+            reader.result()  # raises the stream's error
+            raise ConnectionError("receiver closed the stream before all chunks were sent")
+
+    # ------------------------------------------------------------ replies
+
+    async def _read_replies(self) -> StreamStatus:
+        async for reply in self.call:
+            if isinstance(reply, StreamStatus):
+                return reply
+            if isinstance(reply, ChunkAck):
+                self._on_ack(reply)
+            elif isinstance(reply, ChunkNak):
+                self._on_nak(reply)
+            self._changed.set()
+        raise ConnectionError("stream ended without a final status")
+
+    def _on_ack(self, ack: ChunkAck) -> None:
+        now = time.perf_counter()
+        if self.result.levels[ack.index] != TEXT_LEVEL:
+            began = max(self._first_write.get(ack.index, now), self._last_ack)
+            self.estimator.observe(ack.payload_bytes, now - began)
+        self._last_ack = now
+        self._resolve(ack.index)
+
+    def _on_nak(self, nak: ChunkNak) -> None:
+        if nak.resend:
+            self._resend.append(nak.index)
+        else:
+            self._resolve(nak.index)
+
+    def _resolve(self, index: int) -> None:
+        if index in self._unresolved:
+            self._unresolved.discard(index)
+            self._window.release()
+
+    def _attempts(self, index: int) -> int:
+        self._attempt_count[index] = self._attempt_count.get(index, 0) + 1
+        return self._attempt_count[index]
+
+    def _header(self) -> StreamHeader:
+        src = self.source
+        return StreamHeader(self.request_id, src.layout.identity, src.num_chunks, src.num_tokens,
+                            src.token_ids, src.chunk_tokens,
+                            self.options.slo_ms)

@@ -1,0 +1,134 @@
+"""PrefillWorker: compute a prompt's KV and hand it to a decode worker.
+
+    task -> chunk keys -> cached prefix from the kvstore (any tier)
+         -> prefill of the rest -> new chunks into the kvstore (KV events)
+         -> adaptive gRPC stream of every full chunk to the decode worker
+
+Only whole store chunks travel: the decode worker computes the short tail
+(under one chunk) itself, so the transfer never carries a block that can
+still change. Compute runs on one worker thread (the engine is not
+thread-safe); the asyncio loop stays free for health calls and streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from kvcluster.common.config import ClusterConfig
+from kvcluster.engine.runner import ModelRunner
+from kvcluster.engine.sequence import Sequence
+from kvcluster.runtime.node import WorkerNode
+from kvcluster.runtime.tasks import OverloadedError, PrefillResult, PrefillTask
+from kvcluster.server.logs import request_context
+from kvcluster.transfer.levels import LevelSet
+from kvcluster.transfer.sender import KVSender
+from kvcluster.transfer.source import ChunkSource
+from router.event_bus import EventBus
+
+log = logging.getLogger(__name__)
+
+
+class PrefillWorker:
+    def __init__(self, config: ClusterConfig, instance_id: str,
+                 runner: ModelRunner | None = None, bus: EventBus | None = None):
+        self.config = config
+        self.node = WorkerNode(config, instance_id, "prefill", runner, bus)
+        self.levels = LevelSet.from_factory()
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"prefill-{instance_id}")
+        self._senders: dict[str, KVSender] = {}
+        self._queued_tokens = 0
+        self._num_queued = 0
+
+    @property
+    def instance_id(self) -> str:
+        return self.node.instance_id
+
+    async def prefill(self, task: PrefillTask) -> PrefillResult:
+        """Compute (or load) the KV of ``task``'s whole chunks and send it on.
+
+        Raises:
+            OverloadedError: ``workers.max_queue`` tasks are already waiting.
+        """
+        if self._num_queued >= self.config.workers.max_queue:
+            raise OverloadedError(f"prefill worker {self.instance_id} has "
+                                  f"{self._num_queued} queued requests")
+        self._num_queued += 1
+        self._queued_tokens += len(task.token_ids)
+        try:
+            loop = asyncio.get_running_loop()
+            result, kv, keys = await loop.run_in_executor(self._compute, self._run, task)
+            if task.decode_target and kv is not None:
+                await self._send(task, kv, keys, result)
+            return result
+        finally:
+            self._num_queued -= 1
+            self._queued_tokens -= len(task.token_ids)
+
+    def load(self):
+        return self.node.load(queued_prefill_tokens=self._queued_tokens)
+
+    async def close(self) -> None:
+        for sender in self._senders.values():
+            await sender.close()
+        self._compute.shutdown(wait=False, cancel_futures=True)
+        self.node.close()
+
+    # ------------------------------------------------------------ helpers
+
+    def _run(self, task: PrefillTask):
+        """Worker thread: load cached chunks, compute the rest, store new chunks."""
+        with request_context(task.request_id):
+            began = time.perf_counter()
+            keys = self.node.chunk_keys(task.token_ids, task.tenant)
+            num_full = len(keys) * self.node.chunk_tokens
+            result = PrefillResult(task.request_id, len(task.token_ids), num_full)
+            if not keys:
+                return result, None, keys
+            seq = Sequence(task.request_id, list(task.token_ids[:num_full]))
+            block_ids, result.cached_tokens_by_tier = self.node.load_prefix(keys)
+            try:
+                kv = self._compute_kv(seq, block_ids)  # [L, 2, num_full, H, D]
+            finally:
+                self.node.runner.free(seq)
+            num_cached = len(block_ids) * self.node.layout.block_size
+            result.num_computed_tokens = num_full - num_cached
+            self.node.save_chunks(keys[num_cached // self.node.chunk_tokens:],
+                                  kv[:, :, num_cached:], task.tenant)
+            result.prefill_s = time.perf_counter() - began
+            return result, kv, keys
+
+    def _compute_kv(self, seq: Sequence, cached_blocks: list[int]) -> torch.Tensor:
+        runner = self.node.runner
+        if cached_blocks:
+            seq.attach_cached(cached_blocks, len(cached_blocks) * runner.block_size)
+        if seq.num_computed_tokens < seq.num_tokens:
+            runner.allocate_blocks(seq, seq.num_tokens)
+            with torch.inference_mode():
+                runner.prefill(seq)
+        return runner.cache.export_blocks(seq.block_table)
+
+    async def _send(self, task: PrefillTask, kv: torch.Tensor, keys, result: PrefillResult):
+        source = ChunkSource(task.token_ids[: result.num_transferred_tokens], self.node.layout,
+                             self.levels, self.config.transfer.chunk_tokens, kv=kv)
+        sender = self._sender(task.decode_target)
+        sent = await sender.send(source, task.request_id, task.slo_ms or None)
+        result.transfer_s = sent.elapsed_s
+        result.wire_bytes = sent.bytes_sent
+        result.levels = list(sent.levels)
+        fp16 = self.node.layout.with_dtype("float16")
+        result.raw_bytes = fp16.bytes_per_chunk(result.num_transferred_tokens)
+        result.transfer_ok = sent.status is not None and sent.status.ok
+        result.message = sent.error or (sent.status.message if sent.status else "")
+        if not result.transfer_ok:
+            log.warning("request %s: KV transfer to %s failed: %s", task.request_id,
+                        task.decode_target, result.message)
+
+    def _sender(self, target: str) -> KVSender:
+        if target not in self._senders:
+            self._senders[target] = KVSender(target, self.levels, self.config.transfer)
+        return self._senders[target]

@@ -1,0 +1,212 @@
+"""The disaggregated backend: route, prefill on one pool, decode on the other.
+
+    request -> chunk keys -> decode router (prefix held + load) picks D
+            -> D already holds the prefix?  yes: D loads it from its kvstore
+                                            no:  prefill router picks P;
+                                                 P computes/loads and streams
+                                                 the KV to D over gRPC
+            -> D's continuous batch streams tokens back (Ray streaming generator)
+
+Two routers, one per pool, each fed by its workers' KV events and heartbeats
+(relayed through the actors' ``poll`` in the embedded default). A decode
+actor that dies mid-generation is replaced: the request resumes on another
+decode instance from its prompt plus the tokens already streamed (greedy
+output is therefore identical), or fails with a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import AsyncIterator
+
+from kvcluster.common.config import ClusterConfig
+from kvcluster.common.hashing import ExtraKeys
+from kvcluster.common.requests import FinalEvent, GenerateRequest, TokenEvent
+from kvcluster.runtime.pools import WorkerHandle, WorkerPools
+from kvcluster.runtime.relay import forward
+from kvcluster.runtime.tasks import DecodeStep, DecodeTask, PrefillTask
+from router.backend import BackendError, GenerateBackend
+from router.decision import RouteRequest
+from router.router import NoInstanceError, Router
+
+log = logging.getLogger(__name__)
+
+MAX_DECODE_ATTEMPTS = 3
+
+
+class RayClusterBackend(GenerateBackend):
+    def __init__(self, config: ClusterConfig, pools: WorkerPools, model_id: str,
+                 prefill_router: Router, decode_router: Router, block_size: int,
+                 poll_interval_s: float = 0.5):
+        self.config = config
+        self.pools = pools
+        self.model_id = model_id
+        self.block_size = block_size
+        self.routers = {"prefill": prefill_router, "decode": decode_router}
+        self.poll_interval_s = poll_interval_s
+        self.stats = {"prefill_results": deque(maxlen=10_000), "decode_retries": 0}
+        self._poller: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Register every instance and start heartbeats + event relay."""
+        for handle in self.pools.prefill + self.pools.decode:
+            self.routers[handle.role].registry.register(handle.instance_id, handle.address,
+                                                        handle.role)
+        await self._poll_once()
+        self._poller = asyncio.create_task(self._poll_forever())
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinalEvent]:
+        began = time.perf_counter()
+        route = self.routers["decode"].request_for(
+            request.prompt_token_ids, ExtraKeys(self.model_id, request.tenant),
+            request.request_id)
+        decode = self._pick("decode", route)
+        outputs: list[int] = []
+        final: DecodeStep | None = None
+        prefill_id, cached = "", 0
+        for attempt in range(MAX_DECODE_ATTEMPTS):
+            try:
+                task, prefill = await self._plan(request, route, decode, outputs, attempt)
+                prefill_id = prefill.instance_id if prefill else prefill_id
+                async for step in self._decode(decode, task, prefill, request):
+                    if step.finish_reason is not None:
+                        final = step
+                        break
+                    outputs.append(step.token_id)
+                    yield TokenEvent([step.token_id], "")
+                break
+            except _ActorDied as exc:
+                self.stats["decode_retries"] += 1
+                log.warning("request %s: decode %s died after %d tokens (%s); resuming",
+                            request.request_id, decode.instance_id, len(outputs), exc)
+                if attempt + 1 == MAX_DECODE_ATTEMPTS:
+                    raise BackendError("UNAVAILABLE", f"decode workers kept failing: {exc}")
+                self.routers["decode"].registry.deregister(decode.instance_id)
+                decode = self._pick("decode", route)
+        cached = final.num_cached_tokens if final else 0
+        yield FinalEvent(
+            finish_reason=(final.finish_reason if final else "length"),
+            ttft_ms=(final.first_token_s * 1e3 if final else 0.0),
+            prefill_instance=prefill_id, decode_instance=decode.instance_id,
+            num_prompt_tokens=len(request.prompt_token_ids), num_cached_tokens=cached,
+            num_output_tokens=len(outputs))
+        log.info("request %s done in %.3f s", request.request_id, time.perf_counter() - began)
+
+    async def healthy(self) -> bool:
+        return bool(self.routers["decode"].registry.alive())
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+
+    # ------------------------------------------------------------ planning
+
+    def _pick(self, role: str, route: RouteRequest) -> WorkerHandle:
+        try:
+            decision = self.routers[role].route(route)
+        except NoInstanceError as exc:
+            raise BackendError("UNAVAILABLE", f"no live {role} worker: {exc}") from exc
+        return self.pools.by_id(decision.instance_id)
+
+    async def _plan(self, request: GenerateRequest, route: RouteRequest,
+                    decode: WorkerHandle, outputs: list[int], attempt: int):
+        """The decode task, and the prefill worker that feeds it (None: decode alone)."""
+        params = request.params
+        if outputs:  # resume: the tokens already streamed become part of the prompt
+            from dataclasses import replace
+
+            params = replace(params, max_new_tokens=params.max_new_tokens - len(outputs))
+        token_ids = tuple(request.prompt_token_ids) + tuple(outputs)
+        use_prefill = (attempt == 0 and self.pools.prefill and route.block_hashes
+                       and not self._decode_holds_prefix(decode, route))
+        prefill = self._pick_prefill(route) if use_prefill else None
+        task = DecodeTask(request.request_id if attempt == 0 else
+                          f"{request.request_id}/retry{attempt}", token_ids, params,
+                          request.tenant, expect_kv=prefill is not None,
+                          kv_timeout_s=self.config.transfer.timeout_s)
+        return task, prefill
+
+    def _pick_prefill(self, route: RouteRequest) -> WorkerHandle | None:
+        """A prefill instance, or None (the decoder computes) when none is alive."""
+        try:
+            return self._pick("prefill", route)
+        except BackendError as exc:
+            log.warning("request %s: %s; the decode worker computes the prompt",
+                        route.request_id, exc.message)
+            return None
+
+    def _decode_holds_prefix(self, decode: WorkerHandle, route: RouteRequest) -> bool:
+        """True when D's store (per its events) already has every chunk of the prompt."""
+        router = self.routers["decode"]
+        with router.ingestor.lock:
+            slot = router.index.slot_of(decode.instance_id)
+            if slot is None:
+                return False
+            match = router.index.match(route.block_hashes, router.index.slot_mask([slot]))
+        return match.matched_blocks(slot) >= len(route.block_hashes)
+
+    async def _decode(self, decode: WorkerHandle, task: DecodeTask,
+                      prefill: WorkerHandle | None, request: GenerateRequest
+                      ) -> AsyncIterator[DecodeStep]:
+        import ray
+
+        stream = decode.actor.generate.options(num_returns="streaming").remote(task)
+        prefill_ref = None
+        if prefill is not None:
+            prefill_ref = prefill.actor.prefill.remote(PrefillTask(
+                task.request_id, task.token_ids, request.tenant, decode.address,
+                request.slo_ms))
+        try:
+            async for ref in stream:
+                yield await _get(ref)
+        except ray.exceptions.RayActorError as exc:
+            raise _ActorDied(str(exc)) from exc
+        finally:
+            if prefill_ref is not None:
+                await self._collect_prefill(prefill_ref)
+
+    async def _collect_prefill(self, ref) -> None:
+        try:
+            self.stats["prefill_results"].append(await ref)
+        except Exception as exc:  # the decode side already recomputed what was missing
+            log.warning("prefill failed: %s", exc)
+
+    # ------------------------------------------------------------ heartbeats
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self._poll_once()
+            except Exception:
+                log.exception("heartbeat poll failed")
+
+    async def _poll_once(self) -> None:
+        handles = self.pools.prefill + self.pools.decode
+        results = await asyncio.gather(*(self._poll(h) for h in handles),
+                                       return_exceptions=True)
+        for handle, result in zip(handles, results):
+            router = self.routers[handle.role]
+            if isinstance(result, BaseException):
+                continue  # no heartbeat: the registry's TTL retires the instance
+            load, batches = result
+            if handle.instance_id not in {i.instance_id for i in router.registry.alive()}:
+                router.registry.register(handle.instance_id, handle.address, handle.role)
+            router.registry.heartbeat(handle.instance_id, load)
+            forward(router.bus, batches)
+
+    async def _poll(self, handle: WorkerHandle):
+        router = self.routers[handle.role]
+        resync = router.bus.take_resync_request(handle.instance_id)
+        return await asyncio.wait_for(handle.actor.poll.remote(resync), self.poll_interval_s * 4)
+
+
+class _ActorDied(RuntimeError):
+    pass
+
+
+async def _get(ref):
+    return await ref

@@ -1,0 +1,232 @@
+"""The gRPC ``Generate`` front end: auth, limits, tokenization, text streaming.
+
+Per call::
+
+    bearer token -> tenant        (UNAUTHENTICATED when tokens are configured and it is bad)
+    raw bytes -> GenerateRequest  (INVALID_ARGUMENT for bytes that do not parse)
+    tenant rate limit             (RESOURCE_EXHAUSTED)
+    tokenize + size/sampling checks (INVALID_ARGUMENT)
+    backend.generate(request)     TokenEvent* FinalEvent -> chunk* final
+                                  (BackendError -> its status; deadline -> DEADLINE_EXCEEDED)
+
+A client cancel or an expired deadline cancels the handler; the backend's
+generator is then closed, which frees the request in the engine. Also served:
+the standard health service (NOT_SERVING while the backend is unhealthy) and
+reflection. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvcluster.common.config import ClusterConfig
+from kvcluster.common.requests import FinalEvent, TokenEvent
+from kvcluster.engine.tokenizer import Tokenizer
+from kvcluster.proto.convert_generate import event_to_proto
+from kvcluster.proto.kvcluster.v1 import generate_pb2 as pb
+from kvcluster.server.limits import INVALID_ARGUMENT, LimitError, TenantRateLimiter
+from kvcluster.server.logs import request_context
+from kvcluster.transfer.security import ServerSecurity
+from router.backend import FINISH, INTERNAL, BackendError, GenerateBackend
+from router.frontend_input import ParsedRequest, build_request, parse_wire
+from router.frontend_text import TextStream
+
+log = logging.getLogger("kvcluster.frontend")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generate"].full_name  # kvcluster.v1.Generate
+MAX_TENANT_CHARS = 128
+
+
+class GenerateServicer:
+    """Serves ``/kvcluster.v1.Generate/Generate`` (registered by :func:`add_to_server`)."""
+
+    def __init__(self, backend: GenerateBackend, tokenizer: Tokenizer, config: ClusterConfig):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.limits = config.limits
+        self.security = ServerSecurity.from_config(config.security)
+        self.rate_limiter = TenantRateLimiter(self.limits.requests_per_s, self.limits.burst)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register the method with raw-bytes input, so bad bytes get INVALID_ARGUMENT."""
+        handler = grpc.unary_stream_rpc_method_handler(
+            self.Generate, request_deserializer=None,
+            response_serializer=pb.GenerateResponse.SerializeToString)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Generate": handler}),))
+
+    async def Generate(self, data: bytes, context: grpc.aio.ServicerContext):
+        tenant = self.security.tenant(context.invocation_metadata())
+        if tenant is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or unknown bearer token (metadata authorization: "
+                                "Bearer <token>)")
+        try:
+            parsed = self._admit(data, tenant, context.time_remaining())
+        except LimitError as exc:
+            log.info("rejected: %s", exc.message)
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
+        with request_context(parsed.request.request_id):
+            async for response in self._serve(parsed, context):
+                yield response
+
+    # ------------------------------------------------------------------ private
+
+    def _admit(self, data: bytes, tenant: str, time_remaining_s: float | None) -> ParsedRequest:
+        msg = parse_wire(data)
+        if not self.security.tokens:
+            tenant = msg.tenant  # auth off (embedded default): the request names its tenant
+        if len(tenant) > MAX_TENANT_CHARS:
+            raise LimitError(INVALID_ARGUMENT, f"tenant is longer than {MAX_TENANT_CHARS} chars")
+        self.rate_limiter.acquire(tenant)
+        return build_request(msg, tenant=tenant, tokenizer=self.tokenizer, limits=self.limits,
+                             time_remaining_s=time_remaining_s)
+
+    async def _serve(self, parsed: ParsedRequest, context: grpc.aio.ServicerContext):
+        request = parsed.request
+        log.info("generate tenant=%r prompt_tokens=%d max_new_tokens=%d", request.tenant,
+                 request.num_prompt_tokens, request.params.max_new_tokens)
+        began = time.perf_counter()
+        try:
+            async for event in self._events(parsed):
+                yield event_to_proto(event)
+                if isinstance(event, FinalEvent):
+                    log.info("done finish=%s ttft_ms=%.1f cached=%d/%d out=%d in %.3f s",
+                             event.finish_reason, event.ttft_ms, event.num_cached_tokens,
+                             event.num_prompt_tokens, event.num_output_tokens,
+                             time.perf_counter() - began)
+        except BackendError as exc:
+            log.warning("backend error %s: %s", exc.code, exc.message)
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
+        except TimeoutError:
+            log.info("deadline exceeded after %.3f s", time.perf_counter() - began)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        except asyncio.CancelledError:
+            log.info("cancelled by the client after %.3f s", time.perf_counter() - began)
+            raise
+        except Exception:  # noqa: BLE001 - a bug must not leak details or look like success
+            log.exception("internal error")
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error (request id {request.request_id})")
+
+    async def _events(self, parsed: ParsedRequest):
+        """The backend's stream with text deltas and stop strings applied."""
+        request = parsed.request
+        text = TextStream(self.tokenizer, parsed.stop)
+        num_sent = 0
+        command = None
+        stream = self.backend.generate(request)
+        event = None
+        try:
+            while True:
+                try:
+                    event = await _next(stream, command, request.deadline)
+                except StopAsyncIteration:
+                    break
+                command = None
+                if isinstance(event, FinalEvent):
+                    break
+                if text.stopped:
+                    continue  # a backend that ignored FINISH: drop what follows the stop
+                delta = text.push(event.token_ids)
+                num_sent += len(event.token_ids)
+                yield TokenEvent(tuple(event.token_ids), delta)
+                command = FINISH if text.stopped else None
+        finally:
+            await stream.aclose()
+        tail = text.flush()
+        if tail:
+            yield TokenEvent((), tail)
+        yield _final(event, request.request_id, num_sent if text.stopped else None)
+
+
+async def serve_frontend(backend: GenerateBackend, tokenizer: Tokenizer, config: ClusterConfig,
+                         host: str = "127.0.0.1", port: int = 0,
+                         health_interval_s: float = 1.0) -> tuple["FrontendServer", int]:
+    """Start the Generate, health and reflection services.
+
+    Returns:
+        The started server (``await server.stop(grace)`` to end it) and its port.
+    """
+    options = [("grpc.max_receive_message_length", config.limits.max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options)
+    GenerateServicer(backend, tokenizer, config).add_to_server(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{host}:{port}"
+    credentials = ServerSecurity.from_config(config.security).credentials()
+    bound = (server.add_secure_port(address, credentials) if credentials
+             else server.add_insecure_port(address))
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    monitor = asyncio.create_task(_watch_health(backend, health_servicer, health_interval_s))
+    log.info("front end listening on %s:%d (tls=%s, auth=%s)", host, bound,
+             credentials is not None, bool(config.security.tokens))
+    return FrontendServer(server, monitor, health_servicer), bound
+
+
+class FrontendServer:
+    """A started front end: the gRPC server plus its health watcher."""
+
+    def __init__(self, server: grpc.aio.Server, monitor: asyncio.Task,
+                 health_servicer: health.aio.HealthServicer):
+        self.server = server
+        self._monitor = monitor
+        self._health = health_servicer
+
+    async def stop(self, grace: float | None = None) -> None:
+        self._monitor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._monitor
+        await self._health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self.server.wait_for_termination(timeout)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+async def _next(stream, command, deadline: float | None):
+    """The stream's next event; TimeoutError past the deadline."""
+    if deadline is None:
+        return await stream.asend(command)
+    try:
+        return await asyncio.wait_for(stream.asend(command), max(deadline - time.time(), 0.0))
+    except asyncio.TimeoutError as exc:
+        raise TimeoutError("deadline exceeded") from exc
+
+
+def _final(event, request_id: str, num_sent_if_stopped: int | None) -> FinalEvent:
+    if not isinstance(event, FinalEvent):
+        raise BackendError(INTERNAL, "backend ended the stream without a final event")
+    fields = dict(event.__dict__, request_id=request_id)
+    if num_sent_if_stopped is not None:  # a stop string ended the text
+        fields.update(finish_reason="stop", num_output_tokens=num_sent_if_stopped)
+    return FinalEvent(**fields)
+
+
+async def _watch_health(backend: GenerateBackend, servicer, interval_s: float) -> None:
+    """Mirror ``backend.healthy()`` into the health service, for "" and the Generate service."""
+    serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                            health_pb2.HealthCheckResponse.NOT_SERVING)
+    while True:
+        try:
+            ok = await asyncio.wait_for(backend.healthy(), timeout=max(interval_s, 1.0))
+        except Exception:  # noqa: BLE001 - a failing probe means unhealthy
+            log.exception("backend health probe failed")
+            ok = False
+        for service in ("", SERVICE_NAME):
+            await servicer.set(service, serving if ok else not_serving)
+        await asyncio.sleep(interval_s)
