@@ -219,7 +219,7 @@ def _receiver_role(args) -> None:
         return FreeingSink(runner, Sequence(header.request_id, list(header.token_ids)), speed)
 
     host, port = args.bind.rsplit(":", 1)
-    config = TransferConfig(host=host, port=int(port), chunk_timeout_s=120.0, timeout_s=600.0,
+    config = TransferConfig(host=host, port=int(port), chunk_timeout_s=30.0, timeout_s=60.0,
                             max_pending_chunks=2, decode_threads=2)
 
     async def serve():
@@ -268,12 +268,13 @@ async def _send_everything(args) -> list[dict]:
     levels, _ = _levels()
     source = _source(data, levels)
     shaper = make_shaper("tc" if args.device else "token-bucket", 10e9, args.device)
-    config = TransferConfig(max_inflight_chunks=1, num_channels=1, timeout_s=600.0,
-                            chunk_timeout_s=120.0)
+    config = TransferConfig(max_inflight_chunks=1, num_channels=1, timeout_s=60.0,
+                            chunk_timeout_s=30.0)
     results = []
     for trace in standard_traces(seed=1):
         for policy_name in POLICIES:
-            policy = make_policy(policy_name, levels.names, None, config.bandwidth_safety)
+            policy = make_policy(policy_name, levels.names, levels.default,
+                                 config.bandwidth_safety)
             async with KVSender(args.target, levels, config, policy=policy,
                                 shaper=shaper) as sender:
                 for request_no in range(_num_requests(meta["sizes"], trace, policy_name)):
@@ -301,8 +302,11 @@ def _num_requests(sizes: dict, trace, policy: str) -> int:
 
 def _record(trace: str, policy: str, result, levels) -> dict:
     ok = result.status is not None and result.status.ok
+    if not ok:
+        print(f"{trace} {policy}: request failed: {result.error or result.status} "
+              f"levels {result.levels}", flush=True)
     return dict(trace=trace, policy=policy, ttft_s=result.elapsed_s, ok=ok,
-                levels=result.levels, quality=[levels.quality(lv) for lv in result.levels],
+                levels=result.levels, quality=[levels.quality(lv) for lv in result.levels if lv],
                 error=result.error)
 
 

@@ -12,13 +12,17 @@ that does not stop at EOS, so both sides produce exactly ``new_tokens`` tokens:
 
 Ratios > 1 mean we are faster. The two implementations alternate, and medians
 (decode) or the best of ``repeats`` runs (prefill) are kept, so that background
-load on a shared machine hits both alike.
+load on a shared machine hits both alike. The load average is recorded: with
+more runnable threads than CPUs, multi-threaded (OpenMP) matmuls stall on
+descheduled threads and every figure drops, unevenly; ``--threads 1`` is the
+steadier comparison on a busy machine.
 
     python -m bench.engine [--quick] [--json FILE] [--threads N]
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -41,7 +45,7 @@ QUESTIONS = [
     "Translate 'good morning, how did you sleep?' into Spanish and German.",
     "What does a paged KV cache do in an LLM inference server, and why does it help batching?",
     "Give me a Python one-liner that reverses a string.",
-    "Summarise the plot of Romeo and Juliet in one short paragraph, without spoilers for the ending.",
+    "Summarise the plot of Romeo and Juliet in one short paragraph, without spoilers.",
 ]
 
 
@@ -54,10 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer.from_pretrained(path)
     prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     ours, theirs = _Ours(path), _Transformers(path)
-    ours.warm_up(prompts[0]), theirs.warm_up(prompts[0])
+    ours.warm_up(prompts[0])
+    theirs.warm_up(prompts[0])
 
     rows, results = [], {"threads": torch.get_num_threads(), "new_tokens": new_tokens,
-                         "prompt_tokens": [len(p) for p in prompts]}
+                         "prompt_tokens": [len(p) for p in prompts],
+                         "load_average_start": os.getloadavg()[0]}
     _measure("prefill", rows, results, repeats,
              lambda: _prefill_rate(ours, prompts), lambda: _prefill_rate(theirs, prompts))
     b1_prompts = prompts[:2] if args.quick else prompts[:4]
@@ -67,11 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     _measure_decode("decode_b8", rows, results, repeats, [prompts], new_tokens,
                     ours, theirs, matches)
     results["greedy_outputs_equal"] = _pairs_equal(matches)
+    results["load_average_end"] = os.getloadavg()[0]
     print_table(
         f"SmolLM2-135M fp32 on CPU ({results['threads']} threads), {new_tokens} new tokens",
         ["phase", "ours tok/s", "transformers tok/s", "ours / transformers"], rows,
     )
-    print(f"greedy outputs equal to transformers': {results['greedy_outputs_equal']}")
+    print(f"greedy outputs equal to transformers': {results['greedy_outputs_equal']}; "
+          f"1-min load average {results['load_average_start']:.1f} at start, "
+          f"{results['load_average_end']:.1f} at end on {os.cpu_count()} CPUs")
     write_json(args.json, results)
     return 0
 

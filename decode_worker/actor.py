@@ -30,6 +30,9 @@ class DecodeActor:
         return {"model_id": runner.model_id, "block_size": runner.block_size,
                 "layout": runner.layout.identity}
 
+    async def abandon_kv(self, request_id: str) -> None:
+        self.worker.abandon_kv(request_id)
+
     async def poll(self, resync: bool = False):
         return self.worker.load(), drain(self.worker.node.bus, self.worker.instance_id, resync)
 

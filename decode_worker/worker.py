@@ -67,6 +67,7 @@ class DecodeWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._active: dict[str, _Active] = {}
+        self._abandoned: dict[str, asyncio.Event] = {}
         self._thread = threading.Thread(target=self._loop, name=f"decode-{instance_id}",
                                         daemon=True)
         self._thread.start()
@@ -132,13 +133,27 @@ class DecodeWorker:
                 return blocks
         return []
 
+    def abandon_kv(self, request_id: str) -> None:
+        """The sender is gone before streaming (its prefill failed): stop waiting."""
+        self._abandoned.setdefault(request_id, asyncio.Event()).set()
+
     async def _received_blocks(self, task: DecodeTask) -> list[int]:
+        abandoned = self._abandoned.setdefault(task.request_id, asyncio.Event())
+        waiter = asyncio.ensure_future(self.receiver.wait_result(task.request_id,
+                                                                 task.kv_timeout_s))
+        giver_up = asyncio.ensure_future(abandoned.wait())
         try:
-            result = await self.receiver.wait_result(task.request_id, task.kv_timeout_s)
-        except asyncio.TimeoutError:
-            log.warning("request %s: no KV within %.1f s; recomputing", task.request_id,
-                        task.kv_timeout_s)
+            await asyncio.wait([waiter, giver_up], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            giver_up.cancel()
+            self._abandoned.pop(task.request_id, None)
+        if not waiter.done() or waiter.exception() is not None:
+            waiter.cancel()
+            log.warning("request %s: no KV (%s); recomputing", task.request_id,
+                        "sender gone" if abandoned.is_set() else
+                        f"none within {task.kv_timeout_s:.1f} s")
             return []
+        result = waiter.result()
         sink: PagedCacheSink = result.sink
         blocks = list(sink.seq.block_table)
         num_tokens = sink.seq.num_tokens

@@ -26,7 +26,7 @@ def _build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="model utilities").add_subparsers()
     tiny = model.add_parser("init-tiny", help="write a tiny random Llama model (HF format)")
     tiny.add_argument("dir")
-    tiny.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    tiny.add_argument("--arch", default="llama", choices=["llama", "llama3", "qwen2"])
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_init_tiny)
 

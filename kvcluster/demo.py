@@ -173,6 +173,7 @@ def _plot(turns: list[Turn], path: Path) -> None:
         mine = [t for t in turns if t.user == user]
         ax.plot([t.turn + 1 for t in mine], [t.ttft_ms for t in mine], marker="o",
                 label=f"user {user}")
+    ax.set_xticks(sorted({t.turn + 1 for t in turns}))
     ax.set_xlabel("turn")
     ax.set_ylabel("TTFT (ms)")
     ax.set_title("kvcluster demo: time to first token per turn")

@@ -66,12 +66,11 @@ class RayClusterBackend(GenerateBackend):
         decode = self._pick("decode", route)
         outputs: list[int] = []
         final: DecodeStep | None = None
-        prefill_id, cached = "", 0
+        served_by: dict[str, str] = {}
         for attempt in range(MAX_DECODE_ATTEMPTS):
             try:
                 task, prefill = await self._plan(request, route, decode, outputs, attempt)
-                prefill_id = prefill.instance_id if prefill else prefill_id
-                async for step in self._decode(decode, task, prefill, request):
+                async for step in self._decode(decode, task, prefill, request, served_by):
                     if step.finish_reason is not None:
                         final = step
                         break
@@ -86,12 +85,12 @@ class RayClusterBackend(GenerateBackend):
                     raise BackendError("UNAVAILABLE", f"decode workers kept failing: {exc}")
                 self.routers["decode"].registry.deregister(decode.instance_id)
                 decode = self._pick("decode", route)
-        cached = final.num_cached_tokens if final else 0
         yield FinalEvent(
             finish_reason=(final.finish_reason if final else "length"),
             ttft_ms=(final.first_token_s * 1e3 if final else 0.0),
-            prefill_instance=prefill_id, decode_instance=decode.instance_id,
-            num_prompt_tokens=len(request.prompt_token_ids), num_cached_tokens=cached,
+            prefill_instance=served_by.get("prefill", ""), decode_instance=decode.instance_id,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_cached_tokens=final.num_cached_tokens if final else 0,
             num_output_tokens=len(outputs))
         log.info("request %s done in %.3f s", request.request_id, time.perf_counter() - began)
 
@@ -149,30 +148,42 @@ class RayClusterBackend(GenerateBackend):
         return match.matched_blocks(slot) >= len(route.block_hashes)
 
     async def _decode(self, decode: WorkerHandle, task: DecodeTask,
-                      prefill: WorkerHandle | None, request: GenerateRequest
-                      ) -> AsyncIterator[DecodeStep]:
+                      prefill: WorkerHandle | None, request: GenerateRequest,
+                      served_by: dict[str, str]) -> AsyncIterator[DecodeStep]:
+        """Stream D's steps while P (if any) feeds it; ``served_by`` names the
+        prefill instance once its KV was delivered."""
         import ray
 
         stream = decode.actor.generate.options(num_returns="streaming").remote(task)
-        prefill_ref = None
+        prefill_done = None
         if prefill is not None:
-            prefill_ref = prefill.actor.prefill.remote(PrefillTask(
+            ref = prefill.actor.prefill.remote(PrefillTask(
                 task.request_id, task.token_ids, request.tenant, decode.address,
                 request.slo_ms))
+            prefill_done = asyncio.ensure_future(
+                self._collect_prefill(ref, prefill, decode, task, served_by))
         try:
             async for ref in stream:
                 yield await _get(ref)
         except ray.exceptions.RayActorError as exc:
             raise _ActorDied(str(exc)) from exc
         finally:
-            if prefill_ref is not None:
-                await self._collect_prefill(prefill_ref)
+            if prefill_done is not None:
+                await prefill_done
 
-    async def _collect_prefill(self, ref) -> None:
+    async def _collect_prefill(self, ref, prefill: WorkerHandle, decode: WorkerHandle,
+                               task: DecodeTask, served_by: dict[str, str]) -> None:
         try:
-            self.stats["prefill_results"].append(await ref)
-        except Exception as exc:  # the decode side already recomputed what was missing
-            log.warning("prefill failed: %s", exc)
+            result = await ref
+            self.stats["prefill_results"].append(result)
+            if result.transfer_ok:
+                served_by["prefill"] = prefill.instance_id
+        except Exception as exc:  # tell the decoder not to wait: it recomputes instead
+            log.warning("request %s: prefill failed (%s)", task.request_id, exc)
+            try:
+                await decode.actor.abandon_kv.remote(task.request_id)
+            except Exception:
+                pass
 
     # ------------------------------------------------------------ heartbeats
 

@@ -166,7 +166,8 @@ class TransferConfig:
     policy: str = "adaptive"
     """adaptive, recompute, lowest, best or a codec level name (always that level)."""
     probe_level: str = ""
-    """Level of the first (probe) chunk on a link; empty: the codec's default level."""
+    """Level of the first (probe) chunk on a link; empty: the codec's default level
+    (kvstore.codec.factory.default_level())."""
     bandwidth_alpha: float = 0.3
     """EWMA weight of the newest bandwidth sample."""
     bandwidth_safety: float = 0.8

@@ -41,6 +41,9 @@ class ForwardBatch:
     """[B, num_blocks] long: blocks to attend to; None: attend only to the new tokens."""
     mask: torch.Tensor | None = None
     """[B, 1, Q, num_blocks * block_size] additive (0 or -inf), with block_tables."""
+    packed_matmuls: bool = False
+    """Use the oneDNN-packed weights if present: faster for batched decode, but fp32
+    rounding differs slightly (~1e-4 on SmolLM2 logits) from a plain matmul's."""
 
 
 class DecoderLayer(nn.Module):
@@ -115,10 +118,11 @@ class LlamaModel(nn.Module):
             h = self._rms_norm(x, layer.input_norm)
             x = x + self._attention(layer, h, cos, sin, batch, cache.pool[index])
             h = self._rms_norm(x, layer.post_norm)
-            x = x + self._mlp(layer, h)
+            x = x + self._mlp(layer, h, batch.packed_matmuls)
         if logits_rows is not None:
             x = x[logits_rows]  # [R, hidden]
-        logits = matmul(self._rms_norm(x, self.norm), self.lm_head, self.packed_lm_head)
+        packed_lm_head = self.packed_lm_head if batch.packed_matmuls else None
+        logits = matmul(self._rms_norm(x, self.norm), self.lm_head, packed_lm_head)
         return logits.float()  # [R, vocab]
 
     def pack_weights(self) -> bool:
@@ -130,7 +134,8 @@ class LlamaModel(nn.Module):
         if not can_pack(self.lm_head):
             return False
         for layer in self.layers:
-            layer.packed = {n: pack(getattr(layer, n)) for n in ("qkv", "o_proj", "gate_up", "down")}
+            names = ("qkv", "o_proj", "gate_up", "down")
+            layer.packed = {name: pack(getattr(layer, name)) for name in names}
         self.packed_lm_head = pack(self.lm_head)
         return True
 
@@ -171,12 +176,12 @@ class LlamaModel(nn.Module):
         # Half precision: normalise in fp32, scale in the model dtype (as transformers does).
         return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
-    def _mlp(self, layer: DecoderLayer, h: torch.Tensor) -> torch.Tensor:
-        gate, up = self._mm(h, layer, "gate_up").chunk(2, dim=-1)  # [T, I] each
-        return self._mm(F.silu(gate) * up, layer, "down")  # [T, hidden]
+    def _mlp(self, layer: DecoderLayer, h: torch.Tensor, packed: bool) -> torch.Tensor:
+        gate, up = self._mm(h, layer, "gate_up", packed).chunk(2, dim=-1)  # [T, I] each
+        return self._mm(F.silu(gate) * up, layer, "down", packed)  # [T, hidden]
 
-    def _mm(self, x: torch.Tensor, layer: DecoderLayer, name: str) -> torch.Tensor:
-        return matmul(x, getattr(layer, name), layer.packed.get(name))
+    def _mm(self, x: torch.Tensor, layer: DecoderLayer, name: str, packed: bool) -> torch.Tensor:
+        return matmul(x, getattr(layer, name), layer.packed.get(name) if packed else None)
 
     def _attention(
         self,
@@ -193,7 +198,7 @@ class LlamaModel(nn.Module):
         """
         arch = self.arch
         num_tokens, head_dim = h.shape[0], arch.head_dim
-        qkv = self._mm(h, layer, "qkv")  # [T, (H_q + 2 H_kv) * D]
+        qkv = self._mm(h, layer, "qkv", batch.packed_matmuls)  # [T, (H_q + 2 H_kv) * D]
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
         qk = qkv[:, : arch.q_size + arch.kv_size].view(num_tokens, -1, head_dim)
@@ -209,7 +214,7 @@ class LlamaModel(nn.Module):
             out = self._attend_decode(q, kv_cache, batch)
         else:
             out = self._attend_cached_prefix(q, kv_cache, batch)
-        return self._mm(out.reshape(num_tokens, -1), layer, "o_proj")
+        return self._mm(out.reshape(num_tokens, -1), layer, "o_proj", batch.packed_matmuls)
 
     def _attend_new_tokens(self, q, k, v) -> torch.Tensor:
         """One sequence, no cached prefix: plain causal attention. Returns [T, H_q, D]."""

@@ -85,6 +85,11 @@ class ModelRunner:
             OutOfBlocksError: not enough free blocks right now.
         """
         self.check_fits(seq)
+        if seq.num_computed_tokens > len(seq.block_table) * self.block_size:
+            raise ValueError(
+                f"request {seq.request_id!r}: {seq.num_computed_tokens} cached tokens but only "
+                f"{len(seq.block_table)} blocks of {self.block_size} attached"
+            )
         start = min(seq.num_computed_tokens, seq.num_tokens - 1)
         self.allocate_blocks(seq, seq.num_tokens)
         positions = torch.arange(start, seq.num_tokens, device=self.device)  # [Q]
@@ -129,6 +134,7 @@ class ModelRunner:
             num_seqs=len(seqs),
             block_tables=torch.tensor(tables, device=self.device),  # [B, n]
             mask=self._causal_mask(positions, num_blocks)[:, None, None],  # [B, 1, 1, C]
+            packed_matmuls=len(seqs) > 1,
         )
         input_ids = torch.tensor([seq.token_ids[-1] for seq in seqs], device=self.device)
         logits = self.model(input_ids, batch, self.cache)  # [B, vocab]
@@ -158,7 +164,8 @@ class ModelRunner:
         if self._num_blocks(seq.num_tokens) > self.cache.num_blocks:
             raise ValueError(
                 f"request {seq.request_id!r}: {seq.num_tokens} tokens need "
-                f"{self._num_blocks(seq.num_tokens)} KV blocks, the pool has {self.cache.num_blocks}"
+                f"{self._num_blocks(seq.num_tokens)} KV blocks, "
+                f"the pool has {self.cache.num_blocks}"
             )
 
     # ------------------------------------------------------------------ private
@@ -172,7 +179,7 @@ class ModelRunner:
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def _causal_mask(self, positions: torch.Tensor, num_blocks: int) -> torch.Tensor:
-        """Additive mask ``[T, num_blocks * block_size]``: 0 where key j <= query position, else -inf.
+        """Additive mask ``[T, num_blocks * block_size]``: 0 where key j <= position, else -inf.
 
         Additive rather than bool so attention does not convert it in every layer.
         """

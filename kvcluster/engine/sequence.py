@@ -8,7 +8,7 @@ from typing import Sequence as SequenceT
 from kvcluster.common.sampling import SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests with equal tokens are still two
 class Sequence:
     """Invariant: KV of ``token_ids[:num_computed_tokens]`` is in ``block_table``'s blocks."""
 

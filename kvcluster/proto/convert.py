@@ -114,7 +114,9 @@ def receiver_to_proto(msg: ReceiverMessage) -> pb.KVStreamReply:
             num_chunks_decoded=msg.num_chunks_decoded,
             num_chunks_recomputed=msg.num_chunks_recomputed,
             payload_bytes=msg.payload_bytes, elapsed_s=msg.elapsed_s,
-            decode_overlap_s=msg.decode_overlap_s, decode_total_s=msg.decode_total_s))
+            decode_overlap_s=msg.decode_overlap_s, decode_total_s=msg.decode_total_s,
+            decode_speeds=_speeds_to_proto(msg.decode_tokens_per_s),
+            prefill_tokens_per_s=msg.prefill_tokens_per_s))
     raise TypeError(f"not a receiver message: {type(msg).__name__}")
 
 
@@ -129,19 +131,30 @@ def receiver_from_proto(reply: pb.KVStreamReply) -> ReceiverMessage:
         s = reply.status
         return StreamStatus(StreamCode(s.code), s.message, s.num_chunks_decoded,
                             s.num_chunks_recomputed, s.payload_bytes, s.elapsed_s,
-                            s.decode_overlap_s, s.decode_total_s)
+                            s.decode_overlap_s, s.decode_total_s,
+                            _speeds_from_proto(s.decode_speeds), s.prefill_tokens_per_s)
     raise ValueError("KVStreamReply carries no ack, nak or status")
 
 
 def info_to_proto(info: ReceiverInfo) -> pb.ReceiverInfo:
     return pb.ReceiverInfo(layout_identities=info.layout_identities, levels=info.levels,
                            prefill_tokens_per_s=info.prefill_tokens_per_s,
-                           max_message_bytes=info.max_message_bytes)
+                           max_message_bytes=info.max_message_bytes,
+                           decode_speeds=_speeds_to_proto(info.decode_tokens_per_s))
 
 
 def info_from_proto(info: pb.ReceiverInfo) -> ReceiverInfo:
     return ReceiverInfo(tuple(info.layout_identities), tuple(info.levels),
-                        info.prefill_tokens_per_s, info.max_message_bytes)
+                        info.prefill_tokens_per_s, info.max_message_bytes,
+                        _speeds_from_proto(info.decode_speeds))
+
+
+def _speeds_to_proto(speeds) -> list[pb.LevelSpeed]:
+    return [pb.LevelSpeed(level=level, tokens_per_s=tps) for level, tps in speeds]
+
+
+def _speeds_from_proto(speeds) -> tuple[tuple[str, float], ...]:
+    return tuple((s.level, s.tokens_per_s) for s in speeds)
 
 
 # ---------------------------------------------------------------- chunk fast path

@@ -7,19 +7,31 @@ end in the embedded default, Redis Streams in cluster mode).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from pathlib import Path
 from typing import Sequence
 
-from kvcluster.common.config import ClusterConfig
+from kvcluster.common.config import ClusterConfig, StoreConfig
 from kvcluster.common.events import HashSettings, Tier
 from kvcluster.common.hashing import BlockHash, ExtraKeys, chunk_hashes
 from kvcluster.engine.runner import ModelRunner
 from kvstore import build_store
+from kvstore.tiers.factory import default_disk_directory
 from router.event_bus import EventBus, make_event_bus
 from router.load import InstanceLoad
 from router.publisher import KVEventPublisher
 
 log = logging.getLogger(__name__)
+
+
+def _own_disk_dir(store: StoreConfig, instance_id: str) -> StoreConfig:
+    """Each instance gets its own folder under the configured disk directory."""
+    if not store.disk.enabled:
+        return store
+    base = store.disk.directory or default_disk_directory()
+    disk = dataclasses.replace(store.disk, directory=str(Path(base) / instance_id))
+    return dataclasses.replace(store, disk=disk)
 
 
 def build_runner(config: ClusterConfig) -> ModelRunner:
@@ -46,8 +58,8 @@ class WorkerNode:
         self.runner = runner or build_runner(config)
         self.layout = self.runner.layout
         self.chunk_tokens = config.store.chunk_tokens
-        self.store = build_store(config.store, self.layout, device=self.runner.device,
-                                 model_id=self.runner.model_id)
+        self.store = build_store(_own_disk_dir(config.store, instance_id), self.layout,
+                                 device=self.runner.device, model_id=self.runner.model_id)
         self.bus = bus or make_event_bus(
             config.redis_url, prefix=f"{config.router.redis_prefix}:{role}")
         self.publisher = KVEventPublisher(instance_id, self.settings, self.bus)

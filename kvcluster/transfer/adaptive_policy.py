@@ -3,10 +3,16 @@
 Per chunk ``i`` of ``n``::
 
     budget_i = time_left / (n - i)                    # an equal share of what is left
-    level    = best level L with  size(L) / (safety * bandwidth) <= budget_i
+    cost(L)  = max(size(L) / (safety * bandwidth),    # on the wire ...
+                   num_tokens / decode_tokens_per_s(L))  # ... or decoding, pipelined
+    level    = best level L with cost(L) <= budget_i
     if none fits:
-        text   if num_tokens / prefill_tokens_per_s < size(lowest) / (safety * bandwidth)
+        text   if num_tokens / prefill_tokens_per_s < cost(lowest)
         lowest otherwise
+
+Wire and decode overlap (chunk i decodes while i+1 is on the wire), so a
+chunk costs the slower of the two; a level's decode speed is what the
+receiver measured (unknown: not counted).
 
 Before any bandwidth estimate exists (the very first chunk on a link) the
 chunk is sent at ``probe_level`` and timed: that is the probe. ``safety`` (< 1)
@@ -46,7 +52,7 @@ class AdaptivePolicy(LevelPolicy):
             return self.probe_level
         budget_s = plan.time_left_s / plan.chunks_left
         for level in self.level_names:
-            if self._wire_s(plan, level) <= budget_s:
+            if self._cost_s(plan, level) <= budget_s:
                 return level
         return self._fallback(plan)
 
@@ -55,8 +61,10 @@ class AdaptivePolicy(LevelPolicy):
         if plan.prefill_tokens_per_s <= 0:
             return lowest
         recompute_s = plan.num_tokens / plan.prefill_tokens_per_s
-        return TEXT_LEVEL if recompute_s < self._wire_s(plan, lowest) else lowest
+        return TEXT_LEVEL if recompute_s < self._cost_s(plan, lowest) else lowest
 
-    def _wire_s(self, plan: ChunkPlan, level: str) -> float:
+    def _cost_s(self, plan: ChunkPlan, level: str) -> float:
         assert plan.bytes_per_s is not None
-        return plan.bytes_by_level[level] / (plan.bytes_per_s * self.bandwidth_safety)
+        wire_s = plan.bytes_by_level[level] / (plan.bytes_per_s * self.bandwidth_safety)
+        decode_tps = plan.decode_tokens_per_s.get(level, 0.0)
+        return max(wire_s, plan.num_tokens / decode_tps if decode_tps > 0 else 0.0)

@@ -12,23 +12,25 @@ from kvcluster.transfer.messages import TEXT_LEVEL
 
 
 class LevelSet:
-    def __init__(self, codecs: Mapping[str, object]):
+    def __init__(self, codecs: Mapping[str, object], default: str | None = None):
         """
         Args:
             codecs: level name -> ``KVCodec``, best quality first.
+            default: the codec's default level (the probe level); None: the middle one.
         """
         if not codecs:
             raise ValueError("LevelSet needs at least one codec")
         self._codecs = dict(codecs)
         self.names: list[str] = list(codecs)
+        self.default = default if default in self._codecs else self.names[len(self.names) // 2]
 
     @classmethod
     def from_factory(cls, names: Sequence[str] | None = None) -> "LevelSet":
         """Codecs from ``kvstore.codec.factory`` (all levels unless ``names``)."""
-        from kvstore.codec.factory import get_codec, level_names
+        from kvstore.codec.factory import default_level, get_codec, level_names
 
         chosen = list(names) if names is not None else level_names()
-        return cls({name: get_codec(name) for name in chosen})
+        return cls({name: get_codec(name) for name in chosen}, default_level())
 
     @property
     def best(self) -> str:

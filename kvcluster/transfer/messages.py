@@ -108,6 +108,9 @@ class StreamStatus:
     elapsed_s: float = 0.0
     decode_overlap_s: float = 0.0
     decode_total_s: float = 0.0
+    decode_tokens_per_s: tuple[tuple[str, float], ...] = ()
+    """(level, measured decode tokens/s) of the receiver, after this request."""
+    prefill_tokens_per_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -121,6 +124,15 @@ class ReceiverInfo:
     prefill_tokens_per_s: float = 0.0
     """Measured recompute speed of the receiver; 0 when unknown (never recompute)."""
     max_message_bytes: int = 0
+    decode_tokens_per_s: tuple[tuple[str, float], ...] = ()
+    """(level, measured decode tokens/s); levels not yet seen are absent."""
+
+    def updated(self, status: "StreamStatus") -> "ReceiverInfo":
+        """This info with the speeds a final status reported."""
+        return ReceiverInfo(self.layout_identities, self.levels,
+                            status.prefill_tokens_per_s or self.prefill_tokens_per_s,
+                            self.max_message_bytes,
+                            status.decode_tokens_per_s or self.decode_tokens_per_s)
 
 
 SenderMessage = StreamHeader | ChunkFrame | StreamEnd

@@ -10,7 +10,7 @@ level name; the sender does the sending. Implementations:
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from kvcluster.transfer.messages import TEXT_LEVEL
@@ -32,6 +32,8 @@ class ChunkPlan:
     """Bandwidth to plan with (BandwidthEstimator.planning_bytes_per_s); None before the probe."""
     prefill_tokens_per_s: float
     """Receiver's recompute speed; 0: cannot recompute."""
+    decode_tokens_per_s: Mapping[str, float] = field(default_factory=dict)
+    """Receiver's measured decode speed per level (absent: not measured yet)."""
 
     @property
     def chunks_left(self) -> int:

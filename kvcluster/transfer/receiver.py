@@ -8,6 +8,7 @@ binding is in :mod:`kvcluster.transfer.server`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -20,7 +21,7 @@ from kvcluster.transfer.messages import (
     StreamHeader, StreamStatus,
 )
 from kvcluster.transfer.session import ReceiveSession, SessionStats
-from kvcluster.transfer.sink import KVSink, RecomputeSpeed, SinkFactory
+from kvcluster.transfer.sink import DecodeSpeeds, KVSink, RecomputeSpeed, SinkFactory
 
 ReadFn = Callable[[], Awaitable[SenderMessage | None]]
 WriteFn = Callable[[ReceiverMessage], Awaitable[None]]
@@ -46,12 +47,14 @@ class KVReceiver:
         self.sink_factory = sink_factory
         self.config = config or TransferConfig()
         self.speed = speed or RecomputeSpeed()
+        self.decode_speeds = DecodeSpeeds()
         self.executor = ThreadPoolExecutor(self.config.decode_threads, "kv-decode")
         self._results: dict[str, asyncio.Future] = {}
 
     def info(self) -> ReceiverInfo:
         return ReceiverInfo((self.layout.identity,), tuple(self.levels.names),
-                            self.speed.tokens_per_s, self.config.max_message_bytes)
+                            self.speed.tokens_per_s, self.config.max_message_bytes,
+                            self.decode_speeds.as_tuple())
 
     async def run_stream(self, read: ReadFn, write: WriteFn) -> StreamStatus:
         """Serve one stream to completion; survives the sender vanishing."""
@@ -65,7 +68,9 @@ class KVReceiver:
             session.close_input(f"sender silent for {self.config.chunk_timeout_s:g} s")
         finally:  # also on cancellation: the session task finishes on its own
             session.close_input("stream ended before all chunks arrived")
-        status = await asyncio.shield(session.task)
+        status = dataclasses.replace(await asyncio.shield(session.task),
+                                     decode_tokens_per_s=self.decode_speeds.as_tuple(),
+                                     prefill_tokens_per_s=self.speed.tokens_per_s)
         await write(status)
         return status
 
@@ -84,7 +89,7 @@ class KVReceiver:
             raise ProtocolError(f"layout {header.layout_identity} is not {self.layout.identity}")
         sink = self.sink_factory(header)
         session = ReceiveSession(header, sink, self.levels, self.layout, self.config,
-                                 self.executor)
+                                 self.executor, self.decode_speeds)
         future = self._future(header.request_id)
         session.task.add_done_callback(lambda task: _publish(task, future, session, sink))
         return session

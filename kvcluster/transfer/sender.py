@@ -44,7 +44,7 @@ class KVSender:
         self.levels = levels
         self.config = config or TransferConfig()
         self.policy = policy or make_policy(
-            self.config.policy, levels.names, self.config.probe_level or None,
+            self.config.policy, levels.names, self.config.probe_level or levels.default,
             self.config.bandwidth_safety)
         self.security = security or ChannelSecurity.from_config(self.config)
         self.shaper = shaper
@@ -91,11 +91,17 @@ class KVSender:
         writer = StreamWriter(call, request_id, source, self.policy, self.estimator, info,
                               self.config, options, self.shaper)
         try:
-            return await writer.run()
+            result = await writer.run()
         except (grpc.aio.AioRpcError, ConnectionError) as exc:
             call.cancel()
             writer.result.error = _describe(exc)
             return writer.result
+        except BaseException:  # cancelled: tell the receiver now, not at the deadline
+            call.cancel()
+            raise
+        if result.status is not None:
+            self._info = info.updated(result.status)
+        return result
 
     # ------------------------------------------------------------ helpers
 

@@ -26,7 +26,7 @@ from kvcluster.transfer.levels import LevelSet
 from kvcluster.transfer.messages import (
     ChunkAck, ChunkFrame, ChunkNak, ProtocolError, ReceiverMessage, StreamCode, StreamHeader, StreamStatus,
 )
-from kvcluster.transfer.sink import KVSink
+from kvcluster.transfer.sink import DecodeSpeeds, KVSink
 
 
 @dataclass
@@ -57,7 +57,8 @@ class SessionStats:
 
 class ReceiveSession:
     def __init__(self, header: StreamHeader, sink: KVSink, levels: LevelSet, layout,
-                 config: TransferConfig, executor: Executor):
+                 config: TransferConfig, executor: Executor,
+                 decode_speeds: DecodeSpeeds | None = None):
         expected = -(-header.num_tokens // max(header.chunk_tokens, 1))
         if header.chunk_tokens <= 0 or header.num_chunks != expected:
             raise ProtocolError(f"header: {header.num_chunks} chunks of {header.chunk_tokens} "
@@ -66,6 +67,7 @@ class ReceiveSession:
             raise ProtocolError("header: token_ids do not match num_tokens")
         self.header, self.sink, self.levels, self.layout = header, sink, levels, layout
         self.config, self.executor = config, executor
+        self.decode_speeds = decode_speeds or DecodeSpeeds()
         self.stats = SessionStats()
         self.input_closed_reason = ""
         self._input_closed = False
@@ -143,8 +145,14 @@ class ReceiveSession:
         return sum(1 for i in self._ready if i >= self._next_index)
 
     async def wait_drained(self) -> None:
-        self._drained.clear()
-        if self.backlog >= self.config.max_pending_chunks:
+        """Backpressure: wait while enough received chunks wait for the decoder.
+
+        Never waits when the decoder's next chunk is missing (it must be read,
+        or re-sent, first: waiting then would deadlock).
+        """
+        while (self.backlog >= self.config.max_pending_chunks
+               and self._next_index in self._ready):
+            self._drained.clear()
             await self._drained.wait()
 
     # ------------------------------------------------------------ decode side
@@ -180,7 +188,10 @@ class ReceiveSession:
                 kv = self.levels.codec(item.level).decode(item.payload, self.layout)
                 self.sink.write_chunk(index, token_range, kv)
                 self.stats.levels[index] = item.level
-                self.stats.decode_intervals.append((began, time.perf_counter()))
+                finished = time.perf_counter()
+                self.stats.decode_intervals.append((began, finished))
+                self.decode_speeds.observe(item.level, token_range[1] - token_range[0],
+                                           finished - began)
                 return
             except ValueError as exc:  # CodecError, unknown level, wrong shape
                 item = _Arrived(f"recomputed ({type(exc).__name__})", b"", recompute=True)

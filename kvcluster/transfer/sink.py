@@ -52,3 +52,17 @@ class RecomputeSpeed:
             self.tokens_per_s = sample
         else:
             self.tokens_per_s += self.alpha * (sample - self.tokens_per_s)
+
+
+class DecodeSpeeds:
+    """Measured decode-and-write speed (tokens/s) per codec level, on the receiver."""
+
+    def __init__(self, alpha: float = 0.3):
+        self.alpha = alpha
+        self._speeds: dict[str, RecomputeSpeed] = {}
+
+    def observe(self, level: str, num_tokens: int, seconds: float) -> None:
+        self._speeds.setdefault(level, RecomputeSpeed(alpha=self.alpha)).observe(num_tokens, seconds)
+
+    def as_tuple(self) -> tuple[tuple[str, float], ...]:
+        return tuple((level, s.tokens_per_s) for level, s in sorted(self._speeds.items()))

@@ -102,7 +102,7 @@ class StreamWriter:
         plan = ChunkPlan(index, self.source.num_chunks, spec.num_tokens, deadline_s - elapsed_s,
                          self.source.bytes_by_level(index),
                          self.estimator.planning_bytes_per_s(self.config.bandwidth_quantile),
-                         self.info.prefill_tokens_per_s)
+                         self.info.prefill_tokens_per_s, dict(self.info.decode_tokens_per_s))
         return self.policy.choose(plan)
 
     async def _send_chunk(self, index: int, level: str, attempt: int) -> None:

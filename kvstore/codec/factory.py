@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 from kvstore.codec.base import KVCodec
+from kvstore.codec.cachegen import CacheGenCodec
+from kvstore.codec.int8 import Int8Codec
+from kvstore.codec.levels import LEVELS
+from kvstore.codec.lossless import LosslessCodec
+
+DEFAULT_LEVEL = "L2"
+"""The best level that met the quality goal in bench/codec_quality.py (docs/codec.md)."""
 
 
-def get_codec(name: str) -> KVCodec:
-    """The codec of a level name ("lossless", "int8", "L0".."Ln")."""
-    raise NotImplementedError
+def get_codec(name: str, group_size: int = 10) -> KVCodec:
+    """The codec of a level name ("lossless", "int8", "L0".."L3").
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if name == "lossless":
+        return LosslessCodec()
+    if name == "int8":
+        return Int8Codec()
+    for index, spec in enumerate(LEVELS):
+        if spec.name == name:
+            return CacheGenCodec(spec, index, group_size)
+    raise ValueError(f"unknown codec level {name!r}; known: {level_names()}")
 
 
 def level_names() -> list[str]:
     """Every level, best quality first, including the two baselines."""
-    raise NotImplementedError
+    return ["lossless", "int8", *(spec.name for spec in LEVELS)]
 
 
 def default_level() -> str:
     """The measured default level (see docs/codec.md)."""
-    raise NotImplementedError
+    return DEFAULT_LEVEL

@@ -44,12 +44,15 @@ def test_secret_fragment_completes_the_file(rendered, variant, tmp_path):
     mounted = secret_data(docs, _mounted_secret_name(one(docs, "Deployment")))
     config = render_config(base, [write(tmp_path / "security.yaml", mounted["security.yaml"])])
     assert config.security.tokens == values["security"]["tokens"]
+    public = configmap_cluster_yaml(docs)
+    assert not any(token in public for token in values["security"]["tokens"])  # no secret in the ConfigMap
     if values["redis"]["enabled"]:
         redis_env = first_container(one(docs, "StatefulSet"))["env"][0]
         assert redis_env["name"] == "REDIS_PASSWORD"
         password = secret_data(docs, redis_env["valueFrom"]["secretKeyRef"]["name"])["redis-password"]
         service = one(docs, "Service", component="redis")
         host = f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+        assert password not in public
         assert config.redis_url == f"redis://:{password}@{host}/0"
         assert config.store.redis.url == f"redis://:{password}@{host}/1"
     else:

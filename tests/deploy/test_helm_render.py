@@ -155,3 +155,12 @@ def test_fetch_helm_says_why_when_the_wheel_is_missing(monkeypatch, tmp_path):
     monkeypatch.setattr(fetch_helm, "DIST_NAME", "no-such-distribution-kvcluster")
     with pytest.raises(HelmUnavailable, match="is not installed"):
         fetch_helm.helm_binary(tmp_path)
+
+
+@pytest.mark.parametrize("kube_version, ok", [("1.26.0", False), ("1.27.0", True), ("1.33.2", True)])
+def test_chart_requires_kubernetes_with_native_grpc_probes(helm, kube_version, ok):
+    done = subprocess.run([helm, "template", "release", str(CHART), "--kube-version", kube_version],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode == 0) == ok, done.stderr
+    if not ok:
+        assert "chart requires kubeVersion: >=1.27.0-0" in done.stderr

@@ -97,6 +97,13 @@ def test_every_command_parses_as_bash(name):
         assert done.returncode == 0, (command, done.stderr)
 
 
+def test_one_ami_for_every_node_type_and_not_rays_outdated_default():
+    types = _load("cluster.yaml")["available_node_types"]
+    amis = {t["node_config"]["ImageId"] for t in types.values()}
+    assert len(amis) == 1 and "latest_dlami" not in amis  # Ubuntu 18.04 / CUDA 11.2: too old
+    assert "&kvcluster_ami" in (RAY_DIR / "cluster.yaml").read_text()  # set in one place
+
+
 def test_each_pool_has_its_own_gpu_node_type():
     types = _load("cluster.yaml")["available_node_types"]
     pools = {name: {k for k in t["resources"] if k.endswith("_pool")} for name, t in types.items()}

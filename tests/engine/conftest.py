@@ -28,8 +28,10 @@ def hf_models(tiny_dirs):
     return models
 
 
-def make_runner(path, block_size=4, num_blocks=64, max_model_len=512, **kwargs) -> ModelRunner:
-    config = EngineConfig(block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len)
+def make_runner(path, block_size=4, num_blocks=64, max_model_len=512, packed=True,
+                **kwargs) -> ModelRunner:
+    config = EngineConfig(block_size=block_size, num_blocks=num_blocks,
+                          max_model_len=max_model_len, cpu_packed_weights=packed)
     return ModelRunner.from_pretrained(path, engine_config=config, **kwargs)
 
 

@@ -91,3 +91,11 @@ def test_decode_step_needs_one_new_token(tiny_dirs):
     runner.prefill(seq)
     with pytest.raises(ValueError, match="exactly one new token, has 0"):
         runner.decode_step([seq])
+
+
+def test_cached_tokens_must_be_covered_by_attached_blocks(tiny_dirs):
+    runner = make_runner(tiny_dirs["llama"])
+    seq = Sequence("a", list(range(12)))
+    seq.attach_cached(runner.cache.allocator.allocate(1), num_tokens=8)  # 1 block = 4 tokens
+    with pytest.raises(ValueError, match="8 cached tokens but only 1 blocks of 4 attached"):
+        runner.prefill(seq)

@@ -87,6 +87,33 @@ def test_prefix_cache_is_keyed_by_tenant(tiny_dirs):
     assert salted.sequences["other"].num_cached_tokens == 0
 
 
+def test_per_request_tenant_salt(tiny_dirs):
+    tokens = prompt(12, seed=68)
+    engine = _engine(tiny_dirs)
+    engine.add_request("a1", tokens, GREEDY, tenant_salt="tenant-a")
+    engine.step()
+    engine.add_request("a2", tokens, GREEDY, tenant_salt="tenant-a")
+    engine.add_request("b1", tokens, GREEDY, tenant_salt="tenant-b")
+    engine.add_request("default", tokens, GREEDY)
+    engine.step()
+    cached = {rid: engine.sequences[rid].num_cached_tokens for rid in ("a2", "b1", "default")}
+    assert cached == {"a2": 8, "b1": 0, "default": 0}
+
+
+def test_abort_frees_blocks_wherever_the_request_is(tiny_dirs):
+    engine = _engine(tiny_dirs)
+    allocator = engine.runner.cache.allocator
+    engine.add_request("running", prompt(9, seed=65), GREEDY)
+    engine.step()
+    blocks = allocator.allocate(2)
+    engine.add_request("waiting", prompt(10, seed=66), GREEDY, cached_blocks=blocks)
+    assert engine.abort("running") and engine.abort("waiting")
+    assert not engine.abort("never-added")
+    assert allocator.num_free == 64 and not engine.has_unfinished() and not engine.sequences
+    tokens = prompt(5, seed=67)
+    assert engine.generate([tokens], GREEDY) == [_reference(tiny_dirs, tokens)]
+
+
 def test_cached_blocks_from_outside_are_used(tiny_dirs):
     tokens = prompt(14, seed=64)
     donor = _engine(tiny_dirs)

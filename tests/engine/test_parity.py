@@ -96,9 +96,11 @@ def test_prefill_with_prefix_not_block_aligned_and_fully_cached(tiny_dirs, hf_mo
     assert (runner.prefill(whole) - expected[-1]).abs().max().item() <= ATOL
 
 
-@pytest.mark.parametrize("arch", ["llama3", "qwen2"])
-def test_ragged_batch_of_four_decoded_together(arch, tiny_dirs, hf_models):
-    runner = make_runner(tiny_dirs[arch])
+@pytest.mark.parametrize("arch,packed", [("llama3", True), ("qwen2", True), ("llama", False)])
+def test_ragged_batch_of_four_decoded_together(arch, packed, tiny_dirs, hf_models):
+    """Both matmul paths: oneDNN-packed weights (T > 1) and plain ``x @ w``."""
+    runner = make_runner(tiny_dirs[arch], packed=packed)
+    assert (runner.model.layers[0].packed != {}) == packed
     seqs = [Sequence(f"r{i}", prompt(n, seed=10 + i)) for i, n in enumerate((3, 17, 8, 30))]
     last = {s.request_id: runner.prefill(s) for s in seqs}
     step_logits = {s.request_id: [] for s in seqs}

@@ -73,27 +73,29 @@ def test_greedy_chat_answer_says_paris_and_matches_transformers(runner, hf_model
 
 
 def test_shared_system_prompt_is_served_from_cached_blocks(runner, tokenizer):
-    """The demo's flow: the 2nd request reuses the 1st's system-prompt blocks and still
-    produces exactly the tokens a cold, uncached prefill produces. (Runs last: it leaves
+    """The 2nd request reuses the 1st's system-prompt blocks and still produces
+    exactly the tokens a cold, uncached prefill produces. (Runs last: it leaves
     blocks in the engine's prefix cache.)"""
     from kvcluster.common.sampling import SamplingParams
-    from kvcluster.demo import QUESTIONS, SYSTEM_PROMPT, _ask
+    from kvcluster.demo_text import QUESTIONS, SYSTEM_PROMPT
     from kvcluster.engine.llm_engine import LLMEngine
 
     system = tokenizer.encode_chat([{"role": "system", "content": SYSTEM_PROMPT}], False)
     assert len(system) >= 300
-    second = [{"role": "system", "content": SYSTEM_PROMPT},
-              {"role": "user", "content": QUESTIONS[1]}]
-    cold = _greedy(runner, tokenizer.encode_chat(second), tokenizer.eos_token_ids, max_new_tokens=6)
+    chats = [tokenizer.encode_chat([{"role": "system", "content": SYSTEM_PROMPT},
+                                    {"role": "user", "content": q}]) for q in QUESTIONS[:2]]
+    cold = _greedy(runner, chats[1], tokenizer.eos_token_ids, max_new_tokens=6)
     engine = LLMEngine(runner)
     params = SamplingParams(max_new_tokens=6, stop_token_ids=tokenizer.eos_token_ids)
-    first = _ask(engine, tokenizer, "q0", QUESTIONS[0], params)
-    chunks: list[str] = []
-    warm = _ask(engine, tokenizer, "q1", QUESTIONS[1], params, on_text=chunks.append)
-    assert first.num_cached_tokens == 0
-    assert "".join(chunks).strip() == warm.text and len(chunks) > 1  # streamed
-    assert warm.num_cached_tokens == len(system) // runner.block_size * runner.block_size
-    assert warm.text == tokenizer.decode(cold).strip()
+    seqs = []
+    for i, prompt in enumerate(chats):
+        engine.add_request(f"q{i}", prompt, params)
+        while engine.has_unfinished():
+            engine.step()
+        seqs.append(engine.pop(f"q{i}"))
+    assert seqs[0].num_cached_tokens == 0
+    assert seqs[1].num_cached_tokens == len(system) // runner.block_size * runner.block_size
+    assert seqs[1].output_ids == cold
 
 
 def _greedy(runner: ModelRunner, prompt_ids: list[int], stop_ids, max_new_tokens: int) -> list[int]:

@@ -20,7 +20,8 @@ TEXT = ChunkFrame("req-1", 2, 32, 40, "text", b"k" * 32, tuple(range(32, 40)),
 RECEIVER_MESSAGES = [
     ChunkAck(3, 1, 1 << 33),
     ChunkNak(2, 0, "checksum mismatch", True),
-    StreamStatus(StreamCode.RECOMPUTED, "sender silent", 7, 3, 12345, 0.5, 0.2, 0.3),
+    StreamStatus(StreamCode.RECOMPUTED, "sender silent", 7, 3, 12345, 0.5, 0.2, 0.3,
+                 (("int8", 5000.0), ("lossless", 9000.5)), 321.0),
 ]
 
 
@@ -47,7 +48,8 @@ def test_receiver_messages_round_trip(msg):
 
 
 def test_receiver_info_round_trip():
-    info = ReceiverInfo(("a", "b"), ("lossless", "int8"), 1234.5, 64 << 20)
+    info = ReceiverInfo(("a", "b"), ("lossless", "int8"), 1234.5, 64 << 20,
+                        (("int8", 10.0),))
     assert convert.decode_info(convert.encode_info(info)) == info
     assert convert.info_from_proto(convert.info_to_proto(info)) == info
 

@@ -32,6 +32,14 @@ def test_adaptive_picks_the_best_level_that_fits_the_remaining_share():
     assert policy.choose(plan(index=3, time_left_s=0.3999)) == "L1"
 
 
+def test_a_level_that_decodes_too_slowly_is_skipped():
+    policy = AdaptivePolicy(LEVELS, bandwidth_safety=1.0)
+    base = dict(index=3, time_left_s=1.0)  # lossless: 0.8 s on the wire
+    assert policy.choose(plan(**base)) == "lossless"
+    slow = ChunkPlan(3, 4, 1000, 1.0, SIZES, 10e6, 0.0, {"lossless": 500.0, "int8": 2000.0})
+    assert policy.choose(slow) == "int8"  # lossless decodes in 2 s, int8 in 0.5 s
+
+
 def test_safety_factor_plans_with_less_bandwidth():
     assert AdaptivePolicy(LEVELS, bandwidth_safety=0.5).choose(plan(index=3)) == "int8"
 

@@ -31,9 +31,11 @@ def test_lossless_stream_is_bit_exact_and_split_into_messages(
                 source = ChunkSource(tokens, layout, levels, config.chunk_tokens, kv=kv)
                 result = await sender.send(source, "r1")
                 received = await node.receiver.wait_result("r1", 5)
-                return result, received, node.kv("r1"), source
+                info = await sender.receiver_info()  # updated from the final status
+                return result, received, node.kv("r1"), source, info
 
-    result, received, got, source = run(main())
+    result, received, got, source, info = run(main())
+    assert dict(info.decode_tokens_per_s)[levels.best] > 0
     assert result.error == "" and result.status.code == StreamCode.OK
     assert result.levels == [levels.best] * 5
     assert received.stats.levels == {i: levels.best for i in range(5)}

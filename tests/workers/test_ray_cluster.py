@@ -81,15 +81,18 @@ def test_killed_prefill_actor_restarts_and_serves_again(cluster):
     handle = cluster.cluster.pools.prefill[0]
     router = cluster.cluster.backend.routers["prefill"]
     ray.kill(handle.actor, no_restart=False)
-    deadline = time.time() + 90
+    served_by, deadline = [], time.time() + 90
     with KVClusterClient(cluster.address) as client:
         while time.time() < deadline:
-            result = client.generate(DOC + "After the restart?",
+            result = client.generate(DOC + f"After the restart {len(served_by)}?",
                                      params=SamplingParams(max_new_tokens=3), timeout_s=60)
-            if result.final.prefill_instance == "prefill-0":
+            served_by.append(result.final.prefill_instance)
+            assert result.final.num_output_tokens == 3  # served even while P was down
+            if served_by[-1] == "prefill-0":
                 break
-            time.sleep(1)
-    assert result.final.prefill_instance == "prefill-0"
+            time.sleep(0.5)
+    assert served_by[0] == "", "the killed prefill actor cannot have served"
+    assert served_by[-1] == "prefill-0", f"never came back: {served_by}"
     assert any(i.instance_id == "prefill-0" for i in router.registry.alive())
 
 

@@ -117,7 +117,7 @@ class ChunkNak(_message.Message):
     def __init__(self, index: _Optional[int] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ..., resend: _Optional[bool] = ...) -> None: ...
 
 class StreamStatus(_message.Message):
-    __slots__ = ("code", "message", "num_chunks_decoded", "num_chunks_recomputed", "payload_bytes", "elapsed_s", "decode_overlap_s", "decode_total_s")
+    __slots__ = ("code", "message", "num_chunks_decoded", "num_chunks_recomputed", "payload_bytes", "elapsed_s", "decode_overlap_s", "decode_total_s", "decode_speeds", "prefill_tokens_per_s")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_DECODED_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,8 @@ class StreamStatus(_message.Message):
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_OVERLAP_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SPEEDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     code: StreamCode
     message: str
     num_chunks_decoded: int
@@ -134,20 +136,32 @@ class StreamStatus(_message.Message):
     elapsed_s: float
     decode_overlap_s: float
     decode_total_s: float
-    def __init__(self, code: _Optional[_Union[StreamCode, str]] = ..., message: _Optional[str] = ..., num_chunks_decoded: _Optional[int] = ..., num_chunks_recomputed: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., decode_overlap_s: _Optional[float] = ..., decode_total_s: _Optional[float] = ...) -> None: ...
+    decode_speeds: _containers.RepeatedCompositeFieldContainer[LevelSpeed]
+    prefill_tokens_per_s: float
+    def __init__(self, code: _Optional[_Union[StreamCode, str]] = ..., message: _Optional[str] = ..., num_chunks_decoded: _Optional[int] = ..., num_chunks_recomputed: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., decode_overlap_s: _Optional[float] = ..., decode_total_s: _Optional[float] = ..., decode_speeds: _Optional[_Iterable[_Union[LevelSpeed, _Mapping]]] = ..., prefill_tokens_per_s: _Optional[float] = ...) -> None: ...
+
+class LevelSpeed(_message.Message):
+    __slots__ = ("level", "tokens_per_s")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    level: str
+    tokens_per_s: float
+    def __init__(self, level: _Optional[str] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class ReceiverInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ReceiverInfo(_message.Message):
-    __slots__ = ("layout_identities", "levels", "prefill_tokens_per_s", "max_message_bytes")
+    __slots__ = ("layout_identities", "levels", "prefill_tokens_per_s", "max_message_bytes", "decode_speeds")
     LAYOUT_IDENTITIES_FIELD_NUMBER: _ClassVar[int]
     LEVELS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SPEEDS_FIELD_NUMBER: _ClassVar[int]
     layout_identities: _containers.RepeatedScalarFieldContainer[str]
     levels: _containers.RepeatedScalarFieldContainer[str]
     prefill_tokens_per_s: float
     max_message_bytes: int
-    def __init__(self, layout_identities: _Optional[_Iterable[str]] = ..., levels: _Optional[_Iterable[str]] = ..., prefill_tokens_per_s: _Optional[float] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    decode_speeds: _containers.RepeatedCompositeFieldContainer[LevelSpeed]
+    def __init__(self, layout_identities: _Optional[_Iterable[str]] = ..., levels: _Optional[_Iterable[str]] = ..., prefill_tokens_per_s: _Optional[float] = ..., max_message_bytes: _Optional[int] = ..., decode_speeds: _Optional[_Iterable[_Union[LevelSpeed, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,82 @@
+"""The bitrate levels: CacheGen-style anchor/delta + per-token quantization + zstd entropy stage.
+
+Sections of a level stream (after the header of stream.py)::
+
+    0  side info, one zstd frame of:  mean  [P, C] fp16 | steps [P, T] fp16 | refs [P, T] u8
+    1  symbols,   one zstd frame of:  int8 [P, T, C]
+
+with P = num_layers * 2 planes (layer-major, K then V) and C = kv_heads * head_dim.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvcluster.common.layout import KVLayout
+from kvstore.codec.base import CodecError, KVCodec
+from kvstore.codec.dtypes import check_chunk, torch_dtype
+from kvstore.codec.levels import LevelSpec
+from kvstore.codec.quantize import REF_ANCHOR, Quantized, dequantize, quantize
+from kvstore.codec.sections import compress, decompress, read_tensor, tensor_section
+from kvstore.codec.stream import pack_stream, unpack_stream
+
+FIRST_LEVEL_ID = 2
+
+
+class CacheGenCodec(KVCodec):
+    """One bitrate level. ``level_index`` 0 is L0, the finest."""
+
+    def __init__(self, spec: LevelSpec, level_index: int, group_size: int = 10):
+        if not 1 <= group_size <= 255:
+            raise ValueError(f"group_size must be in [1, 255], got {group_size}")
+        self.spec = spec
+        self.name = spec.name
+        self.codec_id = FIRST_LEVEL_ID + level_index
+        self.group_size = group_size
+
+    def encode(self, kv: torch.Tensor, layout: KVLayout) -> bytes:
+        num_tokens = check_chunk(kv, layout)
+        x = kv.detach().cpu().reshape(_plane_shape(layout, num_tokens))  # [P, T, C]
+        q = quantize(x, self.spec.alphas(layout.num_layers), self.group_size)
+        side = b"".join([tensor_section(q.mean), tensor_section(q.steps), tensor_section(q.refs)])
+        sections = [compress(side),
+                    compress(tensor_section(q.symbols))]
+        return pack_stream(self.codec_id, layout, num_tokens, self.group_size, sections)
+
+    def decode(self, data: bytes | memoryview, layout: KVLayout) -> torch.Tensor:
+        info = unpack_stream(data, layout, self.codec_id)
+        if len(info.sections) != 2:
+            raise CodecError(f"{self.name} stream must hold 2 sections, got {len(info.sections)}")
+        if info.group_size < 1:
+            raise CodecError(f"{self.name} stream has group_size 0")
+        q = _read_quantized(info.sections, _plane_shape(layout, info.num_tokens))
+        x = dequantize(q, info.group_size, torch_dtype(layout))
+        return x.reshape(layout.shape(info.num_tokens))
+
+
+def _plane_shape(layout: KVLayout, num_tokens: int) -> tuple[int, int, int]:
+    return (layout.num_layers * 2, num_tokens, layout.num_kv_heads * layout.head_dim)
+
+
+def _read_quantized(sections, shape: tuple[int, int, int]) -> Quantized:
+    planes, tokens, channels = shape
+    mean_bytes, step_bytes, ref_bytes = planes * channels * 2, planes * tokens * 2, planes * tokens
+    side = decompress(sections[0], mean_bytes + step_bytes + ref_bytes, "side info")
+    mean = read_tensor(side[:mean_bytes], torch.float16, (planes, channels), "means")
+    steps = read_tensor(side[mean_bytes:mean_bytes + step_bytes], torch.float16, (planes, tokens), "steps")
+    refs = read_tensor(side[mean_bytes + step_bytes:], torch.uint8, (planes, tokens), "refs")
+    _check_side_info(mean, steps, refs)
+    raw = decompress(sections[1], planes * tokens * channels, "symbols")
+    symbols = torch.from_numpy(np.frombuffer(raw, dtype=np.int8).reshape(shape).copy())
+    return Quantized(mean, steps, refs, symbols)
+
+
+def _check_side_info(mean, steps, refs) -> None:
+    """A stream that passed its checksum can still be hand-made: refuse nonsense values."""
+    if bool((refs > REF_ANCHOR).any()):
+        raise CodecError("refs section holds an unknown reference kind")
+    if not bool(torch.isfinite(mean).all()) or not bool(torch.isfinite(steps).all()):
+        raise CodecError("side info holds non-finite means or steps")
+    if bool((steps <= 0).any()):
+        raise CodecError("side info holds non-positive steps")

@@ -1,0 +1,31 @@
+"""Layout dtype names to torch dtypes, and the chunk shape checks every encoder runs."""
+
+from __future__ import annotations
+
+import torch
+
+from kvcluster.common.layout import KVLayout
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def torch_dtype(layout: KVLayout) -> torch.dtype:
+    return TORCH_DTYPES[layout.dtype]
+
+
+def check_chunk(kv: torch.Tensor, layout: KVLayout) -> int:
+    """Validate an encoder's input; return its number of tokens.
+
+    Raises:
+        ValueError: wrong rank, shape or dtype for ``layout``, or no tokens.
+    """
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 5:
+        raise ValueError(f"kv must be a 5-d tensor [layers, 2, tokens, heads, dim], got {type(kv)}")
+    num_tokens = kv.shape[2]
+    if tuple(kv.shape) != layout.shape(num_tokens):
+        raise ValueError(f"kv shape {tuple(kv.shape)} does not match {layout.identity}")
+    if num_tokens == 0:
+        raise ValueError("kv chunk holds no tokens")
+    if kv.dtype != torch_dtype(layout):
+        raise ValueError(f"kv dtype {kv.dtype} does not match layout dtype {layout.dtype}")
+    return num_tokens

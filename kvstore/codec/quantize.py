@@ -1,0 +1,159 @@
+"""The lossy transform of the level codecs: reference choice, per-token steps, symbols.
+
+Per plane (one layer's K or V) ``x: [T, C]`` (C = kv_heads * head_dim), every
+token t is coded as a residual from one of three references, whichever leaves
+the least energy (chosen per token by measurement, see docs/codec.md):
+
+    REF_ZERO    0                       (small tokens, e.g. the attention sink)
+    REF_MEAN    mu[c]                   (the chunk's per-channel mean, fp16)
+    REF_ANCHOR  xhat[anchor(t)]         (the reconstructed first token of t's group)
+
+Anchors (t % group_size == 0) are coded on their own (ZERO or MEAN only). The
+residual is quantized on a per-token uniform grid::
+
+    step[t] = max(alpha * rms(residual[t]), max|residual[t]| / 127)   (rounded up to fp16)
+    q[t, c] = round(residual[t, c] / step[t])          |q| <= 127, int8
+    xhat    = ref + q * step                           |x - xhat| <= step / 2
+
+Speed: every pass over the chunk runs in place on one float32 scratch buffer
+(fresh 50 MB tensors cost more in page faults than the arithmetic); the
+per-token reference is applied as a broadcast for REF_MEAN plus index fix-ups
+for the (fewer) other rows. Energies come from norms and dot products, never
+from materialised residuals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.codec.scratch import scratch
+
+REF_ZERO, REF_MEAN, REF_ANCHOR = 0, 1, 2
+MAX_SYMBOL = 127
+MIN_STEP = 2.0 ** -14  # fp16's smallest normal: keeps 1/step finite
+MAX_STEP = 65504.0
+
+
+@dataclass
+class Quantized:
+    """What a level stream carries, as tensors (P planes = layers * 2, T tokens, C channels)."""
+
+    mean: torch.Tensor  # [P, C]    float16
+    steps: torch.Tensor  # [P, T]   float16
+    refs: torch.Tensor  # [P, T]    uint8 (REF_*)
+    symbols: torch.Tensor  # [P, T, C] int8 (may live in this thread's scratch buffer)
+
+
+def quantize(x_in: torch.Tensor, alpha: torch.Tensor, group_size: int) -> Quantized:
+    """Quantize planes ``x_in: [P, T, C]`` (any float dtype) with per-plane ``alpha: [P]``."""
+    num_tokens = x_in.shape[1]
+    x = _padded_scratch(x_in.shape, group_size)  # [P, T, C] view of [P, G * g, C]
+    x.copy_(x_in)
+    mean16 = x.mean(dim=1).to(torch.float16)  # [P, C]
+    mu = mean16.float()
+    e_zero = torch.linalg.vector_norm(x, dim=-1).square()  # [P, T]
+    x.sub_(mu.unsqueeze(1))  # x is now the residual vs REF_MEAN
+    e_mean = torch.linalg.vector_norm(x, dim=-1).square()
+    anchors = torch.arange(0, num_tokens, group_size)
+    anchor_refs = (e_mean[:, anchors] < e_zero[:, anchors]).long()  # REF_ZERO or REF_MEAN
+    anchor_x = torch.where(anchor_refs.unsqueeze(-1) == REF_MEAN, x[:, anchors],
+                           x_in[:, anchors].float())
+    anchor_e = torch.where(anchor_refs == REF_MEAN, e_mean[:, anchors], e_zero[:, anchors])
+    anchor_q = _code_residuals(anchor_x, anchor_e, anchor_refs, alpha)
+    offset = _reconstruct_rows(anchor_q, anchor_refs, mu) - mu.unsqueeze(1)  # xhat_a - mu [P, G, C]
+    e_anchor = _anchor_energy(x, offset, e_mean, group_size)
+    e_anchor[:, anchors] = float("inf")
+    energy = torch.stack([e_zero, e_mean, e_anchor], dim=-1)  # [P, T, 3]
+    refs = energy.argmin(-1)  # [P, T]
+    _apply_refs(x, x_in, refs, offset, group_size)
+    q = _code_residuals(x, energy.gather(-1, refs.unsqueeze(-1)).squeeze(-1), refs, alpha)
+    q.symbols[:, anchors] = anchor_q.symbols
+    q.steps[:, anchors] = anchor_q.steps
+    q.mean = mean16
+    return q
+
+
+def dequantize(q: Quantized, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`quantize`: a fresh ``[P, T, C]`` tensor in ``dtype``."""
+    mu = q.mean.float()  # [P, C]
+    if dtype == torch.float32:
+        x = torch.empty(q.symbols.shape, dtype=torch.float32)
+    else:
+        x = scratch("x", q.symbols.shape, torch.float32)
+    x.copy_(q.symbols)
+    steps = q.steps.float()
+    torch.addcmul(mu.unsqueeze(1), x, steps.unsqueeze(-1), out=x)  # every row as REF_MEAN
+    p, t = (q.refs == REF_ZERO).nonzero(as_tuple=True)
+    x[p, t] = q.symbols[p, t].float() * steps[p, t].unsqueeze(-1)
+    p, t = (q.refs == REF_ANCHOR).nonzero(as_tuple=True)
+    if len(p):
+        anchor_hat = x[p, t - t % group_size]  # anchors are final: never REF_ANCHOR
+        x[p, t] = torch.addcmul(anchor_hat, q.symbols[p, t].float(), steps[p, t].unsqueeze(-1))
+    return x if dtype == torch.float32 else x.to(dtype)
+
+
+def fp16_steps(step: torch.Tensor) -> torch.Tensor:
+    """Round float32 steps UP to fp16, so ``|residual| / step16 <= 127`` still holds.
+
+    Raises:
+        ValueError: a non-finite step (the chunk holds inf or NaN).
+    """
+    if not bool(torch.isfinite(step).all()):
+        raise ValueError("kv holds non-finite values (inf or NaN); only lossless can carry them")
+    step = step.clamp(MIN_STEP, MAX_STEP)
+    step16 = step.to(torch.float16)
+    up = (step16.view(torch.int16) + 1).view(torch.float16)  # next fp16 up (positive, finite)
+    return torch.where(step16.float() < step, up, step16)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _padded_scratch(shape, group_size: int) -> torch.Tensor:
+    """Scratch [P, T, C] whose storage holds whole groups, so groups view without copies."""
+    num_planes, num_tokens, channels = shape
+    padded = -(-num_tokens // group_size) * group_size
+    buf = scratch("x", (num_planes, padded, channels), torch.float32)
+    buf[:, num_tokens:] = 0
+    return buf[:, :num_tokens]
+
+
+def _anchor_energy(r, offset, e_mean, group_size: int) -> torch.Tensor:
+    """||x_t - xhat_a(t)||^2 = ||r_t - offset_a(t)||^2 -> [P, T], one batched matmul over groups.
+
+    r: residual vs mean [P, T, C] in padded storage; offset: xhat_anchor - mu [P, G, C].
+    """
+    num_planes, num_tokens, channels = r.shape
+    num_groups = offset.shape[1]
+    grouped = r.as_strided((num_planes * num_groups, group_size, channels),
+                           (group_size * channels, channels, 1))  # whole groups, see _padded_scratch
+    dot = torch.bmm(grouped, offset.reshape(-1, channels, 1)).reshape(num_planes, -1)
+    o_sq = offset.square().sum(-1).repeat_interleave(group_size, dim=1)
+    return (e_mean - 2 * dot[:, :num_tokens] + o_sq[:, :num_tokens]).clamp_min(0)
+
+
+def _apply_refs(x, x_in, refs, offset, group_size: int) -> None:
+    """Turn the mean residual ``x`` into each row's own residual, in place."""
+    p, t = (refs == REF_ZERO).nonzero(as_tuple=True)
+    x[p, t] = x_in[p, t].float()
+    p, t = (refs == REF_ANCHOR).nonzero(as_tuple=True)
+    x.index_put_((p, t), -offset[p, t // group_size], accumulate=True)
+
+
+def _code_residuals(x, energy, refs, alpha) -> Quantized:
+    """Steps and symbols of residual rows ``x: [P, N, C]`` (divided in place)."""
+    rms = (energy / x.shape[-1]).sqrt()  # [P, N]
+    peak = torch.maximum(x.amax(-1), -x.amin(-1)) / MAX_SYMBOL
+    steps = fp16_steps(torch.maximum(alpha.unsqueeze(-1) * rms, peak))
+    x.div_(steps.float().unsqueeze(-1)).round_().clamp_(-MAX_SYMBOL, MAX_SYMBOL)
+    symbols = torch.empty(x.shape, dtype=torch.int8).copy_(x)
+    return Quantized(torch.empty(0), steps, refs.to(torch.uint8), symbols)
+
+
+def _reconstruct_rows(q: Quantized, refs, mu) -> torch.Tensor:
+    """The decoder's view of rows coded vs ZERO or MEAN (same ops as dequantize)."""
+    steps = q.steps.float().unsqueeze(-1)
+    with_mean = torch.addcmul(mu.unsqueeze(1), q.symbols.float(), steps)
+    return torch.where((refs == REF_MEAN).unsqueeze(-1), with_mean, q.symbols.float() * steps)

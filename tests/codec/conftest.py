@@ -1,0 +1,33 @@
+"""Small KV chunks for the codec tests: one with KV-like structure, one pure noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcluster.common.layout import KVLayout
+
+LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, block_size=8, dtype="float16")
+NUM_TOKENS = 37  # not a multiple of the anchor group: the tail group is exercised
+
+
+def structured_kv(layout: KVLayout = LAYOUT, num_tokens: int = NUM_TOKENS, seed: int = 0):
+    """Per-channel offsets, a slow drift along tokens, heavy-tailed noise, a small 'sink' token."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = layout.shape(num_tokens)
+    offsets = torch.randn(shape[0], 2, 1, *shape[3:], generator=gen) * 4
+    drift = torch.randn(shape[0], 2, 1, *shape[3:], generator=gen) * torch.linspace(0, 1, num_tokens).view(1, 1, -1, 1, 1)
+    noise = torch.randn(shape, generator=gen) * torch.rand(shape[0], 2, num_tokens, 1, 1, generator=gen)
+    kv = offsets + drift + noise
+    kv[:, :, 0] = 0.01 * torch.randn(shape[0], 2, *shape[3:], generator=gen)  # sink-like token
+    return kv.to(torch.float16 if layout.dtype == "float16" else getattr(torch, layout.dtype))
+
+
+@pytest.fixture
+def layout() -> KVLayout:
+    return LAYOUT
+
+
+@pytest.fixture
+def kv() -> torch.Tensor:
+    return structured_kv()
