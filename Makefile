@@ -3,6 +3,8 @@
 # (torch==2.13.0 is the CPU build; an unpinned torch pulls a multi-GB CUDA one).
 
 PYTHON ?= python3
+# Keep every Ray port on 127.0.0.1.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed

@@ -165,16 +165,17 @@ def _report(meta: dict, results: list[dict], args) -> dict:
             cell = dict(n=len(runs), ttft_p50_ms=1000 * _pct(ttft, 50),
                         ttft_p99_ms=1000 * _pct(ttft, 99),
                         slo_pct=100 * sum(r["ok"] and r["ttft_s"] <= slo_s for r in runs) / len(runs),
-                        mean_level=statistics.mean(q for r in runs for q in r["quality"]),
-                        failed=sum(not r["ok"] for r in runs))
+                        mean_level=statistics.mean([q for r in runs for q in r["quality"]] or [0]),
+                        failed=sum(not r["ok"] for r in runs),
+                        decode_overlap_pct=_overlap_pct(runs))
             cells.setdefault(trace, {})[policy] = cell
             rows.append([trace, policy, cell["n"], cell["ttft_p50_ms"], cell["ttft_p99_ms"],
-                         cell["slo_pct"], cell["mean_level"]])
+                         cell["slo_pct"], cell["mean_level"], cell["decode_overlap_pct"]])
     print_table(f"TTFT (KV in the receiver's cache) vs SLO {meta['slo_ms']:.1f} ms; "
                 f"{meta['num_chunks']} chunks x {meta['sizes']['chunk_tokens']} tokens; "
                 f"quality 0..{top} (lossless = {top}); shaping: {meta['shaper']}",
                 ["trace", "policy", "requests", "TTFT p50 ms", "TTFT p99 ms", "% within SLO",
-                 "mean level"], rows)
+                 "mean level", "% decode overlapped"], rows)
     print_table("Encoded bytes of the whole prompt per level",
                 ["level", "bytes", "x lossless", "encode s"],
                 [[lv, b, b / meta["total_bytes"][meta["levels"][0]], meta["encode_s"][lv]]
@@ -305,13 +306,14 @@ def _record(trace: str, policy: str, result, levels) -> dict:
     if not ok:
         print(f"{trace} {policy}: request failed: {result.error or result.status} "
               f"levels {result.levels}", flush=True)
+    status = result.status
     return dict(trace=trace, policy=policy, ttft_s=result.elapsed_s, ok=ok,
                 levels=result.levels, quality=[levels.quality(lv) for lv in result.levels if lv],
-                error=result.error)
+                error=result.error, decode_s=status.decode_total_s if status else 0.0,
+                decode_overlap_s=status.decode_overlap_s if status else 0.0)
 
 
 def _source(data: dict, levels):
-    from kvcluster.common.layout import KVLayout  # noqa: F401  (identity is carried as text)
     from kvcluster.transfer.source import ChunkSource
 
     meta = data["meta"]
@@ -328,11 +330,7 @@ def _source(data: dict, levels):
 def _levels():
     from kvcluster.transfer.levels import LevelSet
 
-    try:
-        return LevelSet.from_factory(), "kvstore.codec"
-    except NotImplementedError:
-        from tests.transfer.standin_codecs import standin_codecs
-        return LevelSet(standin_codecs()), "STAND-IN codecs (kvstore.codec not implemented yet)"
+    return LevelSet.from_factory(), "kvstore.codec"
 
 
 def _runner(num_tokens: int):
@@ -366,6 +364,12 @@ def _layout_from_identity(identity: str):
 def _load(workdir: str) -> dict:
     with open(Path(workdir) / "payloads.pkl", "rb") as f:
         return pickle.load(f)
+
+
+def _overlap_pct(runs: list[dict]) -> float:
+    """Share of decode time spent while later chunks were still arriving."""
+    total = sum(r.get("decode_s", 0.0) for r in runs)
+    return 100 * sum(r.get("decode_overlap_s", 0.0) for r in runs) / total if total else 0.0
 
 
 def _pct(ordered: list[float], pct: float) -> float:

@@ -16,7 +16,7 @@ class DecodeActor:
     async def ready(self) -> str:
         """Start the KV receiver (once); returns its host:port."""
         if not self.address:
-            self.address = await self.worker.start()
+            self.address = _reachable(await self.worker.start())
         return self.address
 
     async def generate(self, task: DecodeTask):
@@ -34,7 +34,24 @@ class DecodeActor:
         self.worker.abandon_kv(request_id)
 
     async def poll(self, resync: bool = False):
-        return self.worker.load(), drain(self.worker.node.bus, self.worker.instance_id, resync)
+        """Heartbeat: (load, relayed KV event batches, receiver address).
+
+        Also (re)starts the receiver: after Ray restarts this actor, the first
+        poll brings it back on a new port, which the front end then uses.
+        """
+        address = await self.ready()
+        return (self.worker.load(), drain(self.worker.node.bus, self.worker.instance_id, resync),
+                address)
 
     async def stats(self) -> dict:
         return self.worker.node.stats()
+
+
+def _reachable(address: str) -> str:
+    """A wildcard bind (0.0.0.0, ::) is advertised as this node's IP for other nodes."""
+    host, _, port = address.rpartition(":")
+    if host.strip("[]") in ("0.0.0.0", "::", ""):
+        import ray
+
+        host = ray.util.get_node_ip_address()
+    return f"{host}:{port}"

@@ -46,6 +46,7 @@ class _Active:
     arrived_s: float
     first_token_s: float = 0.0
     kv_source: str = "none"
+    tenant: str = ""
     extra_cached: int = 0
     """Cached tokens the engine does not count (they came with the request)."""
     done: bool = False
@@ -90,7 +91,8 @@ class DecodeWorker:
         if len(self._active) >= self.config.workers.max_queue:
             raise OverloadedError(f"decode worker {self.instance_id} has "
                                   f"{len(self._active)} active requests")
-        active = _Active(asyncio.get_running_loop(), asyncio.Queue(), time.perf_counter())
+        active = _Active(asyncio.get_running_loop(), asyncio.Queue(), time.perf_counter(),
+                         tenant=task.tenant)
         self._active[task.request_id] = active
         try:
             blocks = await self._prefix_blocks(task, active)
@@ -164,7 +166,7 @@ class DecodeWorker:
             with self._lock:
                 self.node.runner.free(sink.seq)
             return []
-        self._keep(task, sink)
+        await asyncio.get_running_loop().run_in_executor(None, self._keep, task, sink)
         return blocks
 
     def _open_sink(self, header: StreamHeader) -> PagedCacheSink:
@@ -179,6 +181,19 @@ class DecodeWorker:
         with self._lock:
             kv = sink.export(0, len(keys) * self.node.chunk_tokens)
         self.node.save_chunks(keys, kv, task.tenant)
+
+    def _keep_prompt(self, request_id: str, tenant: str) -> None:
+        """Store a prompt this worker computed itself (colocated, or recomputed)."""
+        with self._lock:
+            seq = self.engine.sequences.get(request_id)
+            if seq is None:
+                return
+            keys = self.node.chunk_keys(seq.token_ids[: seq.num_prompt_tokens], tenant)
+            num_blocks = len(keys) * self.node.blocks_per_chunk
+            if not keys or len(seq.block_table) < num_blocks:
+                return
+            kv = self.node.runner.cache.export_blocks(seq.block_table[:num_blocks])
+        self.node.save_chunks(keys, kv, tenant)
 
     # ------------------------------------------------------------ engine loop
 
@@ -208,6 +223,8 @@ class DecodeWorker:
             return
         if not active.first_token_s:
             active.first_token_s = time.perf_counter() - active.arrived_s
+            if active.kv_source not in ("transfer", "local-store"):
+                self._keep_prompt(output.request_id, active.tenant)
         steps = [DecodeStep(output.token_id)]
         if output.finished:
             with self._lock:

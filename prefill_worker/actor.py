@@ -25,8 +25,9 @@ class PrefillActor:
                 "layout": runner.layout.identity}
 
     async def poll(self, resync: bool = False):
-        """Heartbeat: (load, relayed KV event batches)."""
-        return self.worker.load(), drain(self.worker.node.bus, self.worker.instance_id, resync)
+        """Heartbeat: (load, relayed KV event batches, "" (no receiver))."""
+        return (self.worker.load(), drain(self.worker.node.bus, self.worker.instance_id, resync),
+                "")
 
     async def stats(self) -> dict:
         return self.worker.node.stats()

@@ -49,6 +49,7 @@ class RayClusterBackend(GenerateBackend):
         self.poll_interval_s = poll_interval_s
         self.stats = {"prefill_results": deque(maxlen=10_000), "decode_retries": 0}
         self._poller: asyncio.Task | None = None
+        self._unreachable: set[str] = set()
 
     async def start(self) -> None:
         """Register every instance and start heartbeats + event relay."""
@@ -201,10 +202,21 @@ class RayClusterBackend(GenerateBackend):
                                        return_exceptions=True)
         for handle, result in zip(handles, results):
             router = self.routers[handle.role]
-            if isinstance(result, BaseException):
-                continue  # no heartbeat: the registry's TTL retires the instance
-            load, batches = result
-            if handle.instance_id not in {i.instance_id for i in router.registry.alive()}:
+            if isinstance(result, BaseException):  # no heartbeat: the TTL retires it
+                if handle.instance_id not in self._unreachable:
+                    log.warning("%s unreachable: %r", handle.instance_id, result)
+                self._unreachable.add(handle.instance_id)
+                continue
+            if handle.instance_id in self._unreachable:
+                log.warning("%s reachable again", handle.instance_id)
+                self._unreachable.discard(handle.instance_id)
+            load, batches, address = result
+            alive = {i.instance_id for i in router.registry.alive()}
+            if address and address != handle.address:  # restarted on a new port
+                log.warning("%s now receives KV on %s", handle.instance_id, address)
+                handle.address = address
+                alive.discard(handle.instance_id)
+            if handle.instance_id not in alive:
                 router.registry.register(handle.instance_id, handle.address, handle.role)
             router.registry.heartbeat(handle.instance_id, load)
             forward(router.bus, batches)

@@ -134,10 +134,16 @@ class CodecConfig:
     default_level: int = -1
     """-1: the codec's measured default level."""
     group_size: int = 10
-    """Tokens per anchor group."""
+    """Tokens per anchor group (1..255)."""
+    level: str = ""
+    """Level name (lossless, int8, L0..L4); empty: kvstore.codec.factory.default_level()."""
 
     def validate(self, path: str) -> None:
         _check_positive(path + ".group_size", self.group_size)
+        if self.group_size > 255:
+            raise ConfigError(path + ".group_size", f"must be at most 255, got {self.group_size}")
+        if self.level and not (self.level in ("lossless", "int8") or self.level[:1] == "L"):
+            raise ConfigError(path + ".level", f"unknown codec level {self.level!r}")
 
 
 @dataclass

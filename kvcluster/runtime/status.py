@@ -30,7 +30,7 @@ def _row(name: str) -> list[str]:
 
     try:
         actor = ray.get_actor(name)
-        load, _ = ray.get(actor.poll.remote(False), timeout=5)
+        load, _, _ = ray.get(actor.poll.remote(False), timeout=5)
         stats = ray.get(actor.stats.remote(), timeout=5)
     except Exception as exc:  # dead, restarting or unreachable
         return [name, f"[red]down[/red] ({type(exc).__name__})", "-", "-", "-"]

@@ -11,6 +11,7 @@ requests start from what earlier ones measured.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import grpc
@@ -92,7 +93,7 @@ class KVSender:
                               self.config, options, self.shaper)
         try:
             result = await writer.run()
-        except (grpc.aio.AioRpcError, ConnectionError) as exc:
+        except (grpc.aio.AioRpcError, ConnectionError, asyncio.InvalidStateError) as exc:
             call.cancel()
             writer.result.error = _describe(exc)
             return writer.result

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Callable
 
 from kvcluster.common.config import TransferConfig
 from kvcluster.transfer.bandwidth import BandwidthEstimator
@@ -72,18 +72,18 @@ class StreamWriter:
         self._started = time.perf_counter()
 
     async def run(self) -> SendResult:
-        reader = asyncio.ensure_future(self._read_replies())
+        self._reader = reader = asyncio.ensure_future(self._read_replies())
         try:
-            await self.call.write(self._header())
+            await self._write(self._header())
             for index in range(self.source.num_chunks):
-                await self._wait_window(reader)
+                await self._wait_window()
                 await self._send_resends()
                 await self._send_chunk(index, self._choose(index), attempt=0)
             while self._unresolved and not reader.done():
                 self._changed.clear()
                 await self._send_resends()
                 await self._changed.wait()
-            await self.call.write(StreamEnd(self.source.num_chunks))
+            await self._write(StreamEnd(self.source.num_chunks))
             await self.call.done_writing()
             self.result.status = await reader
         finally:
@@ -111,7 +111,7 @@ class StreamWriter:
         self._first_write[index] = time.perf_counter()
         for frame in self._frames(index, level, attempt, payload):
             await self.shaper.acquire(len(frame.payload))
-            await self.call.write(frame)
+            await self._write(frame)
             self.result.bytes_sent += len(frame.payload)
 
     async def _payload(self, index: int, level: str) -> memoryview:
@@ -141,26 +141,40 @@ class StreamWriter:
             self.result.resends += 1
             await self._send_chunk(index, self.result.levels[index], self._attempts(index))
 
-    async def _wait_window(self, reader: asyncio.Future) -> None:
-        acquire = asyncio.ensure_future(self._window.acquire())
-        await asyncio.wait({acquire, reader}, return_when=asyncio.FIRST_COMPLETED)
-        if not acquire.done():
-            acquire.cancel()
-            reader.result()  # raises the stream's error
-            raise ConnectionError("receiver closed the stream before all chunks were sent")
+    async def _wait_window(self) -> None:
+        await self._unless_stream_ends(self._window.acquire())
+
+    async def _write(self, message) -> None:
+        await self._unless_stream_ends(self.call.write(message))
+
+    async def _unless_stream_ends(self, operation) -> None:
+        """Await ``operation``, but give up as soon as the reply stream ends: a write
+        on a call the receiver has terminated (e.g. a message over its maximum
+        size) may otherwise never complete."""
+        task = asyncio.ensure_future(operation)
+        await asyncio.wait({task, self._reader}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done() and (task.exception() is None or not self._reader.done()):
+            task.result()
+            return
+        task.cancel()
+        self._reader.result()  # raises the stream's error
+        raise ConnectionError("receiver closed the stream before all chunks were sent")
 
     # ------------------------------------------------------------ replies
 
     async def _read_replies(self) -> StreamStatus:
-        async for reply in self.call:
-            if isinstance(reply, StreamStatus):
-                return reply
-            if isinstance(reply, ChunkAck):
-                self._on_ack(reply)
-            elif isinstance(reply, ChunkNak):
-                self._on_nak(reply)
-            self._changed.set()
-        raise ConnectionError("stream ended without a final status")
+        try:
+            async for reply in self.call:
+                if isinstance(reply, StreamStatus):
+                    return reply
+                if isinstance(reply, ChunkAck):
+                    self._on_ack(reply)
+                elif isinstance(reply, ChunkNak):
+                    self._on_nak(reply)
+                self._changed.set()
+            raise ConnectionError("stream ended without a final status")
+        finally:
+            self._changed.set()  # wake run() whether the stream ended well or not
 
     def _on_ack(self, ack: ChunkAck) -> None:
         now = time.perf_counter()

@@ -3,7 +3,8 @@
 Sections of a level stream (after the header of stream.py)::
 
     0  side info, one zstd frame of:  mean  [P, C] fp16 | steps [P, T] fp16 | refs [P, T] u8
-    1  symbols,   one zstd frame of:  int8 [P, T, C]
+    1  symbols,   one zstd frame of:  the P*T*C int8 symbols packed `width` bits each
+    2  escapes:   width (u8: 2, 4 or 8) | one zstd frame of the escaped symbols (int8, in order)
 
 with P = num_layers * 2 planes (layer-major, K then V) and C = kv_heads * head_dim.
 """
@@ -17,6 +18,7 @@ from kvcluster.common.layout import KVLayout
 from kvstore.codec.base import CodecError, KVCodec
 from kvstore.codec.dtypes import check_chunk, torch_dtype
 from kvstore.codec.levels import LevelSpec
+from kvstore.codec.packing import WIDTHS, choose_width, pack, unpack
 from kvstore.codec.quantize import REF_ANCHOR, Quantized, dequantize, quantize
 from kvstore.codec.sections import compress, decompress, read_tensor, tensor_section
 from kvstore.codec.stream import pack_stream, unpack_stream
@@ -40,14 +42,16 @@ class CacheGenCodec(KVCodec):
         x = kv.detach().cpu().reshape(_plane_shape(layout, num_tokens))  # [P, T, C]
         q = quantize(x, self.spec.alphas(layout.num_layers), self.group_size)
         side = b"".join([tensor_section(q.mean), tensor_section(q.steps), tensor_section(q.refs)])
-        sections = [compress(side),
-                    compress(tensor_section(q.symbols))]
+        symbols = q.symbols.numpy().reshape(-1)
+        width = choose_width(symbols)
+        packed, escapes = pack(symbols, width)
+        sections = [compress(side), compress(packed), bytes([width]) + compress(escapes)]
         return pack_stream(self.codec_id, layout, num_tokens, self.group_size, sections)
 
     def decode(self, data: bytes | memoryview, layout: KVLayout) -> torch.Tensor:
         info = unpack_stream(data, layout, self.codec_id)
-        if len(info.sections) != 2:
-            raise CodecError(f"{self.name} stream must hold 2 sections, got {len(info.sections)}")
+        if len(info.sections) != 3:
+            raise CodecError(f"{self.name} stream must hold 3 sections, got {len(info.sections)}")
         if info.group_size < 1:
             raise CodecError(f"{self.name} stream has group_size 0")
         q = _read_quantized(info.sections, _plane_shape(layout, info.num_tokens))
@@ -67,9 +71,19 @@ def _read_quantized(sections, shape: tuple[int, int, int]) -> Quantized:
     steps = read_tensor(side[mean_bytes:mean_bytes + step_bytes], torch.float16, (planes, tokens), "steps")
     refs = read_tensor(side[mean_bytes + step_bytes:], torch.uint8, (planes, tokens), "refs")
     _check_side_info(mean, steps, refs)
-    raw = decompress(sections[1], planes * tokens * channels, "symbols")
-    symbols = torch.from_numpy(np.frombuffer(raw, dtype=np.int8).reshape(shape).copy())
-    return Quantized(mean, steps, refs, symbols)
+    symbols = torch.from_numpy(_read_symbols(sections[1], sections[2], planes * tokens * channels))
+    return Quantized(mean, steps, refs, symbols.reshape(shape))
+
+
+def _read_symbols(packed_section, escape_section, num_symbols: int) -> np.ndarray:
+    if len(escape_section) < 1 or escape_section[0] not in WIDTHS:
+        raise CodecError("escapes section lacks a valid symbol width")
+    width = escape_section[0]
+    packed_size = -(-num_symbols * width // 8)
+    packed = np.frombuffer(decompress(packed_section, packed_size, "symbols"), dtype=np.uint8)
+    escapes = decompress(escape_section[1:], num_symbols, "escapes", at_most=True)
+    symbols = unpack(packed, num_symbols, width, np.frombuffer(escapes, dtype=np.int8))
+    return symbols if symbols.flags.writeable else symbols.copy()
 
 
 def _check_side_info(mean, steps, refs) -> None:

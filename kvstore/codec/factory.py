@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from kvcluster.common.config import CodecConfig
 from kvstore.codec.base import KVCodec
 from kvstore.codec.cachegen import CacheGenCodec
 from kvstore.codec.int8 import Int8Codec
 from kvstore.codec.levels import LEVELS
 from kvstore.codec.lossless import LosslessCodec
 
-DEFAULT_LEVEL = "L2"
+DEFAULT_LEVEL = "L0"
 """The best level that met the quality goal in bench/codec_quality.py (docs/codec.md)."""
 
 
 def get_codec(name: str, group_size: int = 10) -> KVCodec:
-    """The codec of a level name ("lossless", "int8", "L0".."L3").
+    """The codec of a level name ("lossless", "int8", "L0".."L4").
 
     Raises:
         ValueError: unknown name.
@@ -26,6 +27,11 @@ def get_codec(name: str, group_size: int = 10) -> KVCodec:
         if spec.name == name:
             return CacheGenCodec(spec, index, group_size)
     raise ValueError(f"unknown codec level {name!r}; known: {level_names()}")
+
+
+def codec_from_config(config: CodecConfig) -> KVCodec:
+    """The configured level (``config.level``, or the default) with its group size."""
+    return get_codec(config.level or default_level(), config.group_size)
 
 
 def level_names() -> list[str]:

@@ -38,6 +38,8 @@ class Int8Codec(KVCodec):
         scales = read_tensor(info.sections[0], torch.float16, (num_planes, info.num_tokens), "int8 scales")
         symbols = read_tensor(info.sections[1], torch.int8, (num_planes, info.num_tokens, channels),
                               "int8 symbols")
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise CodecError("int8 scales must be finite and non-negative")
         x = symbols.float() * scales.float().unsqueeze(-1)
         return x.to(torch_dtype(layout)).reshape(layout.shape(info.num_tokens))
 

@@ -43,7 +43,7 @@ class Quantized:
     mean: torch.Tensor  # [P, C]    float16
     steps: torch.Tensor  # [P, T]   float16
     refs: torch.Tensor  # [P, T]    uint8 (REF_*)
-    symbols: torch.Tensor  # [P, T, C] int8 (may live in this thread's scratch buffer)
+    symbols: torch.Tensor  # [P, T, C] int8
 
 
 def quantize(x_in: torch.Tensor, alpha: torch.Tensor, group_size: int) -> Quantized:

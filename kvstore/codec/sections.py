@@ -56,12 +56,15 @@ def compress(data: memoryview | bytes, level: int | None = None) -> bytes:
     return cache[level].compress(data)
 
 
-def decompress(section: memoryview, expected_size: int, what: str) -> memoryview:
-    """Inflate one zstd frame that must hold exactly ``expected_size`` bytes."""
+def decompress(section: memoryview, expected_size: int, what: str,
+               at_most: bool = False) -> memoryview:
+    """Inflate one zstd frame that must hold exactly (or ``at_most``) ``expected_size`` bytes."""
     try:
         declared = zstandard.frame_content_size(section)
     except zstandard.ZstdError as exc:
         raise CodecError(f"{what}: not a zstd frame ({exc})") from exc
+    if at_most and 0 <= declared <= expected_size:
+        expected_size = declared
     if declared != expected_size:
         raise CodecError(f"{what}: frame declares {declared} bytes, expected {expected_size}")
     try:

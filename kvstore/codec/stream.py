@@ -36,6 +36,8 @@ MAGIC = b"KVC1"
 VERSION = 1
 MAX_SECTIONS = 8
 MAX_TOKENS = 1 << 24
+MAX_CHUNK_BYTES = 1 << 30
+"""Largest decoded chunk accepted (1 GiB): a crafted header cannot make decode allocate more."""
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
 _HEAD = struct.Struct("<4sHBBQHHHBBII")  # 32 bytes, crc last
 
@@ -85,6 +87,9 @@ def unpack_stream(data: bytes | memoryview, layout: KVLayout, codec_id: int) -> 
         raise CodecError(f"stream holds codec id {cid}, this codec is {codec_id}")
     if num_sections > MAX_SECTIONS or num_tokens >= MAX_TOKENS:
         raise CodecError(f"bad header: {num_sections} sections, {num_tokens} tokens")
+    if layout.bytes_per_chunk(num_tokens) > MAX_CHUNK_BYTES:
+        raise CodecError(f"stream claims {num_tokens} tokens, over the {MAX_CHUNK_BYTES >> 20} MiB "
+                         f"decode limit for {layout.identity}")
     lengths = _section_lengths(view, num_sections)
     _check_crc(view, num_sections, crc)
     return StreamInfo(cid, num_tokens, group_size, _split(view, lengths, num_sections))

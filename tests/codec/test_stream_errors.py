@@ -30,6 +30,8 @@ def test_stream_header_says_what_it_is(name):
     assert stream[:4] == MAGIC
     assert struct.unpack_from("<Q", stream, 8)[0] == LAYOUT.fingerprint
     assert struct.unpack_from("<I", stream, 24)[0] == 23  # num_tokens
+    out = get_codec(name).decode(memoryview(bytearray(stream)), LAYOUT)  # any buffer works
+    assert torch.equal(out, get_codec(name).decode(stream, LAYOUT))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -118,7 +120,7 @@ def test_crafted_stream_with_bad_side_info_is_rejected():
     side = bytearray(decompress(info.sections[0], _side_size(23), "side"))
     planes, channels = LAYOUT.num_layers * 2, LAYOUT.num_kv_heads * LAYOUT.head_dim
     side[planes * channels * 2 + 1] |= 0x80  # sign bit of the first step
-    crafted = pack_stream(codec.codec_id, LAYOUT, 23, 10, [compress(bytes(side)), info.sections[1]])
+    crafted = pack_stream(codec.codec_id, LAYOUT, 23, 10, [compress(bytes(side)), *info.sections[1:]])
     with pytest.raises(CodecError, match="non-positive steps"):
         codec.decode(crafted, LAYOUT)
 
@@ -129,8 +131,29 @@ def test_huge_declared_token_count_is_rejected_before_allocating():
     codec = get_codec("L1")
     info = unpack_stream(STREAMS["L1"], LAYOUT, codec.codec_id)
     crafted = pack_stream(codec.codec_id, LAYOUT, (1 << 24) - 1, 10, list(info.sections))
+    with pytest.raises(CodecError, match="decode limit"):
+        codec.decode(crafted, LAYOUT)
+    crafted = pack_stream(codec.codec_id, LAYOUT, 1000, 10, list(info.sections))
     with pytest.raises(CodecError, match="frame declares"):
         codec.decode(crafted, LAYOUT)
+
+
+def test_crafted_escape_count_mismatch_is_rejected():
+    from kvstore.codec.sections import compress
+    from kvstore.codec.stream import pack_stream, unpack_stream
+
+    kv = structured_kv(num_tokens=23)
+    codec = get_codec("L4")
+    info = unpack_stream(codec.encode(kv, LAYOUT), LAYOUT, codec.codec_id)
+    width = info.sections[2][0]
+    assert width in (2, 4)
+    extra = bytes([width]) + compress(b"\x7f" * 3)  # three escape values nobody asked for
+    crafted = pack_stream(codec.codec_id, LAYOUT, 23, 10, [*info.sections[:2], extra])
+    with pytest.raises(CodecError, match="escapes"):
+        codec.decode(crafted, LAYOUT)
+    bad_width = pack_stream(codec.codec_id, LAYOUT, 23, 10, [*info.sections[:2], b"\x03"])
+    with pytest.raises(CodecError, match="width"):
+        codec.decode(bad_width, LAYOUT)
 
 
 def _decode_or_codec_error(name: str, stream: bytes) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 import torch
@@ -49,11 +48,7 @@ def levels():
 
 
 def load_levels() -> LevelSet:
-    try:
-        return LevelSet.from_factory()
-    except NotImplementedError:  # codec not landed yet: see standin_codecs.py
-        from tests.transfer.standin_codecs import standin_codecs
-        return LevelSet(standin_codecs())
+    return LevelSet.from_factory()
 
 
 def prompt(length: int, seed: int, vocab: int = 320) -> list[int]:

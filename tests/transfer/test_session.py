@@ -51,7 +51,7 @@ def run_session(script):
 
 
 def _raw_levels():
-    from tests.transfer.standin_codecs import RawCodec
+    from tests.transfer.raw_codec import RawCodec
     from kvcluster.transfer.levels import LevelSet
     return LevelSet({"lossless": RawCodec()})
 

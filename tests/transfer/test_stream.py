@@ -68,3 +68,24 @@ def test_text_chunks_are_recomputed_with_the_receivers_prefill(
     assert result.status.num_chunks_recomputed == 3
     torch.testing.assert_close(got, kv, rtol=1e-4, atol=1e-4)
     assert info.prefill_tokens_per_s > 0  # measured by those recomputes
+
+
+def test_messages_above_the_receivers_maximum_are_refused(sender_runner, receiver_runner,
+                                                          layout, levels):
+    tokens = prompt(400, seed=4)
+    kv = prefill_kv(sender_runner, tokens)
+    receiver_config = small_config(max_message_bytes=96 << 10, message_payload_bytes=16 << 10)
+    sender_config = small_config(chunk_tokens=400, message_payload_bytes=1 << 20,
+                                 max_message_bytes=2 << 20)
+
+    async def main():
+        async with receiver_node(receiver_runner, levels, receiver_config) as node:
+            async with KVSender(node.server.address, levels, sender_config,
+                                policy=make_policy(levels.best, levels.names)) as sender:
+                source = ChunkSource(tokens, layout, levels, 400, kv=kv)
+                assert len(source.payload(0, levels.best)) > 96 << 10
+                return await sender.send(source, "big")
+
+    result = run(main())
+    assert result.status is None
+    assert result.error.startswith("RESOURCE_EXHAUSTED"), result.error

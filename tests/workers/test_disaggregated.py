@@ -105,3 +105,22 @@ def test_full_decode_pool_answers_overloaded(tiny_model):
     finally:
         loop.run_until_complete(decode.close())
         loop.close()
+
+
+def test_decode_alone_stores_what_it_computed_for_the_next_turn(tiny_model, config):
+    """Colocated mode: no prefill worker; the next turn hits this worker's own store."""
+    decode = DecodeWorker(config, "solo")
+    decode.engine.eos_ids = frozenset()
+    loop = asyncio.new_event_loop()
+    try:
+        _, first = loop.run_until_complete(_collect(decode, DecodeTask("s1", PROMPT, GREEDY)))
+        assert first.kv_source == "none"
+        keys = decode.node.chunk_keys(PROMPT, "")
+        assert decode.node.store.lookup(keys).num_chunks == 4
+        tokens, second = loop.run_until_complete(
+            _collect(decode, DecodeTask("s2", PROMPT + (5, 6), GREEDY)))
+        assert second.kv_source == "local-store" and second.num_cached_tokens >= 64
+        assert tokens == reference_tokens(config, PROMPT + (5, 6))
+    finally:
+        loop.run_until_complete(decode.close())
+        loop.close()

@@ -28,7 +28,7 @@ DOC = "The quick brown fox jumps over the lazy dog. " * 3  # ~135 byte tokens
 def cluster(tiny_model):
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     config = tiny_config(tiny_model, workers={"num_prefill": 1, "num_decode": 2},
-                         router={"heartbeat_ttl_s": 2.0, "port": 0, "silent_window_s": 30.0})
+                         router={"heartbeat_ttl_s": 4.0, "port": 0, "silent_window_s": 30.0})
     handle = ClusterThread(config, num_cpus=2, start_timeout_s=240)
     yield handle
     handle.close()
@@ -66,7 +66,7 @@ def test_decode_actor_killed_mid_generation_resumes(cluster, tiny_model):
                 if len(tokens) >= 5 and not killed:
                     victim = _busy_decode_actor(cluster)
                     ray.kill(victim.actor, no_restart=False)
-                    killed.append(victim.instance_id)
+                    killed += [victim.instance_id, victim.address]
             else:
                 final = event
     assert killed, "never got far enough to kill an actor"
@@ -75,6 +75,16 @@ def test_decode_actor_killed_mid_generation_resumes(cluster, tiny_model):
     expected = _expected(tiny_model, prompt_ids, 120)
     assert tokens == expected[:len(tokens)]
     assert cluster.cluster.backend.stats["decode_retries"] >= 1
+    # Ray restarts the victim; its receiver comes back on a new port and rejoins.
+    handle = cluster.cluster.pools.by_id(killed[0])
+    old_address, deadline = killed[1], time.time() + 60
+    registry = cluster.cluster.backend.routers["decode"].registry
+    while time.time() < deadline and not (
+            handle.address != old_address
+            and any(i.instance_id == handle.instance_id for i in registry.alive())):
+        time.sleep(0.5)
+    assert handle.address != old_address
+    assert any(i.instance_id == handle.instance_id for i in registry.alive())
 
 
 def test_killed_prefill_actor_restarts_and_serves_again(cluster):
@@ -84,7 +94,8 @@ def test_killed_prefill_actor_restarts_and_serves_again(cluster):
     served_by, deadline = [], time.time() + 90
     with KVClusterClient(cluster.address) as client:
         while time.time() < deadline:
-            result = client.generate(DOC + f"After the restart {len(served_by)}?",
+            # A fresh prefix each time: no decode store holds it, so P is needed.
+            result = client.generate(f"Request {len(served_by)}. " + DOC,
                                      params=SamplingParams(max_new_tokens=3), timeout_s=60)
             served_by.append(result.final.prefill_instance)
             assert result.final.num_output_tokens == 3  # served even while P was down
@@ -100,7 +111,7 @@ def _busy_decode_actor(cluster):
     """The decode actor that has an active request right now."""
     pools = cluster.cluster.pools
     for handle in pools.decode:
-        load, _ = ray.get(handle.actor.poll.remote(False), timeout=10)
+        load, _, _ = ray.get(handle.actor.poll.remote(False), timeout=10)
         if load.active_decode_requests:
             return handle
     return pools.decode[0]
