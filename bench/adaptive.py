@@ -42,8 +42,11 @@ from bench.common import parse_args, print_table, write_json
 
 POLICIES = ("adaptive", "lossless", "int8", "lowest", "recompute")
 PORT = 50070
-SLO_REFERENCE_BPS = 0.5e9
-"""Default SLO: the time to move the prompt's int8 bytes at this rate."""
+SLO_REFERENCE_BPS = 0.75e9
+"""Default SLO: the time to move the prompt's int8 bytes at this rate ..."""
+FLOOR_FACTOR = 1.5
+"""... but at least this multiple of the lowest level's TTFT on an unthrottled link."""
+CALIBRATION_REQUESTS = 5
 QUICK = dict(context_tokens=512, chunk_tokens=64, varying_adaptive=20, varying_other=10,
              constant=3, recompute=1)
 FULL = dict(context_tokens=2048, chunk_tokens=256, varying_adaptive=100, varying_other=40,
@@ -61,7 +64,7 @@ def main(argv=None) -> dict | None:
 
 def _flags(parser) -> None:
     parser.add_argument("--slo-ms", type=float, default=0.0,
-                        help="default: the int8 bytes of the whole prompt at 0.5 Gbit/s")
+                        help="default: the int8 bytes of the whole prompt at 0.75 Gbit/s")
     parser.add_argument("--shaper", choices=("auto", "tc", "token-bucket"), default="auto")
     parser.add_argument("--role", choices=("orchestrator", "receiver", "sender"),
                         default="orchestrator", help="internal: the processes this one starts")
@@ -88,10 +91,12 @@ def _orchestrate(args) -> dict:
         try:
             if pair is not None:
                 pair.create(bits_per_s=10e9)
-            results = _run_nodes(Path(workdir), pair)
+            sent = _run_nodes(Path(workdir), pair)
         finally:
             if pair is not None:
                 pair.destroy()
+    results = sent.pop("runs")
+    meta.update(sent)  # the SLO actually used, the calibration floor
     meta["shaper"] = ("tc tbf on a veth between two network namespaces" if use_tc
                       else f"token-bucket (in-sender) [namespaces unavailable: {why}]")
     return _report(meta, results, args)
@@ -123,16 +128,18 @@ def _prepare(workdir: Path, sizes: dict, slo_ms: float) -> dict:
                 ((i, lv) for i in range(source.num_chunks) for lv in levels.names)}
     total = {lv: sum(len(payloads[(i, lv)]) for i in range(source.num_chunks))
              for lv in levels.names}
+    slo_fixed = bool(slo_ms)
     slo_ms = slo_ms or round(1000 * total["int8"] * 8 / SLO_REFERENCE_BPS, 1)
     meta = dict(sizes=sizes, tokens=tokens, layout=runner.layout.identity, levels=levels.names,
                 codecs=codec_label, total_bytes=total, encode_s=encode_s, slo_ms=slo_ms,
+                slo_fixed=slo_fixed,
                 prefill_s=prefill_s, num_chunks=source.num_chunks, kv="SmolLM2-135M prefill")
     with open(workdir / "payloads.pkl", "wb") as f:
         pickle.dump({"meta": meta, "payloads": payloads}, f)
     return meta
 
 
-def _run_nodes(workdir: Path, pair) -> list[dict]:
+def _run_nodes(workdir: Path, pair) -> dict:
     here = [sys.executable, "-m", "bench.adaptive", "--workdir", str(workdir)]
     bind = f"{pair.addr_b if pair else '127.0.0.1'}:{PORT}"
     wrap = (lambda ns, argv: pair.exec_argv(ns, argv)) if pair else (lambda ns, argv: argv)
@@ -187,6 +194,9 @@ def _report(meta: dict, results: list[dict], args) -> dict:
                adaptive_mean_level=varying.get("adaptive", {}).get("mean_level"),
                lowest_mean_level=varying.get("lowest", {}).get("mean_level"))
     out.pop("tokens")
+    print(f"SLO {meta['slo_ms']:.1f} ms = max(int8 bytes at {SLO_REFERENCE_BPS / 1e9:g} Gbit/s: "
+          f"{meta['bytes_slo_ms']:.1f} ms, {FLOOR_FACTOR} x lowest level unthrottled: "
+          f"{meta['floor_ms']:.1f} ms)" + (" [--slo-ms]" if meta["slo_fixed"] else ""))
     print(f"varying trace: adaptive {out['adaptive_slo_pct']}% within SLO at mean level "
           f"{out['adaptive_mean_level']}; int8 {out['int8_slo_pct']}%; lowest mean level "
           f"{out['lowest_mean_level']}; codecs: {meta['codecs']}")
@@ -257,6 +267,27 @@ def _sender_role(args) -> None:
     (Path(args.workdir) / "results.json").write_text(json.dumps(results))
 
 
+async def _calibrate(args, source, levels, shaper, config, slo_ms: float) -> dict:
+    """The machine's floor: TTFT of the lowest level on the unthrottled (10 Gbit/s) link.
+
+    The SLO is raised to ``FLOOR_FACTOR`` x this floor when the bytes-based
+    default is below it: an SLO that even the smallest level misses on an idle
+    link measures the CPU, not the adaptation.
+    """
+    from kvcluster.transfer.policy import make_policy
+    from kvcluster.transfer.sender import KVSender
+
+    shaper.set_rate(10e9)
+    async with KVSender(args.target, levels, config,
+                        policy=make_policy("lowest", levels.names)) as sender:
+        await sender.send(source, "calibrate/warmup", slo_ms)  # connection, first-call costs
+        times = [(await sender.send(source, f"calibrate/{n}", slo_ms)).elapsed_s
+                 for n in range(CALIBRATION_REQUESTS)]
+    floor_ms = 1000 * statistics.median(times)
+    return dict(floor_ms=floor_ms, slo_ms=max(slo_ms, FLOOR_FACTOR * floor_ms),
+                bytes_slo_ms=slo_ms)
+
+
 async def _send_everything(args) -> list[dict]:
     from kvcluster.common.config import TransferConfig
     from kvcluster.transfer.policy import make_policy
@@ -271,7 +302,12 @@ async def _send_everything(args) -> list[dict]:
     shaper = make_shaper("tc" if args.device else "token-bucket", 10e9, args.device)
     config = TransferConfig(max_inflight_chunks=1, num_channels=1, timeout_s=60.0,
                             chunk_timeout_s=30.0)
-    results = []
+    calibration = await _calibrate(args, source, levels, shaper, config, meta["slo_ms"])
+    if meta["slo_fixed"]:  # --slo-ms given: use it as it is
+        calibration["slo_ms"] = meta["slo_ms"]
+    slo_ms = calibration["slo_ms"]
+    print(f"calibration: {calibration}", flush=True)
+    runs = []
     for trace in standard_traces(seed=1):
         for policy_name in POLICIES:
             policy = make_policy(policy_name, levels.names, levels.default,
@@ -283,10 +319,10 @@ async def _send_everything(args) -> list[dict]:
                     set_rate(0)
                     await asyncio.sleep(0.01)  # let the new rate settle before timing starts
                     result = await sender.send(source, f"{trace.name}/{policy_name}/{request_no}",
-                                               meta["slo_ms"], before_chunk=set_rate)
-                    results.append(_record(trace.name, policy_name, result, levels))
+                                               slo_ms, before_chunk=set_rate)
+                    runs.append(_record(trace.name, policy_name, result, levels))
             print(f"{trace.name:>22} {policy_name:>9}: done", flush=True)
-    return results
+    return dict(calibration, runs=runs)
 
 
 def _rate_setter(shaper, trace, request_no):

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 from kvcluster.common.config import ClusterConfig, from_dict
 from kvcluster.runtime.relay import drain
 from kvcluster.runtime.tasks import DecodeTask
+from kvcluster.server.log_tail import install_worker_logging
+from kvcluster.server.metrics import MetricsEndpoint, advertised
 from decode_worker.worker import DecodeWorker
 
 
 class DecodeActor:
     def __init__(self, config: dict, instance_id: str):
+        self.logs = install_worker_logging()
         self.worker = DecodeWorker(from_dict(ClusterConfig, config), instance_id)
+        self.metrics = MetricsEndpoint([self.worker.metrics.registry,
+                                        self.worker.node.store.metrics.registry])
+        self.metrics_address = advertised(self.metrics.start(self.worker.config.transfer.host))
         self.address = ""
 
     async def ready(self) -> str:
@@ -28,7 +36,8 @@ class DecodeActor:
         """What the front end needs to hash like the workers do."""
         runner = self.worker.node.runner
         return {"model_id": runner.model_id, "block_size": runner.block_size,
-                "layout": runner.layout.identity}
+                "layout": runner.layout.identity, "metrics_address": self.metrics_address,
+                "pid": os.getpid()}
 
     async def abandon_kv(self, request_id: str) -> None:
         self.worker.abandon_kv(request_id)
@@ -44,7 +53,13 @@ class DecodeActor:
                 address)
 
     async def stats(self) -> dict:
-        return self.worker.node.stats()
+        lookups = self.worker.metrics.value("kvcluster_worker_prefix_lookup_chunks_total")
+        return dict(self.worker.node.stats(), role="decode", pid=os.getpid(),
+                    metrics_address=self.metrics_address, lookup_chunks=lookups)
+
+    async def recent_logs(self) -> list[dict]:
+        """The last log lines of this actor (logger, level, msg, request_id)."""
+        return list(self.logs.entries)
 
 
 def _reachable(address: str) -> str:

@@ -27,6 +27,8 @@ from kvcluster.engine.runner import ModelRunner
 from kvcluster.engine.sequence import Sequence
 from kvcluster.runtime.node import WorkerNode
 from kvcluster.runtime.tasks import DecodeStep, DecodeTask, OverloadedError
+from kvcluster.server.logs import request_context
+from kvcluster.server.metrics import WorkerMetrics
 from kvcluster.transfer.levels import LevelSet
 from kvcluster.transfer.messages import StreamHeader
 from kvcluster.transfer.paged_sink import PagedCacheSink
@@ -69,6 +71,8 @@ class DecodeWorker:
         self._stop = threading.Event()
         self._active: dict[str, _Active] = {}
         self._abandoned: dict[str, asyncio.Event] = {}
+        self.metrics = WorkerMetrics(instance_id, "decode")
+        self.metrics.watch_queue(lambda: 0, lambda: len(self._active))
         self._thread = threading.Thread(target=self._loop, name=f"decode-{instance_id}",
                                         daemon=True)
         self._thread.start()
@@ -89,24 +93,41 @@ class DecodeWorker:
             OverloadedError: ``workers.max_queue`` requests are already active.
         """
         if len(self._active) >= self.config.workers.max_queue:
+            self.metrics.count("overloaded")
             raise OverloadedError(f"decode worker {self.instance_id} has "
                                   f"{len(self._active)} active requests")
         active = _Active(asyncio.get_running_loop(), asyncio.Queue(), time.perf_counter(),
                          tenant=task.tenant)
         self._active[task.request_id] = active
         try:
-            blocks = await self._prefix_blocks(task, active)
-            with self._lock:
-                self.engine.add_request(task.request_id, task.token_ids, task.params,
-                                        cached_blocks=blocks, tenant_salt=task.tenant)
+            with request_context(task.request_id):  # not across yields: the consumer's context
+                blocks = await self._prefix_blocks(task, active)
+                with self._lock:
+                    self.engine.add_request(task.request_id, task.token_ids, task.params,
+                                            cached_blocks=blocks, tenant_salt=task.tenant)
             self._wake.set()
+            num_tokens = 0
             async for step in self._drain(active):
+                num_tokens += step.finish_reason is None
                 yield step
+            with request_context(task.request_id):
+                self._observe_done(active, num_tokens)
+        except Exception:
+            self.metrics.count("error")
+            raise
         finally:
             self._abort(task.request_id)
 
     def load(self):
         return self.node.load(active_decode_requests=len(self._active))
+
+    def _observe_done(self, active: _Active, num_tokens: int) -> None:
+        elapsed_s = time.perf_counter() - active.arrived_s
+        self.metrics.count("ok")
+        self.metrics.decode_seconds.observe(elapsed_s)
+        self.metrics.decode_first_token.observe(active.first_token_s)
+        log.info("decode done: kv=%s tokens=%d first token %.3f s, total %.3f s",
+                 active.kv_source, num_tokens, active.first_token_s, elapsed_s)
 
     async def close(self) -> None:
         self._stop.set()
@@ -129,6 +150,7 @@ class DecodeWorker:
         keys = self.node.chunk_keys(task.token_ids[:-1], task.tenant)
         if keys:
             with self._lock:
+                self.metrics.lookup_chunks.inc(len(keys))
                 blocks, by_tier = self.node.load_prefix(keys)
             if blocks:
                 active.kv_source = "local-store"

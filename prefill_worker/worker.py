@@ -25,7 +25,8 @@ from kvcluster.engine.sequence import Sequence
 from kvcluster.runtime.node import WorkerNode
 from kvcluster.runtime.tasks import OverloadedError, PrefillResult, PrefillTask
 from kvcluster.server.logs import request_context
-from kvcluster.transfer.levels import LevelSet
+from kvcluster.server.metrics import TransferMetrics, WorkerMetrics
+from kvcluster.transfer.levels import sender_levels
 from kvcluster.transfer.sender import KVSender
 from kvcluster.transfer.source import ChunkSource
 from router.event_bus import EventBus
@@ -38,11 +39,14 @@ class PrefillWorker:
                  runner: ModelRunner | None = None, bus: EventBus | None = None):
         self.config = config
         self.node = WorkerNode(config, instance_id, "prefill", runner, bus)
-        self.levels = LevelSet.from_factory()
+        self.levels = sender_levels(config.transfer.best_level, config.transfer.policy)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"prefill-{instance_id}")
         self._senders: dict[str, KVSender] = {}
         self._queued_tokens = 0
         self._num_queued = 0
+        self.metrics = WorkerMetrics(instance_id, "prefill")
+        self.metrics.watch_queue(lambda: self._queued_tokens, lambda: 0)
+        self.transfer_metrics = TransferMetrics()
 
     @property
     def instance_id(self) -> str:
@@ -55,22 +59,36 @@ class PrefillWorker:
             OverloadedError: ``workers.max_queue`` tasks are already waiting.
         """
         if self._num_queued >= self.config.workers.max_queue:
+            self.metrics.count("overloaded")
             raise OverloadedError(f"prefill worker {self.instance_id} has "
                                   f"{self._num_queued} queued requests")
         self._num_queued += 1
         self._queued_tokens += len(task.token_ids)
         try:
-            loop = asyncio.get_running_loop()
-            result, kv, keys = await loop.run_in_executor(self._compute, self._run, task)
-            if task.decode_target and kv is not None:
-                await self._send(task, kv, keys, result)
+            with request_context(task.request_id):
+                result = await self._prefill(task)
             return result
+        except Exception:
+            self.metrics.count("error")
+            raise
         finally:
             self._num_queued -= 1
             self._queued_tokens -= len(task.token_ids)
 
     def load(self):
         return self.node.load(queued_prefill_tokens=self._queued_tokens)
+
+    async def _prefill(self, task: PrefillTask) -> PrefillResult:
+        loop = asyncio.get_running_loop()
+        result, kv, keys = await loop.run_in_executor(self._compute, self._run, task)
+        self.metrics.prefill_seconds.observe(result.prefill_s)
+        if task.decode_target and kv is not None:
+            await self._send(task, kv, keys, result)
+        self.metrics.count("ok")
+        log.info("prefill done: prompt=%d cached=%d computed=%d sent=%d B in %.3f+%.3f s",
+                 result.num_prompt_tokens, result.num_cached_tokens, result.num_computed_tokens,
+                 result.wire_bytes, result.prefill_s, result.transfer_s)
+        return result
 
     async def close(self) -> None:
         for sender in self._senders.values():
@@ -90,6 +108,7 @@ class PrefillWorker:
             if not keys:
                 return result, None, keys
             seq = Sequence(task.request_id, list(task.token_ids[:num_full]))
+            self.metrics.lookup_chunks.inc(len(keys))
             block_ids, result.cached_tokens_by_tier = self.node.load_prefix(keys)
             try:
                 kv = self._compute_kv(seq, block_ids)  # [L, 2, num_full, H, D]
@@ -130,5 +149,6 @@ class PrefillWorker:
 
     def _sender(self, target: str) -> KVSender:
         if target not in self._senders:
-            self._senders[target] = KVSender(target, self.levels, self.config.transfer)
+            self._senders[target] = KVSender(target, self.levels, self.config.transfer,
+                                             metrics=self.transfer_metrics)
         return self._senders[target]

@@ -28,6 +28,7 @@ from kvcluster.common.requests import FinalEvent, GenerateRequest, TokenEvent
 from kvcluster.runtime.pools import WorkerHandle, WorkerPools
 from kvcluster.runtime.relay import forward
 from kvcluster.runtime.tasks import DecodeStep, DecodeTask, PrefillTask
+from kvcluster.server.metrics import RouterMetrics
 from router.backend import BackendError, GenerateBackend
 from router.decision import RouteRequest
 from router.router import NoInstanceError, Router
@@ -40,7 +41,7 @@ MAX_DECODE_ATTEMPTS = 3
 class RayClusterBackend(GenerateBackend):
     def __init__(self, config: ClusterConfig, pools: WorkerPools, model_id: str,
                  prefill_router: Router, decode_router: Router, block_size: int,
-                 poll_interval_s: float = 0.5):
+                 poll_interval_s: float = 0.5, metrics: RouterMetrics | None = None):
         self.config = config
         self.pools = pools
         self.model_id = model_id
@@ -50,6 +51,9 @@ class RayClusterBackend(GenerateBackend):
         self.stats = {"prefill_results": deque(maxlen=10_000), "decode_retries": 0}
         self._poller: asyncio.Task | None = None
         self._unreachable: set[str] = set()
+        self.metrics = metrics or RouterMetrics()
+        for role, router in self.routers.items():
+            self.metrics.watch_live(role, lambda r=router: len(r.registry.alive()))
 
     async def start(self) -> None:
         """Register every instance and start heartbeats + event relay."""
@@ -80,6 +84,7 @@ class RayClusterBackend(GenerateBackend):
                 break
             except _ActorDied as exc:
                 self.stats["decode_retries"] += 1
+                self.metrics.decode_retries.inc()
                 log.warning("request %s: decode %s died after %d tokens (%s); resuming",
                             request.request_id, decode.instance_id, len(outputs), exc)
                 if attempt + 1 == MAX_DECODE_ATTEMPTS:
@@ -109,6 +114,7 @@ class RayClusterBackend(GenerateBackend):
             decision = self.routers[role].route(route)
         except NoInstanceError as exc:
             raise BackendError("UNAVAILABLE", f"no live {role} worker: {exc}") from exc
+        self.metrics.observe_decision(role, decision)
         return self.pools.by_id(decision.instance_id)
 
     async def _plan(self, request: GenerateRequest, route: RouteRequest,

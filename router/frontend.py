@@ -33,6 +33,7 @@ from kvcluster.proto.convert_generate import event_to_proto
 from kvcluster.proto.kvcluster.v1 import generate_pb2 as pb
 from kvcluster.server.limits import INVALID_ARGUMENT, LimitError, TenantRateLimiter
 from kvcluster.server.logs import request_context
+from kvcluster.server.metrics import FrontendMetrics
 from kvcluster.transfer.security import ServerSecurity
 from router.backend import FINISH, INTERNAL, BackendError, GenerateBackend
 from router.frontend_input import ParsedRequest, build_request, parse_wire
@@ -46,8 +47,10 @@ MAX_TENANT_CHARS = 128
 class GenerateServicer:
     """Serves ``/kvcluster.v1.Generate/Generate`` (registered by :func:`add_to_server`)."""
 
-    def __init__(self, backend: GenerateBackend, tokenizer: Tokenizer, config: ClusterConfig):
+    def __init__(self, backend: GenerateBackend, tokenizer: Tokenizer, config: ClusterConfig,
+                 metrics: FrontendMetrics | None = None):
         self.backend = backend
+        self.metrics = metrics or FrontendMetrics()
         self.tokenizer = tokenizer
         self.limits = config.limits
         self.security = ServerSecurity.from_config(config.security)
@@ -62,6 +65,26 @@ class GenerateServicer:
             (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Generate": handler}),))
 
     async def Generate(self, data: bytes, context: grpc.aio.ServicerContext):
+        """One call, counted by its final status code and while in flight."""
+        self.metrics.in_flight.inc()
+        code = "UNKNOWN"
+        try:
+            async for response in self._generate(data, context):
+                yield response
+            code = "OK"
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            code = _code_name(context)
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(code).inc()
+
+    # ------------------------------------------------------------------ private
+
+    async def _generate(self, data: bytes, context: grpc.aio.ServicerContext):
         tenant = self.security.tenant(context.invocation_metadata())
         if tenant is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
@@ -75,8 +98,6 @@ class GenerateServicer:
         with request_context(parsed.request.request_id):
             async for response in self._serve(parsed, context):
                 yield response
-
-    # ------------------------------------------------------------------ private
 
     def _admit(self, data: bytes, tenant: str, time_remaining_s: float | None) -> ParsedRequest:
         msg = parse_wire(data)
@@ -93,10 +114,15 @@ class GenerateServicer:
         log.info("generate tenant=%r prompt_tokens=%d max_new_tokens=%d", request.tenant,
                  request.num_prompt_tokens, request.params.max_new_tokens)
         began = time.perf_counter()
+        token_times: list[float] = []
         try:
             async for event in self._events(parsed):
+                if isinstance(event, TokenEvent) and event.token_ids:
+                    token_times.extend([time.perf_counter()] * len(event.token_ids))
                 yield event_to_proto(event)
                 if isinstance(event, FinalEvent):
+                    self.metrics.observe_stream(began, token_times)
+                    self.metrics.output_tokens.inc(len(token_times))
                     log.info("done finish=%s ttft_ms=%.1f cached=%d/%d out=%d in %.3f s",
                              event.finish_reason, event.ttft_ms, event.num_cached_tokens,
                              event.num_prompt_tokens, event.num_output_tokens,
@@ -148,8 +174,12 @@ class GenerateServicer:
 
 async def serve_frontend(backend: GenerateBackend, tokenizer: Tokenizer, config: ClusterConfig,
                          host: str = "127.0.0.1", port: int = 0,
-                         health_interval_s: float = 1.0) -> tuple["FrontendServer", int]:
+                         health_interval_s: float = 1.0, metrics: FrontendMetrics | None = None
+                         ) -> tuple["FrontendServer", int]:
     """Start the Generate, health and reflection services.
+
+    Args:
+        metrics: where calls are recorded (default: a fresh, private registry).
 
     Returns:
         The started server (``await server.stop(grace)`` to end it) and its port.
@@ -157,7 +187,7 @@ async def serve_frontend(backend: GenerateBackend, tokenizer: Tokenizer, config:
     options = [("grpc.max_receive_message_length", config.limits.max_message_bytes),
                ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options)
-    GenerateServicer(backend, tokenizer, config).add_to_server(server)
+    GenerateServicer(backend, tokenizer, config, metrics).add_to_server(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -215,6 +245,15 @@ def _final(event, request_id: str, num_sent_if_stopped: int | None) -> FinalEven
     if num_sent_if_stopped is not None:  # a stop string ended the text
         fields.update(finish_reason="stop", num_output_tokens=num_sent_if_stopped)
     return FinalEvent(**fields)
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    """The status code an aborted call ends with."""
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 - older grpc: no code() on aio contexts
+        return "UNKNOWN"
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
 async def _watch_health(backend: GenerateBackend, servicer, interval_s: float) -> None:

@@ -129,7 +129,11 @@ class KVEventPublisher:
     def _publish_locked(self, events: list[KVEvent]) -> None:
         batch = KVEventBatch(self.instance_id, self._next_seq, self.settings, events)
         self._next_seq += 1
-        self._bus.publish(batch)
+        try:
+            self._bus.publish(batch)
+        except Exception as exc:  # bus down (Redis restarting): never kill the caller or
+            # the flush thread; the lost seq shows up as a gap and the router resyncs.
+            log.error("publisher %s: batch %d lost: %r", self.instance_id, batch.seq, exc)
 
     def _track(self, event: KVEvent) -> None:
         if isinstance(event, BlockStored):

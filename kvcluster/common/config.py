@@ -52,6 +52,9 @@ class EngineConfig:
     max_model_len: int = 8192
     cpu_packed_weights: bool = True
     """On CPU (fp32), also keep oneDNN-packed weight copies: faster batched decode, 2x weight memory."""
+    decode_kv_mirror: bool = True
+    """Keep the decoding sequences' KV also contiguous (up to twice their KV memory), so
+    decode attention reads views instead of gathering every block in every layer."""
 
     def validate(self, path: str) -> None:
         for name in ("block_size", "num_blocks", "max_batch_size", "max_model_len"):
@@ -171,6 +174,10 @@ class TransferConfig:
     """Re-requests of a chunk that failed its checksum before recomputing it."""
     policy: str = "adaptive"
     """adaptive, recompute, lowest, best or a codec level name (always that level)."""
+    best_level: str = "default"
+    """Best level the sender may pick: "default" (the codec's quality-checked default
+    level, so ample bandwidth never buys raw bytes), "" (every level, lossless first)
+    or a level name. A fixed ``policy`` level is always allowed."""
     probe_level: str = ""
     """Level of the first (probe) chunk on a link; empty: the codec's default level
     (kvstore.codec.factory.default_level())."""

@@ -41,6 +41,12 @@ class ForwardBatch:
     """[B, num_blocks] long: blocks to attend to; None: attend only to the new tokens."""
     mask: torch.Tensor | None = None
     """[B, 1, Q, num_blocks * block_size] additive (0 or -inf), with block_tables."""
+    decode_kv: torch.Tensor | None = None
+    """Decode only: the contiguous KV mirror ``[L, 2, slots, H_kv, capacity, D]``
+    (see :mod:`kvcluster.engine.decode_kv`), read instead of gathering blocks;
+    then ``mask`` is ``[B, 1, 1, C]`` over its first C positions."""
+    decode_kv_index: torch.Tensor | None = None
+    """[B * H_kv] long: the new token's rows in a mirror layer's ``[2, -1, D]`` view."""
     packed_matmuls: bool = False
     """Use the oneDNN-packed weights if present: faster for batched decode, but fp32
     rounding differs slightly (~1e-4 on SmolLM2 logits) from a plain matmul's."""
@@ -116,7 +122,8 @@ class LlamaModel(nn.Module):
         sin = self.rope_sin[batch.positions].unsqueeze(1)  # [T, 1, D]
         for index, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.input_norm)
-            x = x + self._attention(layer, h, cos, sin, batch, cache.pool[index])
+            mirror = None if batch.decode_kv is None else batch.decode_kv[index]
+            x = x + self._attention(layer, h, cos, sin, batch, cache.pool[index], mirror)
             h = self._rms_norm(x, layer.post_norm)
             x = x + self._mlp(layer, h, batch.packed_matmuls)
         if logits_rows is not None:
@@ -191,10 +198,12 @@ class LlamaModel(nn.Module):
         sin: torch.Tensor,
         batch: ForwardBatch,
         kv_cache: torch.Tensor,
+        mirror: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """h [T, hidden] -> attention output [T, hidden].
 
-        kv_cache is this layer's pool ``[2, num_blocks, block_size, H_kv, D]``.
+        kv_cache is this layer's pool ``[2, num_blocks, block_size, H_kv, D]``;
+        mirror, when decoding with one, this layer's ``[2, slots, H_kv, capacity, D]``.
         """
         arch = self.arch
         num_tokens, head_dim = h.shape[0], arch.head_dim
@@ -208,7 +217,9 @@ class LlamaModel(nn.Module):
         by_slot = kv_cache.view(2, -1, *kv_cache.shape[3:])  # [2, slots, H_kv, D]
         by_slot[0].index_copy_(0, batch.slots, k)
         by_slot[1].index_copy_(0, batch.slots, v)
-        if batch.block_tables is None:
+        if mirror is not None:
+            out = self._attend_decode_mirror(q, k, v, mirror, batch)
+        elif batch.block_tables is None:
             out = self._attend_new_tokens(q, k, v)
         elif batch.mask.shape[2] == 1:
             out = self._attend_decode(q, kv_cache, batch)
@@ -233,6 +244,18 @@ class LlamaModel(nn.Module):
         q = q.reshape(num_seqs, num_kv_heads, -1, q.shape[-1])  # [B, H_kv, group, D]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask)
         return out.reshape(num_seqs, -1, q.shape[-1])
+
+    def _attend_decode_mirror(self, q, k, v, mirror, batch: ForwardBatch) -> torch.Tensor:
+        """As :meth:`_attend_decode`, reading K/V as views of the contiguous mirror."""
+        num_seqs, num_kv_heads, head_dim = batch.num_seqs, self.arch.num_kv_heads, q.shape[-1]
+        rows = mirror.view(2, -1, head_dim)  # [2, slots * H_kv * capacity, D]
+        rows[0].index_copy_(0, batch.decode_kv_index, k.reshape(-1, head_dim))
+        rows[1].index_copy_(0, batch.decode_kv_index, v.reshape(-1, head_dim))
+        context = batch.mask.shape[-1]
+        keys, values = mirror[0, :num_seqs, :, :context], mirror[1, :num_seqs, :, :context]
+        q = q.reshape(num_seqs, num_kv_heads, -1, head_dim)  # [B, H_kv, group, D]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask)
+        return out.reshape(num_seqs, -1, head_dim)
 
     def _attend_cached_prefix(self, q, kv_cache, batch: ForwardBatch) -> torch.Tensor:
         """One sequence whose Q new tokens follow a cached prefix. q [Q, H_q, D]."""

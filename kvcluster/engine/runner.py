@@ -16,6 +16,7 @@ import torch
 from kvcluster.common.config import EngineConfig
 from kvcluster.common.layout import KVLayout
 from kvcluster.engine.arch import ModelArch
+from kvcluster.engine.decode_kv import DecodeKVMirror
 from kvcluster.engine.dtypes import dtype_name
 from kvcluster.engine.hf_loader import load_hf_checkpoint
 from kvcluster.engine.model import ForwardBatch, LlamaModel
@@ -46,6 +47,8 @@ class ModelRunner:
             dtype=dtype_name(model.dtype),
         )
         self.cache = PagedKVCache(self.layout, self.config.num_blocks, self.device)
+        self.decode_kv = (DecodeKVMirror(self.cache, self.max_model_len)
+                          if self.config.decode_kv_mirror else None)
         if self.config.cpu_packed_weights:
             model.pack_weights()
 
@@ -92,13 +95,14 @@ class ModelRunner:
             )
         start = min(seq.num_computed_tokens, seq.num_tokens - 1)
         self.allocate_blocks(seq, seq.num_tokens)
+        self._forget_decode_kv(seq)
         positions = torch.arange(start, seq.num_tokens, device=self.device)  # [Q]
         input_ids = torch.tensor(seq.token_ids[start:], device=self.device)  # [Q]
         batch = ForwardBatch(positions, self._slots(seq.block_table, positions), num_seqs=1)
         if start > 0:
             num_blocks = self._num_blocks(seq.num_tokens)
             batch.block_tables = torch.tensor([seq.block_table[:num_blocks]], device=self.device)
-            batch.mask = self._causal_mask(positions, num_blocks)[None, None]  # [1, 1, Q, C]
+            batch.mask = self._causal_mask(positions, num_blocks * self.block_size)[None, None]
         rows = None if all_logits else torch.tensor([len(positions) - 1], device=self.device)
         logits = self.model(input_ids, batch, self.cache, rows)  # [Q or 1, vocab]
         seq.num_computed_tokens = seq.num_tokens
@@ -122,20 +126,11 @@ class ModelRunner:
             self.check_fits(seq)
             self.allocate_blocks(seq, seq.num_tokens)
         positions_list = [seq.num_computed_tokens for seq in seqs]
-        num_blocks = self._num_blocks(max(positions_list) + 1)
-        tables = [_padded(seq.block_table, p // self.block_size + 1, num_blocks)
-                  for seq, p in zip(seqs, positions_list)]
-        slots = [t[p // self.block_size] * self.block_size + p % self.block_size
-                 for t, p in zip(tables, positions_list)]
         positions = torch.tensor(positions_list, device=self.device)  # [B]
-        batch = ForwardBatch(
-            positions=positions,
-            slots=torch.tensor(slots, device=self.device),  # [B]
-            num_seqs=len(seqs),
-            block_tables=torch.tensor(tables, device=self.device),  # [B, n]
-            mask=self._causal_mask(positions, num_blocks)[:, None, None],  # [B, 1, 1, C]
-            packed_matmuls=len(seqs) > 1,
-        )
+        if self.decode_kv is not None:
+            batch = self._mirror_batch(seqs, positions_list, positions)
+        else:
+            batch = self._gather_batch(seqs, positions_list, positions)
         input_ids = torch.tensor([seq.token_ids[-1] for seq in seqs], device=self.device)
         logits = self.model(input_ids, batch, self.cache)  # [B, vocab]
         for seq in seqs:
@@ -150,6 +145,7 @@ class ModelRunner:
 
     def free(self, seq: Sequence) -> None:
         """Drop ``seq``'s reference to each of its blocks."""
+        self._forget_decode_kv(seq)
         self.cache.allocator.free(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0
@@ -170,6 +166,44 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ private
 
+    def _mirror_batch(self, seqs, positions_list, positions) -> ForwardBatch:
+        """Decode batch reading K/V from the contiguous mirror (slot i = seqs[i])."""
+        assert self.decode_kv is not None
+        write_index = self.decode_kv.prepare(seqs)  # [B * H_kv]
+        return ForwardBatch(
+            positions=positions,
+            slots=self._decode_slots(seqs, positions_list),  # [B]
+            num_seqs=len(seqs),
+            mask=self._causal_mask(positions, max(positions_list) + 1)[:, None, None],  # [B,1,1,C]
+            decode_kv=self.decode_kv.buffer,
+            decode_kv_index=write_index,
+            packed_matmuls=len(seqs) > 1,
+        )
+
+    def _gather_batch(self, seqs, positions_list, positions) -> ForwardBatch:
+        """Decode batch gathering every block of the block tables in every layer."""
+        num_blocks = self._num_blocks(max(positions_list) + 1)
+        tables = [_padded(seq.block_table, p // self.block_size + 1, num_blocks)
+                  for seq, p in zip(seqs, positions_list)]
+        return ForwardBatch(
+            positions=positions,
+            slots=self._decode_slots(seqs, positions_list),  # [B]
+            num_seqs=len(seqs),
+            block_tables=torch.tensor(tables, device=self.device),  # [B, n]
+            mask=self._causal_mask(positions, num_blocks * self.block_size)[:, None, None],
+            packed_matmuls=len(seqs) > 1,
+        )
+
+    def _decode_slots(self, seqs, positions_list) -> torch.Tensor:
+        """Cache slot of each sequence's new token ``[B]``."""
+        size = self.block_size
+        slots = [seq.block_table[p // size] * size + p % size for seq, p in zip(seqs, positions_list)]
+        return torch.tensor(slots, device=self.device)
+
+    def _forget_decode_kv(self, seq: Sequence) -> None:
+        if self.decode_kv is not None:
+            self.decode_kv.drop(seq)
+
     def _num_blocks(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -178,12 +212,12 @@ class ModelRunner:
         table = torch.tensor(block_table, device=self.device)
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
-    def _causal_mask(self, positions: torch.Tensor, num_blocks: int) -> torch.Tensor:
-        """Additive mask ``[T, num_blocks * block_size]``: 0 where key j <= position, else -inf.
+    def _causal_mask(self, positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+        """Additive mask ``[T, num_keys]``: 0 where key j <= position, else -inf.
 
         Additive rather than bool so attention does not convert it in every layer.
         """
-        keys = torch.arange(num_blocks * self.block_size, device=self.device)
+        keys = torch.arange(num_keys, device=self.device)
         hidden = keys[None, :] > positions[:, None]
         mask = torch.zeros(hidden.shape, dtype=self.model.dtype, device=self.device)
         return mask.masked_fill_(hidden, float("-inf"))

@@ -21,6 +21,7 @@ from kvcluster.engine.models import resolve_model
 from kvcluster.engine.tokenizer import Tokenizer
 from kvcluster.runtime.node import hash_settings
 from kvcluster.runtime.pools import WorkerPools, init_local_ray
+from kvcluster.server.metrics import FrontendMetrics, MetricsEndpoint, RouterMetrics
 from router.cluster_backend import RayClusterBackend
 from router.frontend import serve_frontend
 from router.router import Router, build_router
@@ -36,6 +37,12 @@ class LocalCluster:
         self.backend: RayClusterBackend | None = None
         self.server = None
         self.address = ""
+        self.frontend_metrics = FrontendMetrics()
+        self.router_metrics = RouterMetrics()
+        self.metrics = MetricsEndpoint([self.frontend_metrics.registry,
+                                        self.router_metrics.registry])
+        self.metrics_address = ""
+        """The front-end process's /metrics (host:port), once started."""
 
     async def start(self) -> str:
         """Start everything; returns the front end's ``host:port``."""
@@ -45,17 +52,23 @@ class LocalCluster:
         settings = hash_settings(info["model_id"], info["block_size"])
         routers = [self._router(role, settings) for role in ("prefill", "decode")]
         self.backend = RayClusterBackend(self.config, self.pools, info["model_id"], *routers,
-                                         block_size=info["block_size"])
+                                         block_size=info["block_size"],
+                                         metrics=self.router_metrics)
         await self.backend.start()
         tokenizer = Tokenizer.from_pretrained(resolve_model(self.config.model.path))
         rc = self.config.router
         self.server, port = await serve_frontend(self.backend, tokenizer, self.config,
-                                                 host=rc.host, port=rc.port)
+                                                 host=rc.host, port=rc.port,
+                                                 metrics=self.frontend_metrics)
         self.address = f"{rc.host}:{port}"
-        log.info("kvcluster front end on %s", self.address)
+        self.metrics_address = self.metrics.start(rc.host, rc.metrics_port)
+        _announce_frontend(self.address, self.metrics_address)
+        log.info("kvcluster front end on %s, metrics on %s", self.address,
+                 self.metrics_address)
         return self.address
 
     async def stop(self) -> None:
+        self.metrics.stop()
         if self.server is not None:
             await self.server.stop(1)
         if self.backend is not None:
@@ -70,6 +83,23 @@ class LocalCluster:
         router = build_router(replace(self.config, router=rc), settings)
         router.start()
         return router
+
+
+FRONTEND_KEY = b"kvcluster:frontend"
+"""Ray internal-KV key (namespace kvcluster) naming the front end, for ``kvcluster status``."""
+
+
+def _announce_frontend(address: str, metrics_address: str) -> None:
+    import json
+
+    from ray.experimental import internal_kv
+
+    try:
+        internal_kv._internal_kv_put(FRONTEND_KEY, json.dumps(
+            {"address": address, "metrics_address": metrics_address}).encode(),
+            overwrite=True, namespace="kvcluster")
+    except Exception:  # noqa: BLE001 - status then just lacks the front end's line
+        log.warning("could not announce the front end in Ray's KV", exc_info=True)
 
 
 class ClusterThread:

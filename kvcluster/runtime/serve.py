@@ -32,12 +32,9 @@ async def _serve(config: ClusterConfig) -> None:
     from kvcluster.runtime.launcher import LocalCluster
 
     cluster = LocalCluster(config)
-    address = await cluster.start()
-    if config.router.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(config.router.metrics_port, addr=config.router.host)
-    print(f"kvcluster serving on {address}", flush=True)
+    address = await cluster.start()  # also serves /metrics on router.metrics_port (0: free)
+    print(f"kvcluster serving on {address}, metrics on http://{cluster.metrics_address}/metrics",
+          flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

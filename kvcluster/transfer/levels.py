@@ -57,3 +57,24 @@ class LevelSet:
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+def sender_levels(best_level: str = "", policy: str = "") -> LevelSet:
+    """The codec levels a sender may choose from, capped at ``best_level``.
+
+    Args:
+        best_level: "" for every level, "default" for the codec's default level,
+            or a level name; levels better than it are left out.
+        policy: a fixed level named by the transfer policy stays available.
+    """
+    from kvstore.codec.factory import default_level, level_names
+
+    names = level_names()
+    cap = default_level() if best_level == "default" else best_level
+    if cap:
+        if cap not in names:
+            raise ValueError(f"transfer.best_level {best_level!r}: not one of {names}")
+        names = names[names.index(cap):]
+    if policy in level_names() and policy not in names:
+        names = [policy, *names]
+    return LevelSet.from_factory(names)

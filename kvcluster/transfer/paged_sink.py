@@ -8,7 +8,8 @@ prefix). Chunks must start on a block boundary (``chunk_tokens`` a multiple of
 ``block_size``); a partial last block is zero-padded on import.
 
 ``on_chunk(index, token_range, kv)`` (optional) sees every chunk's KV, e.g. to
-put it into the kvstore as well.
+put it into the kvstore as well; ``kv`` may share the receive buffer, which is
+reused after the call, so the hook copies what it keeps.
 """
 
 from __future__ import annotations

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from kvcluster.common.config import TransferConfig
 from kvcluster.common.layout import KVLayout
+from kvcluster.transfer.buffer_pool import BufferPool
 from kvcluster.transfer.levels import LevelSet
 from kvcluster.transfer.messages import (
     ChunkFrame, ProtocolError, ReceiverInfo, ReceiverMessage, SenderMessage, StreamCode, StreamEnd,
@@ -22,6 +24,8 @@ from kvcluster.transfer.messages import (
 )
 from kvcluster.transfer.session import ReceiveSession, SessionStats
 from kvcluster.transfer.sink import DecodeSpeeds, KVSink, RecomputeSpeed, SinkFactory
+
+log = logging.getLogger(__name__)
 
 ReadFn = Callable[[], Awaitable[SenderMessage | None]]
 WriteFn = Callable[[ReceiverMessage], Awaitable[None]]
@@ -48,6 +52,7 @@ class KVReceiver:
         self.config = config or TransferConfig()
         self.speed = speed or RecomputeSpeed()
         self.decode_speeds = DecodeSpeeds()
+        self.buffers = BufferPool()
         self.executor = ThreadPoolExecutor(self.config.decode_threads, "kv-decode")
         self._results: dict[str, asyncio.Future] = {}
 
@@ -89,7 +94,7 @@ class KVReceiver:
             raise ProtocolError(f"layout {header.layout_identity} is not {self.layout.identity}")
         sink = self.sink_factory(header)
         session = ReceiveSession(header, sink, self.levels, self.layout, self.config,
-                                 self.executor, self.decode_speeds)
+                                 self.executor, self.decode_speeds, self.buffers)
         future = self._future(header.request_id)
         session.task.add_done_callback(lambda task: _publish(task, future, session, sink))
         return session
@@ -126,4 +131,6 @@ def _publish(task: asyncio.Task, future: asyncio.Future, session: ReceiveSession
         status = StreamStatus(StreamCode.FAILED, repr(task.exception()))
     else:
         status = task.result()
+    if status.code == StreamCode.FAILED:
+        log.warning("request %s failed: %s", session.header.request_id, status.message)
     future.set_result(ReceiveResult(status, session.stats, sink))

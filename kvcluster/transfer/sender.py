@@ -26,6 +26,7 @@ from kvcluster.transfer.security import ChannelSecurity
 from kvcluster.transfer.server import INFO_METHOD, STREAM_METHOD, channel_options
 from kvcluster.transfer.shaper import Shaper
 from kvcluster.transfer.source import ChunkSource
+from kvcluster.server.metrics import TransferMetrics
 from kvcluster.transfer.stream_writer import (
     BeforeChunk, PayloadFilter, SendResult, StreamOptions, StreamWriter,
 )
@@ -34,13 +35,16 @@ from kvcluster.transfer.stream_writer import (
 class KVSender:
     def __init__(self, target: str, levels: LevelSet, config: TransferConfig | None = None,
                  policy: LevelPolicy | None = None, security: ChannelSecurity | None = None,
-                 shaper: Shaper | None = None, estimator: BandwidthEstimator | None = None):
+                 shaper: Shaper | None = None, estimator: BandwidthEstimator | None = None,
+                 metrics: TransferMetrics | None = None):
         """
         Args:
             target: the receiver's ``host:port``.
             policy: default: ``config.policy`` over ``levels``.
             shaper: bandwidth limit for benchmarks; default none.
+            metrics: Prometheus families to record each stream in; default none.
         """
+        self.metrics = metrics
         self.target = target
         self.levels = levels
         self.config = config or TransferConfig()
@@ -96,15 +100,26 @@ class KVSender:
         except (grpc.aio.AioRpcError, ConnectionError, asyncio.InvalidStateError) as exc:
             call.cancel()
             writer.result.error = _describe(exc)
+            self._observe(source, writer.result)
             return writer.result
         except BaseException:  # cancelled: tell the receiver now, not at the deadline
             call.cancel()
             raise
         if result.status is not None:
             self._info = info.updated(result.status)
+        self._observe(source, result)
         return result
 
     # ------------------------------------------------------------ helpers
+
+    def _observe(self, source: ChunkSource, result: SendResult) -> None:
+        """Chunks and payload bytes by the level each chunk was last sent at."""
+        if self.metrics is None:
+            return
+        ok = result.status is not None and result.status.ok
+        sizes = ((level, len(source.payload(i, level)) if source.has_payload(i, level) else 0)
+                 for i, level in enumerate(result.levels) if level)
+        self.metrics.observe_send(ok, result.elapsed_s, sizes)
 
     def _stream_call(self):
         channel = self._channels[next(self._next_channel)]

@@ -26,6 +26,7 @@ from kvcluster.transfer.levels import LevelSet
 from kvcluster.transfer.messages import (
     ChunkAck, ChunkFrame, ChunkNak, ProtocolError, ReceiverMessage, StreamCode, StreamHeader, StreamStatus,
 )
+from kvcluster.transfer.buffer_pool import BufferPool
 from kvcluster.transfer.sink import DecodeSpeeds, KVSink
 
 
@@ -35,11 +36,14 @@ class _Arrived:
     payload: bytes | memoryview
     """Encoded KV; empty for text and for chunks to recompute."""
     recompute: bool = False
+    pooled: bool = False
+    """``payload`` is a BufferPool buffer, to be given back after storing."""
 
 
 @dataclass
 class _Assembly:
-    buffer: bytearray
+    buffer: memoryview
+    """From the receiver's BufferPool; given back once the chunk is stored."""
     offset: int = 0
     next_part: int = 0
 
@@ -58,7 +62,8 @@ class SessionStats:
 class ReceiveSession:
     def __init__(self, header: StreamHeader, sink: KVSink, levels: LevelSet, layout,
                  config: TransferConfig, executor: Executor,
-                 decode_speeds: DecodeSpeeds | None = None):
+                 decode_speeds: DecodeSpeeds | None = None,
+                 buffers: BufferPool | None = None):
         expected = -(-header.num_tokens // max(header.chunk_tokens, 1))
         if header.chunk_tokens <= 0 or header.num_chunks != expected:
             raise ProtocolError(f"header: {header.num_chunks} chunks of {header.chunk_tokens} "
@@ -68,6 +73,7 @@ class ReceiveSession:
         self.header, self.sink, self.levels, self.layout = header, sink, levels, layout
         self.config, self.executor = config, executor
         self.decode_speeds = decode_speeds or DecodeSpeeds()
+        self.buffers = buffers or BufferPool()
         self.stats = SessionStats()
         self.input_closed_reason = ""
         self._input_closed = False
@@ -79,6 +85,7 @@ class ReceiveSession:
         self._drained = asyncio.Event()
         self._next_index = 0
         self.task = asyncio.get_running_loop().create_task(self._run())
+        self.task.add_done_callback(lambda _: self._drained.set())
 
     # ------------------------------------------------------------ input side
 
@@ -103,10 +110,10 @@ class ReceiveSession:
         if len(payload) != frame.chunk_bytes:
             return self._reject(frame, f"chunk has {len(payload)} bytes, expected {frame.chunk_bytes}")
         self.stats.payload_bytes += len(payload)
-        self._put(index, _Arrived(frame.level, payload))
+        self._put(index, _Arrived(frame.level, payload, pooled=frame.num_parts > 1))
         return ChunkAck(index, frame.attempt, len(payload))
 
-    def _assemble(self, frame: ChunkFrame) -> tuple[bytearray | None, str]:
+    def _assemble(self, frame: ChunkFrame) -> tuple[memoryview | None, str]:
         """Copy a part into the chunk's buffer while it is still in cache.
 
         Returns:
@@ -115,7 +122,8 @@ class ReceiveSession:
         """
         index = frame.index
         if frame.part == 0:
-            self._parts[index] = _Assembly(bytearray(frame.chunk_bytes))
+            self._drop_parts(index)
+            self._parts[index] = _Assembly(self.buffers.take(frame.chunk_bytes))
         assembly = self._parts.get(index)
         if assembly is None or frame.part != assembly.next_part:
             return None, f"part {frame.part} out of order"
@@ -126,6 +134,8 @@ class ReceiveSession:
         assembly.offset, assembly.next_part = end, assembly.next_part + 1
         if assembly.next_part < frame.num_parts:
             return None, ""
+        if assembly.offset != len(assembly.buffer):
+            return None, f"parts hold {assembly.offset} bytes, expected {len(assembly.buffer)}"
         del self._parts[index]
         return assembly.buffer, ""
 
@@ -151,7 +161,7 @@ class ReceiveSession:
         or re-sent, first: waiting then would deadlock).
         """
         while (self.backlog >= self.config.max_pending_chunks
-               and self._next_index in self._ready):
+               and self._next_index in self._ready and not self.task.done()):
             self._drained.clear()
             await self._drained.wait()
 
@@ -167,6 +177,9 @@ class ReceiveSession:
             except Exception as exc:  # a chunk we cannot store fails the request
                 failed = f"chunk {index}: {type(exc).__name__}: {exc}"
                 break
+            finally:
+                if item.pooled:
+                    self.buffers.give(item.payload)
         self.stats.finished = time.perf_counter()
         self.sink.close(ok=not failed)
         return self._status(failed)
@@ -208,9 +221,14 @@ class ReceiveSession:
             return ok and frame.token_ids == self.header.token_ids[start:end]
         return ok and frame.level in self.levels
 
+    def _drop_parts(self, index: int) -> None:
+        assembly = self._parts.pop(index, None)
+        if assembly is not None:
+            self.buffers.give(assembly.buffer)
+
     def _reject(self, frame: ChunkFrame, reason: str) -> ChunkNak:
         index = frame.index
-        self._parts.pop(index, None)
+        self._drop_parts(index)
         self._attempt[index] = frame.attempt + 1
         self._failures[index] = self._failures.get(index, 0) + 1
         resend = self._failures[index] <= self.config.max_resends

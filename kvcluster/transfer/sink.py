@@ -22,7 +22,11 @@ TokenRange = tuple[int, int]
 class KVSink(abc.ABC):
     @abc.abstractmethod
     def write_chunk(self, index: int, token_range: TokenRange, kv) -> None:
-        """Store decoded KV ``[num_layers, 2, end - start, num_kv_heads, head_dim]``."""
+        """Store decoded KV ``[num_layers, 2, end - start, num_kv_heads, head_dim]``.
+
+        ``kv`` may share memory with the receive buffer, which is reused once
+        this returns: copy what you keep.
+        """
 
     @abc.abstractmethod
     def recompute_chunk(self, index: int, token_range: TokenRange,

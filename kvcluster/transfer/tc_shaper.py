@@ -1,4 +1,4 @@
-"""A real bandwidth limit: ``tc tbf`` on a veth, changed with ``tc qdisc replace``.
+"""A real bandwidth limit: ``tc tbf`` on a veth, changed with ``tc qdisc change``.
 
 The first rate is set synchronously (so a bad device fails loudly); later
 changes go to one long-running ``tc -batch -`` process, which applies each
@@ -27,7 +27,7 @@ class TcShaper(Shaper):
         self.device = device
         self.prefix = ["tc", *(["-n", netns] if netns else [])]
         _check_rate(bits_per_s)
-        subprocess.run([*self.prefix, *self.change_args(bits_per_s)], check=True,
+        subprocess.run([*self.prefix, *self.change_args(bits_per_s, "replace")], check=True,
                        capture_output=True)
         self.bits_per_s = bits_per_s
         self._batch: subprocess.Popen | None = None
@@ -47,8 +47,10 @@ class TcShaper(Shaper):
     async def acquire(self, num_bytes: int) -> None:
         pass  # the kernel paces
 
-    def change_args(self, bits_per_s: float) -> list[str]:
-        return ["qdisc", "replace", "dev", self.device, "root", *tbf_args(bits_per_s)]
+    def change_args(self, bits_per_s: float, verb: str = "change") -> list[str]:
+        """``change`` keeps the qdisc and its queue; ``replace`` would drop queued
+        packets, costing TCP a retransmission timeout (>= 200 ms) per rate change."""
+        return ["qdisc", verb, "dev", self.device, "root", *tbf_args(bits_per_s)]
 
     def close(self) -> None:
         if self._batch is not None and self._batch.stdin is not None:

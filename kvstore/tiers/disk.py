@@ -13,7 +13,10 @@ On start the index is rebuilt from the directory: temp files (a writer that
 died mid-file) are deleted, files whose header, length or key do not check
 out are deleted, and the survivors are charged oldest first. Payload
 checksums are checked on every read; a corrupt chunk is deleted and reported
-lost, never served. File format: :mod:`kvstore.tiers.disk_format`.
+lost, never served. Reads: one O_DIRECT read of the whole file into a
+huge-page bounce buffer per reader thread, checked, then copied out
+(:mod:`kvstore.tiers.direct_io` says why). File format:
+:mod:`kvstore.tiers.disk_format`.
 
 Layout: ``DIRECTORY/<layout identity>-T<chunk_tokens>/<key hex>.kvc``;
 one store per directory (enforced with an exclusive ``flock``).
@@ -39,6 +42,7 @@ from kvstore.chunk_spec import ChunkSpec
 from kvstore.copy import copy_kv
 from kvstore.policy import EvictionPolicy
 from kvstore.tiers.base import StorageTier
+from kvstore.tiers.direct_io import AlignedBuffer, open_for_read, read_whole
 from kvstore.tiers.disk_format import (
     FLAG_ZSTD, HEADER_SIZE, ChunkHeader, CorruptChunk, checksum,
 )
@@ -46,13 +50,19 @@ from kvstore.tiers.disk_format import (
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class _ReadBuffers:
-    """One reader's preallocated buffers (no allocation per read)."""
+    """One reader's preallocated buffers (no allocation per read).
 
-    header: bytearray
-    payload: torch.Tensor
-    """uint8 [chunk_bytes], for destinations that are not contiguous CPU memory."""
+        file:   uint8 [round_up(128 + chunk_bytes, 2 MiB)]  whole file, O_DIRECT target
+        decode: uint8 [chunk_bytes]   zstd output when the destination is not contiguous
+    """
+
+    def __init__(self, chunk_bytes: int):
+        self.file = AlignedBuffer(HEADER_SIZE + chunk_bytes)
+        self.payload = torch.frombuffer(self.file.view, dtype=torch.uint8)[
+            HEADER_SIZE : HEADER_SIZE + chunk_bytes]
+        """The raw payload's place inside ``file``."""
+        self.decode = torch.zeros(chunk_bytes, dtype=torch.uint8)
 
 
 @dataclass
@@ -92,8 +102,7 @@ class DiskTier(StorageTier):
         self._pending: dict[bytes, _PendingWrite] = {}
         self._read_bufs: queue.SimpleQueue[_ReadBuffers] = queue.SimpleQueue()
         for _ in range(reader_threads):
-            self._read_bufs.put(_ReadBuffers(bytearray(HEADER_SIZE),
-                                             torch.zeros(spec.chunk_bytes, dtype=torch.uint8)))
+            self._read_bufs.put(_ReadBuffers(spec.chunk_bytes))
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="kvstore-disk-reader")
         self._queue: queue.Queue[_PendingWrite | None] = queue.Queue()
         self.after_partial_write: Callable[[Path], None] | None = None
@@ -131,8 +140,7 @@ class DiskTier(StorageTier):
         return self.read_many([key], [dst])[0]
 
     def read_many(self, keys: list[bytes], dsts: list[torch.Tensor]) -> list[bool]:
-        """Read chunks, files concurrently (several reads in flight keep the
-        disk busy the way readahead does for one sequential file)."""
+        """Read chunks, files concurrently on the reader threads."""
         started = [self._start_read(k, d) for k, d in zip(keys, dsts)]
         oks = [s if isinstance(s, bool) else self._finish_read(k, s)
                for k, s in zip(keys, started)]
@@ -180,26 +188,40 @@ class DiskTier(StorageTier):
             self._read_bufs.put(bufs)
 
     def _read_file_with(self, key: bytes, dst: torch.Tensor, bufs: "_ReadBuffers") -> None:
-        direct = dst.device.type == "cpu" and dst.is_contiguous()
-        target = _bytes_of(dst) if direct else bufs.payload.numpy()
-        fd = os.open(self.path_of(key), os.O_RDONLY)
+        """Whole file (header + payload) into ``bufs.file`` with one O_DIRECT
+        read, check it, then one copy into ``dst`` (see :mod:`direct_io`)."""
+        fd, direct = open_for_read(self.path_of(key))
         try:
-            nread = os.preadv(fd, [bufs.header, target], 0)
-            header = ChunkHeader.unpack(bufs.header)
-            self._check_header(header, key, os.fstat(fd).st_size)
-            if header.compressed:
-                self._decode_into(os.pread(fd, header.payload_len, HEADER_SIZE), header, target)
-            elif nread != header.file_size or checksum(target) != header.payload_checksum:
-                raise CorruptChunk("payload checksum mismatch")
+            size = os.fstat(fd).st_size
+            if size > HEADER_SIZE + self.spec.chunk_bytes:
+                raise CorruptChunk(f"file is {size} bytes, more than a chunk")
+            nread = read_whole(fd, direct, size, bufs.file.view)
         finally:
             os.close(fd)
-        if not direct:
+        header = ChunkHeader.unpack(bufs.file.view[:HEADER_SIZE])
+        self._check_header(header, key, size)
+        payload = bufs.file.view[HEADER_SIZE : header.file_size]
+        if nread != header.file_size or checksum(payload) != header.payload_checksum:
+            raise CorruptChunk("payload checksum mismatch")
+        if header.compressed:
+            self._decode_to(payload, header, dst, bufs)
+        else:
             copy_kv(dst, self.spec.typed(bufs.payload))
+
+    def _decode_to(self, payload, header: ChunkHeader, dst: torch.Tensor, bufs) -> None:
+        direct = dst.device.type == "cpu" and dst.is_contiguous()
+        target = _bytes_of(dst) if direct else bufs.decode.numpy()
+        self._decode_into(payload, header, target)
+        if not direct:
+            copy_kv(dst, self.spec.typed(bufs.decode))
 
     def _decode_into(self, payload: bytes, header: ChunkHeader, target) -> None:
         if len(payload) != header.payload_len or checksum(payload) != header.payload_checksum:
             raise CorruptChunk("payload checksum mismatch")
-        raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=header.raw_len)
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=header.raw_len)
+        except zstandard.ZstdError as exc:  # a flag or frame that lies: corrupt, not a crash
+            raise CorruptChunk(f"zstd payload does not decode: {exc}") from None
         if len(raw) != header.raw_len:
             raise CorruptChunk("decompressed length mismatch")
         target[:] = memoryview(raw)

@@ -234,3 +234,42 @@ def test_failed_write_loses_the_chunk_cleanly(tmp_path):
     store.flush()
     assert torch.equal(store.get(keys[1:]), kv[:, :, 8:])
     store.close()
+
+
+def test_concurrent_reads_stop_at_a_corrupt_file_mid_prefix(tmp_path):
+    store = build(disk=10, directory=tmp_path, reader_threads=3)
+    tier = store.tiers[0]
+    keys, kv = make_keys(5), make_kv(5)
+    store.put(keys, kv)
+    store.flush()
+    _flip(tier.path_of(keys[2].digest), HEADER_SIZE + 7)
+    dsts = [torch.zeros(SPEC.shape, dtype=SPEC.dtype) for _ in keys]
+    assert tier.read_many([k.digest for k in keys], dsts) == [True, True, False, False, False]
+    assert all(torch.equal(dsts[i], chunk(kv, i)) for i in (0, 1))
+    assert not tier.path_of(keys[2].digest).exists() and keys[2].digest not in tier
+    assert keys[3].digest in tier  # read fine, only not served past the gap
+    assert torch.equal(store.get(keys[3:]), kv[:, :, 24:])
+    store.close()
+
+
+def test_reads_use_o_direct_and_reject_oversized_files(tmp_path):
+    from kvstore.tiers.direct_io import HUGE_PAGE, AlignedBuffer, open_for_read
+
+    buf = AlignedBuffer(5000)
+    assert len(buf.view) == HUGE_PAGE
+    assert torch.frombuffer(buf.view, dtype=torch.uint8).data_ptr() % HUGE_PAGE == 0
+    store = build(disk=10, directory=tmp_path)
+    tier = store.tiers[0]
+    keys, kv = make_keys(2), make_kv(2)
+    store.put(keys, kv)
+    store.flush()
+    fd, direct = open_for_read(tier.path_of(keys[0].digest))
+    os.close(fd)
+    if hasattr(os, "O_DIRECT") and not direct:
+        pytest.skip("filesystem without O_DIRECT: the buffered path is covered by the rest")
+    assert torch.equal(store.get(keys), kv)  # exact through the direct path
+    with open(tier.path_of(keys[1].digest), "ab") as f:
+        f.write(b"\0" * 4096)  # longer than any chunk file
+    assert store.get(keys).shape[2] == SPEC.chunk_tokens
+    assert store.metrics.value("kvstore_lost_total", tier="disk", reason="corrupt") == 1
+    store.close()

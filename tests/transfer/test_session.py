@@ -104,3 +104,18 @@ def test_out_of_order_part_and_bad_checksum_are_naked_then_recomputed():
     assert isinstance(replies[4], ChunkAck) and isinstance(replies[5], ChunkAck)
     assert sink.written == {0: "decoded", 1: "recomputed", 2: "decoded"}
     assert torch.equal(sink.kv, toy_kv(TOKENS, 0))
+
+
+def test_parts_that_do_not_add_up_to_chunk_bytes_are_rejected():
+    def script(session):
+        f0, f1 = frames(0, "lossless", raw(0), parts=2)
+        short = ChunkFrame(**{**f1.__dict__, "payload": bytes(f1.payload)[:-4],
+                              "checksum": frame_checksum(bytes(f1.payload)[:-4])})
+        replies = [session.on_frame(f0), session.on_frame(short)]
+        session.close_input("done")
+        return replies
+
+    status, sink, replies = run_session(script)
+    assert replies[0] is None and isinstance(replies[1], ChunkNak)
+    assert "expected" in replies[1].reason and replies[1].resend
+    assert sink.written[0] == "recomputed"

@@ -1,0 +1,1 @@
+"""Optional native helpers, compiled on first use (a C compiler is optional)."""
