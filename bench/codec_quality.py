@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
     contexts = build_contexts(tokenizer, lengths, CONTINUATION, runner.block_size)
     codecs = {name: get_codec(name) for name in level_names()}
     t0 = time.perf_counter()
-    levels = summarize(evaluate(runner, contexts, codecs, 16 if args.quick else 32))
+    levels = summarize(evaluate(runner, contexts, codecs, 8 if args.quick else 32))
     result = _result(levels, contexts, time.perf_counter() - t0)
     _print(levels)
     write_json(args.json, result)

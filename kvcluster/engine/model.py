@@ -214,11 +214,10 @@ class LlamaModel(nn.Module):
         qk = apply_rope(qk, cos, sin)  # [T, H_q + H_kv, D]
         q, k = qk[:, : arch.num_heads], qk[:, arch.num_heads :]
         v = qkv[:, arch.q_size + arch.kv_size :].view(num_tokens, -1, head_dim)
-        by_slot = kv_cache.view(2, -1, *kv_cache.shape[3:])  # [2, slots, H_kv, D]
-        by_slot[0].index_copy_(0, batch.slots, k)
-        by_slot[1].index_copy_(0, batch.slots, v)
+        new_kv = torch.stack((k, v))  # [2, T, H_kv, D]
+        kv_cache.view(2, -1, *kv_cache.shape[3:]).index_copy_(1, batch.slots, new_kv)
         if mirror is not None:
-            out = self._attend_decode_mirror(q, k, v, mirror, batch)
+            out = self._attend_decode_mirror(q, new_kv, mirror, batch)
         elif batch.block_tables is None:
             out = self._attend_new_tokens(q, k, v)
         elif batch.mask.shape[2] == 1:
@@ -245,12 +244,14 @@ class LlamaModel(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask)
         return out.reshape(num_seqs, -1, q.shape[-1])
 
-    def _attend_decode_mirror(self, q, k, v, mirror, batch: ForwardBatch) -> torch.Tensor:
-        """As :meth:`_attend_decode`, reading K/V as views of the contiguous mirror."""
+    def _attend_decode_mirror(self, q, new_kv, mirror, batch: ForwardBatch) -> torch.Tensor:
+        """As :meth:`_attend_decode`, reading K/V as views of the contiguous mirror.
+
+        new_kv [2, B, H_kv, D] is first written at each sequence's position.
+        """
         num_seqs, num_kv_heads, head_dim = batch.num_seqs, self.arch.num_kv_heads, q.shape[-1]
         rows = mirror.view(2, -1, head_dim)  # [2, slots * H_kv * capacity, D]
-        rows[0].index_copy_(0, batch.decode_kv_index, k.reshape(-1, head_dim))
-        rows[1].index_copy_(0, batch.decode_kv_index, v.reshape(-1, head_dim))
+        rows.index_copy_(1, batch.decode_kv_index, new_kv.view(2, -1, head_dim))
         context = batch.mask.shape[-1]
         keys, values = mirror[0, :num_seqs, :, :context], mirror[1, :num_seqs, :, :context]
         q = q.reshape(num_seqs, num_kv_heads, -1, head_dim)  # [B, H_kv, group, D]

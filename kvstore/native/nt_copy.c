@@ -32,7 +32,12 @@ static void copy_run(char *d, const char *s, size_t n) {
 
 void kv_nt_copy_2d(char *dst, ptrdiff_t dst_stride, const char *src, ptrdiff_t src_stride,
                    size_t run_bytes, size_t rows) {
-    for (size_t r = 0; r < rows; r++)
-        copy_run(dst + (ptrdiff_t)r * dst_stride, src + (ptrdiff_t)r * src_stride, run_bytes);
+    for (size_t r = 0; r < rows; r++) {
+        const char *s = src + (ptrdiff_t)r * src_stride;
+        if (r + 1 < rows)  /* the next run is a new stream: start fetching its head */
+            for (size_t o = 0; o < 1024 && o < run_bytes; o += 64)
+                __builtin_prefetch(s + src_stride + o);
+        copy_run(dst + (ptrdiff_t)r * dst_stride, s, run_bytes);
+    }
     _mm_sfence();  /* streaming stores are weakly ordered: fence before anyone reads */
 }

@@ -198,6 +198,8 @@ class DiskTier(StorageTier):
             nread = read_whole(fd, direct, size, bufs.file.view)
         finally:
             os.close(fd)
+        if nread < HEADER_SIZE:  # the buffer past nread holds an older file's bytes
+            raise CorruptChunk(f"header truncated ({nread} bytes)")
         header = ChunkHeader.unpack(bufs.file.view[:HEADER_SIZE])
         self._check_header(header, key, size)
         payload = bufs.file.view[HEADER_SIZE : header.file_size]

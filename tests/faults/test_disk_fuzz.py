@@ -81,9 +81,7 @@ def _mutate(data: bytes, how) -> bytes:
         return data[: arg % (len(data) + 1)]
     if kind == "extend":
         return data + arg
-    field, value = arg
-    if field in ("chunk_tokens",) or field == "flags":
-        value &= 0xFFFFFFFF if field == "chunk_tokens" else 0xFFFF
+    field, value = arg  # every value fits its field (flags are masked to 16 bits)
     return _reseal(data, field, value)
 
 
