@@ -106,6 +106,8 @@ class RayClusterBackend(GenerateBackend):
     async def close(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
 
     # ------------------------------------------------------------ planning
 
