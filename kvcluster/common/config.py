@@ -134,8 +134,6 @@ class StoreConfig:
 
 @dataclass
 class CodecConfig:
-    default_level: int = -1
-    """-1: the codec's measured default level."""
     group_size: int = 10
     """Tokens per anchor group (1..255)."""
     level: str = ""
