@@ -173,7 +173,7 @@ class RayClusterBackend(GenerateBackend):
                 self._collect_prefill(ref, prefill, decode, task, served_by))
         try:
             async for ref in stream:
-                yield await _get(ref)
+                yield await ref
         except ray.exceptions.RayActorError as exc:
             raise _ActorDied(str(exc)) from exc
         finally:
@@ -237,7 +237,3 @@ class RayClusterBackend(GenerateBackend):
 
 class _ActorDied(RuntimeError):
     pass
-
-
-async def _get(ref):
-    return await ref

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -93,11 +94,8 @@ class WorkerNode:
         num_chunks = kv.shape[2] // self.chunk_tokens
         block_ids = self.runner.cache.allocator.allocate(num_chunks * self.blocks_per_chunk)
         self.runner.cache.import_blocks(block_ids, kv.to(self.runner.cache.dtype))
-        by_tier: dict[str, int] = {}
-        for tier in found.tiers[:num_chunks]:
-            by_tier[Tier(tier).name.lower()] = by_tier.get(Tier(tier).name.lower(), 0) \
-                + self.chunk_tokens
-        return block_ids, by_tier
+        by_tier = Counter(Tier(t).name.lower() for t in found.tiers[:num_chunks])
+        return block_ids, {tier: n * self.chunk_tokens for tier, n in by_tier.items()}
 
     def save_chunks(self, keys: Sequence[BlockHash], kv, tenant: str) -> int:
         """Store whole chunks ``kv`` ``[L, 2, len(keys) * C, H, D]`` under ``keys``."""
