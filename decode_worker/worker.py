@@ -199,9 +199,9 @@ class DecodeWorker:
 
     def _keep(self, task: DecodeTask, sink: PagedCacheSink) -> None:
         """Store the received chunks so the next turn can hit here."""
-        keys = self.node.chunk_keys(sink.seq.token_ids, task.tenant)
         with self._lock:
-            kv = sink.export(0, len(keys) * self.node.chunk_tokens)
+            keys, kv = self.node.export_chunks(sink.seq.token_ids, sink.seq.block_table,
+                                               task.tenant)
         self.node.save_chunks(keys, kv, task.tenant)
 
     def _keep_prompt(self, request_id: str, tenant: str) -> None:
@@ -210,11 +210,8 @@ class DecodeWorker:
             seq = self.engine.sequences.get(request_id)
             if seq is None:
                 return
-            keys = self.node.chunk_keys(seq.token_ids[: seq.num_prompt_tokens], tenant)
-            num_blocks = len(keys) * self.node.blocks_per_chunk
-            if not keys or len(seq.block_table) < num_blocks:
-                return
-            kv = self.node.runner.cache.export_blocks(seq.block_table[:num_blocks])
+            keys, kv = self.node.export_chunks(seq.token_ids[: seq.num_prompt_tokens],
+                                               seq.block_table, tenant)
         self.node.save_chunks(keys, kv, tenant)
 
     # ------------------------------------------------------------ engine loop
