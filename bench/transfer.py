@@ -170,7 +170,8 @@ async def _send_all(target, payload, chunks_per_request, num_requests, config,
             source.add_encoded(index, "raw", payload)
         sources.append(source)
     async with KVSender(target, levels, config, policy=make_policy("raw", ["raw"])) as sender:
-        await sender.send(sources[0], "warmup")  # connections up, code paths warm
+        # Connections up, code paths and the receiver's buffer pool warm.
+        await asyncio.gather(*[sender.send(s, f"warmup{i}") for i, s in enumerate(sources)])
         meter = _CpuMeter(receiver_pid)
         results = await asyncio.gather(*[sender.send(s, f"r{i}") for i, s in enumerate(sources)])
     for result in results:

@@ -191,6 +191,9 @@ class TransferConfig:
     """Fraction of the SLO kept back for the receiver's last decode and per-call overheads."""
     decode_threads: int = 2
     """Receiver threads decoding chunks (off the event loop)."""
+    heap_trim_threshold_bytes: int = 256 << 20
+    """Free heap a sending or receiving process keeps mapped so message buffers stay
+    warm (kvcluster/transfer/heap.py); 0 leaves glibc's defaults."""
     tls_root_cert: str = ""
     """Sender: PEM bundle that signs receivers' certificates; set to use TLS."""
     tls_client_cert: str = ""
@@ -208,6 +211,9 @@ class TransferConfig:
         for name in ("message_payload_bytes", "num_channels", "max_inflight_chunks",
                      "max_pending_chunks", "chunk_timeout_s", "timeout_s", "decode_threads"):
             _check_positive(f"{path}.{name}", getattr(self, name))
+        if not 0 <= self.heap_trim_threshold_bytes < 1 << 31:
+            raise ConfigError(path + ".heap_trim_threshold_bytes",
+                              f"must be in [0, 2 GiB), got {self.heap_trim_threshold_bytes}")
         if self.message_payload_bytes + (64 << 10) > self.max_message_bytes:
             raise ConfigError(path + ".message_payload_bytes",
                               "must leave 64 KiB of max_message_bytes for metadata")

@@ -19,6 +19,7 @@ import grpc
 from kvcluster.common.config import TransferConfig
 from kvcluster.proto import convert
 from kvcluster.transfer.bandwidth import BandwidthEstimator
+from kvcluster.transfer.heap import keep_heap_warm
 from kvcluster.transfer.levels import LevelSet
 from kvcluster.transfer.messages import ReceiverInfo
 from kvcluster.transfer.policy import LevelPolicy, make_policy
@@ -55,6 +56,8 @@ class KVSender:
         self.shaper = shaper
         self.estimator = estimator or BandwidthEstimator(self.config.bandwidth_alpha,
                                                          self.config.bandwidth_window)
+        if self.config.heap_trim_threshold_bytes:
+            keep_heap_warm(self.config.heap_trim_threshold_bytes)
         self._channels = [self._channel(i) for i in range(self.config.num_channels)]
         self._next_channel = itertools.cycle(range(len(self._channels)))
         self._info: ReceiverInfo | None = None

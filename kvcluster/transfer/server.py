@@ -11,6 +11,7 @@ import grpc
 
 from kvcluster.common.config import TransferConfig
 from kvcluster.proto import convert
+from kvcluster.transfer.heap import keep_heap_warm
 from kvcluster.transfer.receiver import KVReceiver, ProtocolError
 from kvcluster.transfer.security import ServerSecurity
 
@@ -40,6 +41,8 @@ class TransferServer:
 
     async def start(self) -> int:
         """Bind ``config.host:config.port`` (0: a free port) and serve; returns the port."""
+        if self.config.heap_trim_threshold_bytes:
+            keep_heap_warm(self.config.heap_trim_threshold_bytes)
         server = grpc.aio.server(options=channel_options(self.config))
         server.add_generic_rpc_handlers((self._handlers(),))
         address = f"{self.config.host}:{self.config.port}"
