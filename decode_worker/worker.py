@@ -185,8 +185,7 @@ class DecodeWorker:
                 or tuple(sink.seq.token_ids) != tuple(task.token_ids[:num_tokens]):
             log.warning("request %s: KV stream unusable (%s); recomputing", task.request_id,
                         result.status.message)
-            with self._lock:
-                self.node.runner.free(sink.seq)
+            sink.discard()
             return []
         await asyncio.get_running_loop().run_in_executor(None, self._keep, task, sink)
         return blocks
@@ -296,3 +295,7 @@ class _LockedSink(PagedCacheSink):
 
     def close(self, ok: bool) -> None:
         super().close(ok)
+
+    def discard(self) -> None:
+        with self._lock:
+            super().discard()

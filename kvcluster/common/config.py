@@ -191,6 +191,9 @@ class TransferConfig:
     """Fraction of the SLO kept back for the receiver's last decode and per-call overheads."""
     decode_threads: int = 2
     """Receiver threads decoding chunks (off the event loop)."""
+    unclaimed_result_s: float = 60.0
+    """Receiver: a finished stream whose request never claims it within this long is
+    discarded (its KV blocks freed)."""
     heap_trim_threshold_bytes: int = 256 << 20
     """Free heap a sending or receiving process keeps mapped so message buffers stay
     warm (kvcluster/transfer/heap.py); 0 leaves glibc's defaults."""
@@ -209,7 +212,8 @@ class TransferConfig:
         _check_positive(path + ".chunk_tokens", self.chunk_tokens)
         _check_positive(path + ".max_message_bytes", self.max_message_bytes)
         for name in ("message_payload_bytes", "num_channels", "max_inflight_chunks",
-                     "max_pending_chunks", "chunk_timeout_s", "timeout_s", "decode_threads"):
+                     "max_pending_chunks", "chunk_timeout_s", "timeout_s", "decode_threads",
+                     "unclaimed_result_s"):
             _check_positive(f"{path}.{name}", getattr(self, name))
         if not 0 <= self.heap_trim_threshold_bytes < 1 << 31:
             raise ConfigError(path + ".heap_trim_threshold_bytes",

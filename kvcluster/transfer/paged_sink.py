@@ -75,6 +75,11 @@ class PagedCacheSink(KVSink):
     def close(self, ok: bool) -> None:
         self.closed_ok = ok
 
+    def discard(self) -> None:
+        """Give the request's blocks back to the cache (idempotent)."""
+        if self.seq.block_table:
+            self.runner.free(self.seq)
+
     def _blocks(self, start: int, end: int) -> list[int]:
         block_size = self.cache.block_size
         if start % block_size:

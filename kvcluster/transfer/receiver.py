@@ -55,6 +55,7 @@ class KVReceiver:
         self.buffers = BufferPool()
         self.executor = ThreadPoolExecutor(self.config.decode_threads, "kv-decode")
         self._results: dict[str, asyncio.Future] = {}
+        self._forgotten: set[str] = set()
 
     def info(self) -> ReceiverInfo:
         return ReceiverInfo((self.layout.identity,), tuple(self.levels.names),
@@ -80,9 +81,39 @@ class KVReceiver:
         return status
 
     async def wait_result(self, request_id: str, timeout_s: float | None = None) -> ReceiveResult:
-        """The outcome of ``request_id`` once its session has finished."""
+        """Claim the outcome of ``request_id`` once its session has finished.
+
+        A result is claimed once; one given up on (timeout, cancellation) is
+        discarded, and so is one nobody claims within ``unclaimed_result_s``.
+        """
+        self._forgotten.discard(request_id)  # a claimant again
         future = self._future(request_id)
-        return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            self.forget(request_id)
+            raise
+        if self._results.get(request_id) is future:
+            del self._results[request_id]
+        return result
+
+    def forget(self, request_id: str) -> None:
+        """Nobody will claim ``request_id``: free its KV now, or once its stream ends.
+
+        Streams of it that end within ``unclaimed_result_s`` are discarded at once.
+        """
+        future = self._results.pop(request_id, None)
+        if future is not None and future.done():
+            self._discard_sink(future.result().sink)
+            return
+        self._forgotten.add(request_id)
+        asyncio.get_running_loop().call_later(self.config.unclaimed_result_s,
+                                              self._forgotten.discard, request_id)
+
+    @property
+    def num_unclaimed(self) -> int:
+        """Results (finished or in flight) nobody has claimed yet."""
+        return len(self._results)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -92,12 +123,37 @@ class KVReceiver:
     def _open(self, header: StreamHeader) -> ReceiveSession:
         if header.layout_identity != self.layout.identity:
             raise ProtocolError(f"layout {header.layout_identity} is not {self.layout.identity}")
+        stale = self._results.get(header.request_id)
+        if stale is not None and stale.done():  # a resent request: the newest stream wins
+            self.forget(header.request_id)
         sink = self.sink_factory(header)
         session = ReceiveSession(header, sink, self.levels, self.layout, self.config,
                                  self.executor, self.decode_speeds, self.buffers)
         future = self._future(header.request_id)
-        session.task.add_done_callback(lambda task: _publish(task, future, session, sink))
+        session.task.add_done_callback(
+            lambda task: self._publish(task, future, session, sink))
         return session
+
+    def _publish(self, task: asyncio.Task, future: asyncio.Future, session: ReceiveSession,
+                 sink: KVSink) -> None:
+        request_id = session.header.request_id
+        if future.done() or request_id in self._forgotten:
+            self._discard_sink(sink)  # given up on, or another stream published first
+            if self._results.get(request_id) is future and not future.done():
+                del self._results[request_id]
+            return
+        future.set_result(ReceiveResult(_final_status(task, request_id), session.stats, sink))
+        asyncio.get_running_loop().call_later(self.config.unclaimed_result_s,
+                                              self._expire, request_id, future)
+
+    def _expire(self, request_id: str, future: asyncio.Future) -> None:
+        if self._results.get(request_id) is future:
+            log.warning("request %s: KV received but never claimed; discarded", request_id)
+            self.forget(request_id)
+
+    def _discard_sink(self, sink: KVSink) -> None:
+        """Off the event loop: a sink may wait for the engine's lock."""
+        self.executor.submit(sink.discard)
 
     async def _pump(self, session: ReceiveSession, read: ReadFn, write: WriteFn) -> None:
         while True:
@@ -121,10 +177,7 @@ class KVReceiver:
         return self._results[request_id]
 
 
-def _publish(task: asyncio.Task, future: asyncio.Future, session: ReceiveSession,
-             sink: KVSink) -> None:
-    if future.done():
-        return
+def _final_status(task: asyncio.Task, request_id: str) -> StreamStatus:
     if task.cancelled():
         status = StreamStatus(StreamCode.FAILED, "session cancelled")
     elif task.exception() is not None:
@@ -132,5 +185,5 @@ def _publish(task: asyncio.Task, future: asyncio.Future, session: ReceiveSession
     else:
         status = task.result()
     if status.code == StreamCode.FAILED:
-        log.warning("request %s failed: %s", session.header.request_id, status.message)
-    future.set_result(ReceiveResult(status, session.stats, sink))
+        log.warning("request %s failed: %s", request_id, status.message)
+    return status

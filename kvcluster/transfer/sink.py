@@ -36,6 +36,9 @@ class KVSink(abc.ABC):
     def close(self, ok: bool) -> None:
         """The request is complete (``ok``) or abandoned; release or publish."""
 
+    def discard(self) -> None:
+        """Nobody will claim this request's KV: free whatever the sink holds."""
+
 
 SinkFactory = Callable[[StreamHeader], KVSink]
 """Opens the sink of a new request from its stream header."""
