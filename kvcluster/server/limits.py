@@ -44,7 +44,12 @@ class _Bucket:
 
 
 class TenantRateLimiter:
-    """Token bucket per tenant: ``requests_per_s`` refill, ``burst`` capacity."""
+    """Token bucket per tenant: ``requests_per_s`` refill, ``burst`` capacity.
+
+    A bucket idle for ``burst / requests_per_s`` seconds is full again, the same
+    as a new one, so such buckets are dropped (swept at most once per that
+    period): memory follows the tenants active lately, not every name ever seen.
+    """
 
     def __init__(self, requests_per_s: float, burst: int, clock=time.monotonic):
         self._rate = requests_per_s
@@ -52,6 +57,13 @@ class TenantRateLimiter:
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
+        self._refill_s = self._burst / self._rate
+        self._last_sweep = clock()
+
+    @property
+    def num_tenants(self) -> int:
+        """Tenants with a bucket that is not known to be full."""
+        return len(self._buckets)
 
     def acquire(self, tenant: str) -> None:
         """Take one request's token or raise RESOURCE_EXHAUSTED."""
@@ -65,7 +77,14 @@ class TenantRateLimiter:
 
     def _refill(self, tenant: str) -> _Bucket:
         now = self._clock()
+        if now - self._last_sweep >= self._refill_s:
+            self._sweep(now)
         bucket = self._buckets.setdefault(tenant, _Bucket(self._burst, now))
         bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.updated) * self._rate)
         bucket.updated = now
         return bucket
+
+    def _sweep(self, now: float) -> None:
+        self._buckets = {tenant: bucket for tenant, bucket in self._buckets.items()
+                         if now - bucket.updated < self._refill_s}
+        self._last_sweep = now

@@ -34,3 +34,24 @@ def test_rate_limit_per_tenant_with_refill():
     limiter.acquire("a")
     with pytest.raises(LimitError):
         limiter.acquire("a")
+
+
+def test_idle_tenants_are_forgotten_without_changing_any_answer():
+    now = [0.0]
+    limiter = TenantRateLimiter(requests_per_s=2, burst=3, clock=lambda: now[0])
+    for i in range(1000):  # random tenant names, one request each
+        limiter.acquire(f"t{i}")
+    for _ in range(3):
+        limiter.acquire("busy")
+    assert limiter.num_tenants == 1001
+    now[0] = 1.0  # "busy" has refilled 2 of 3 tokens; the others are full
+    limiter.acquire("busy")
+    assert limiter.num_tenants == 1001  # not yet a whole refill period (1.5 s)
+    now[0] = 1.6
+    limiter.acquire("busy")  # sweep: every bucket idle for >= 1.5 s is full, dropped
+    assert limiter.num_tenants == 1
+    limiter.acquire("busy")
+    with pytest.raises(LimitError):  # still its own, partly drained bucket
+        limiter.acquire("busy")
+    for _ in range(3):
+        limiter.acquire("t5")  # a dropped tenant starts full, as it would have been
