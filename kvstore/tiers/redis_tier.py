@@ -14,6 +14,12 @@ If Redis goes away (connection refused, timeout), the tier logs one warning,
 forgets everything it held (reported lost), and stays off for
 ``retry_after_s``; the next call after that pings and, if Redis answers,
 turns the tier back on. Nothing raises to the caller.
+
+Redis outlives the worker: on start the tier indexes the chunks already there
+under its model and layout (a previous run's), oldest first by remaining TTL,
+up to its capacity. (Not when Redis itself comes back: the store indexes a
+tier's keys only when it adopts the tier, and a restarted Redis is empty unless
+it persists.)
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ class RedisTier(StorageTier):
         self._stage = torch.zeros(spec.chunk_bytes, dtype=torch.uint8)
         self._up = True
         self._retry_at = 0.0
+        self._adopt_existing()
 
     # ---------------------------------------------------------- public
 
@@ -170,6 +177,39 @@ class RedisTier(StorageTier):
 
     def _discard(self, key: bytes) -> None:
         self._names.pop(key, None)
+
+    def _adopt_existing(self) -> None:
+        """Index chunks already in Redis for this model and layout (any tenant)."""
+        pattern = f"{self._prefix}*:{self._layout_tag}:*"
+        try:
+            names = [n for n in self.client.scan_iter(match=pattern, count=1000)
+                     if _key_of(n) not in self._names]
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                pipe.pttl(name)
+            ttls = pipe.execute() if names else []
+        except _DOWN_ERRORS as exc:
+            self._go_down(exc)
+            return
+        live = sorted((ttl, name) for ttl, name in zip(ttls, names) if ttl > 0)
+        for _ttl, name in live:
+            key = _key_of(name)
+            if key is None or not self.has_space():
+                continue
+            self._names[key] = name.decode()
+            self._charge(key, self.spec.chunk_bytes)
+        if live:
+            log.info("redis tier: indexed %d chunks already in Redis", len(self))
+
+
+def _key_of(name: bytes) -> bytes | None:
+    """The chunk key at the end of a key name, or None if it is not one of ours."""
+    digest = name.rsplit(b":", 1)[-1]
+    try:
+        key = bytes.fromhex(digest.decode())
+    except ValueError:
+        return None
+    return key if len(key) == 32 else None
 
 
 def _safe(part: str) -> str:

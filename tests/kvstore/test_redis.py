@@ -76,3 +76,32 @@ def test_expired_chunk_is_reported_lost(redis_server):
     assert store.tier_of(keys[0]) is None
     assert store.metrics.value("kvstore_lost_total", tier="redis", reason="expired") == 1
     store.close()
+
+
+def test_a_new_store_indexes_what_an_earlier_run_left_in_redis(redis_server):
+    keys, kv = make_keys(4, tenant="acme"), make_kv(4)
+    first = build(host=1, redis=4, redis_url=redis_server.url)
+    first.put(keys, kv, tenant="acme")  # 3 spill to Redis, 1 stays in host memory
+    assert first.lookup(keys[:3]).tiers == [Tier.REDIS] * 3
+    first.close()  # the worker restarts; Redis keeps the chunks
+    client = redis.Redis.from_url(redis_server.url)
+    client.set("kvc:tiny:acme:0123456789abcdef:" + "ab" * 32, b"another layout")
+    client.set("kvc:tiny:acme:not-a-chunk", b"x")
+
+    second = build(host=1, redis=4, redis_url=redis_server.url)
+    assert second.lookup(keys).tiers == [Tier.REDIS] * 3  # the 4th lived only in memory
+    assert torch.equal(second.get(keys[:3]), kv[:, :, :24])
+    second.close()
+
+
+def test_indexing_existing_chunks_stops_at_the_capacity_oldest_first(redis_server):
+    keys, kv = make_keys(3), make_kv(3)
+    first = build(host=1, redis=4, redis_url=redis_server.url)
+    first.put(keys, kv)
+    first.close()
+    client = redis.Redis.from_url(redis_server.url)
+    names = {k: first.tiers[1].name_of(k) for k in keys[:2]}
+    client.pexpire(names[keys[1]], 1_000_000)  # expires sooner: the older one
+    second = build(host=1, redis=1, redis_url=redis_server.url)
+    assert second.tier_of(keys[1]) == Tier.REDIS and second.tier_of(keys[0]) is None
+    second.close()
