@@ -15,8 +15,8 @@ out are deleted, and the survivors are charged oldest first. Payload
 checksums are checked on every read; a corrupt chunk is deleted and reported
 lost, never served. Reads: one O_DIRECT read of the whole file into a
 huge-page bounce buffer per reader thread, checked, then copied out
-(:mod:`kvstore.tiers.direct_io` says why). File format:
-:mod:`kvstore.tiers.disk_format`.
+(:mod:`kvstore.tiers.direct_io` says why). One file's reading and writing:
+:mod:`kvstore.tiers.disk_files`; its format: :mod:`kvstore.tiers.disk_format`.
 
 Layout: ``DIRECTORY/<layout identity>-T<chunk_tokens>/<key hex>.kvc``;
 one store per directory (enforced with an exclusive ``flock``).
@@ -24,7 +24,6 @@ one store per directory (enforced with an exclusive ``flock``).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import queue
@@ -42,27 +41,13 @@ from kvstore.chunk_spec import ChunkSpec
 from kvstore.copy import copy_kv
 from kvstore.policy import EvictionPolicy
 from kvstore.tiers.base import StorageTier
-from kvstore.tiers.direct_io import AlignedBuffer, open_for_read, read_whole
-from kvstore.tiers.disk_format import (
-    FLAG_ZSTD, HEADER_SIZE, ChunkHeader, CorruptChunk, checksum,
+from kvstore.tiers.disk_files import (
+    ReadBuffers, check_header, encode_chunk, fsync_dir, lock_directory, read_chunk_file,
+    write_chunk_file,
 )
+from kvstore.tiers.disk_format import HEADER_SIZE, ChunkHeader, CorruptChunk, checksum
 
 log = logging.getLogger(__name__)
-
-
-class _ReadBuffers:
-    """One reader's preallocated buffers (no allocation per read).
-
-        file:   uint8 [round_up(128 + chunk_bytes, 2 MiB)]  whole file, O_DIRECT target
-        decode: uint8 [chunk_bytes]   zstd output when the destination is not contiguous
-    """
-
-    def __init__(self, chunk_bytes: int):
-        self.file = AlignedBuffer(HEADER_SIZE + chunk_bytes)
-        self.payload = torch.frombuffer(self.file.view, dtype=torch.uint8)[
-            HEADER_SIZE : HEADER_SIZE + chunk_bytes]
-        """The raw payload's place inside ``file``."""
-        self.decode = torch.zeros(chunk_bytes, dtype=torch.uint8)
 
 
 @dataclass
@@ -95,14 +80,14 @@ class DiskTier(StorageTier):
             raise ValueError(f"disk compression must be none or zstd, got {compression!r}")
         self.root = Path(directory) / f"{spec.layout.identity}-T{spec.chunk_tokens}"
         self.root.mkdir(parents=True, exist_ok=True)
-        self._dir_lock = _lock_directory(self.root)
+        self._dir_lock = lock_directory(self.root)
         self.compression = compression
         self._staging = torch.zeros((max_pending_writes, spec.chunk_bytes), dtype=torch.uint8)
         self._free_staging = list(range(max_pending_writes - 1, -1, -1))
         self._pending: dict[bytes, _PendingWrite] = {}
-        self._read_bufs: queue.SimpleQueue[_ReadBuffers] = queue.SimpleQueue()
+        self._read_bufs: queue.SimpleQueue[ReadBuffers] = queue.SimpleQueue()
         for _ in range(reader_threads):
-            self._read_bufs.put(_ReadBuffers(spec.chunk_bytes))
+            self._read_bufs.put(ReadBuffers(spec.chunk_bytes))
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="kvstore-disk-reader")
         self._queue: queue.Queue[_PendingWrite | None] = queue.Queue()
         self.after_partial_write: Callable[[Path], None] | None = None
@@ -183,66 +168,14 @@ class DiskTier(StorageTier):
         """Runs on a reader thread; touches no shared state but its buffers."""
         bufs = self._read_bufs.get()
         try:
-            self._read_file_with(key, dst, bufs)
+            read_chunk_file(self.spec, self.path_of(key), key, dst, bufs)
         finally:
             self._read_bufs.put(bufs)
-
-    def _read_file_with(self, key: bytes, dst: torch.Tensor, bufs: "_ReadBuffers") -> None:
-        """Whole file (header + payload) into ``bufs.file`` with one O_DIRECT
-        read, check it, then one copy into ``dst`` (see :mod:`direct_io`)."""
-        fd, direct = open_for_read(self.path_of(key))
-        try:
-            size = os.fstat(fd).st_size
-            if size > HEADER_SIZE + self.spec.chunk_bytes:
-                raise CorruptChunk(f"file is {size} bytes, more than a chunk")
-            nread = read_whole(fd, direct, size, bufs.file.view)
-        finally:
-            os.close(fd)
-        if nread < HEADER_SIZE:  # the buffer past nread holds an older file's bytes
-            raise CorruptChunk(f"header truncated ({nread} bytes)")
-        header = ChunkHeader.unpack(bufs.file.view[:HEADER_SIZE])
-        self._check_header(header, key, size)
-        payload = bufs.file.view[HEADER_SIZE : header.file_size]
-        if nread != header.file_size or checksum(payload) != header.payload_checksum:
-            raise CorruptChunk("payload checksum mismatch")
-        if header.compressed:
-            self._decode_to(payload, header, dst, bufs)
-        else:
-            copy_kv(dst, self.spec.typed(bufs.payload))
-
-    def _decode_to(self, payload, header: ChunkHeader, dst: torch.Tensor, bufs) -> None:
-        direct = dst.device.type == "cpu" and dst.is_contiguous()
-        target = _bytes_of(dst) if direct else bufs.decode.numpy()
-        self._decode_into(payload, header, target)
-        if not direct:
-            copy_kv(dst, self.spec.typed(bufs.decode))
-
-    def _decode_into(self, payload: bytes, header: ChunkHeader, target) -> None:
-        if len(payload) != header.payload_len or checksum(payload) != header.payload_checksum:
-            raise CorruptChunk("payload checksum mismatch")
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=header.raw_len)
-        except zstandard.ZstdError as exc:  # a flag or frame that lies: corrupt, not a crash
-            raise CorruptChunk(f"zstd payload does not decode: {exc}") from None
-        if len(raw) != header.raw_len:
-            raise CorruptChunk("decompressed length mismatch")
-        target[:] = memoryview(raw)
-
-    def _check_header(self, header: ChunkHeader, key: bytes, file_size: int) -> None:
-        layout = self.spec.layout
-        if header.key != key:
-            raise CorruptChunk("key in header does not match the file name")
-        if header.layout_fingerprint != layout.fingerprint:
-            raise CorruptChunk(f"layout {header.layout_identity} is not {layout.identity}")
-        if header.chunk_tokens != self.spec.chunk_tokens or header.raw_len != self.spec.chunk_bytes:
-            raise CorruptChunk("chunk size mismatch")
-        if header.payload_len > header.raw_len or file_size != header.file_size:
-            raise CorruptChunk(f"file is {file_size} bytes, header says {header.file_size}")
 
     # ---------------------------------------------------------- writes
 
     def _write_loop(self) -> None:
-        compressor = zstandard.ZstdCompressor(level=3)
+        compressor = zstandard.ZstdCompressor(level=3) if self.compression == "zstd" else None
         while (job := self._queue.get()) is not None:
             try:
                 self._write_job(job, compressor)
@@ -252,22 +185,23 @@ class DiskTier(StorageTier):
                 self._queue.task_done()
         self._queue.task_done()
 
-    def _write_job(self, job: _PendingWrite, compressor: zstandard.ZstdCompressor) -> None:
+    def _write_job(self, job: _PendingWrite, compressor: zstandard.ZstdCompressor | None) -> None:
         with self.lock:
             if job.cancelled:
                 self._free_staging.append(job.slot)
                 return
         tmp = self.root / f".{job.key.hex()}.{os.getpid()}.{job.slot}.tmp"
         try:
-            header, payload = self._encode(job.key, self._staging[job.slot].numpy(), compressor)
-            self._write_file(tmp, header.pack(), payload)
+            header, payload = encode_chunk(self.spec, job.key, self._staging[job.slot].numpy(),
+                                           compressor)
+            write_chunk_file(tmp, header.pack(), payload, self.after_partial_write)
         except Exception as exc:  # disk full, I/O error, ...: the chunk is lost
             tmp.unlink(missing_ok=True)
             self._finish(job, None, tmp, error=exc)
             return
         self._finish(job, header, tmp)
         if self._queue.empty():  # make the renames durable once per burst
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
 
     def _finish(self, job: _PendingWrite, header: ChunkHeader | None, tmp: Path,
                 error: Exception | None = None) -> None:
@@ -283,31 +217,6 @@ class DiskTier(StorageTier):
                 return
             os.replace(tmp, self.path_of(job.key))
             self._recharge(job.key, header.file_size)
-
-    def _encode(self, key: bytes, raw, compressor) -> tuple[ChunkHeader, object]:
-        payload, flags = raw, 0
-        if self.compression == "zstd":
-            packed = compressor.compress(raw)
-            if len(packed) < len(raw):
-                payload, flags = packed, FLAG_ZSTD
-        layout = self.spec.layout
-        header = ChunkHeader(key, layout.fingerprint, layout.identity, self.spec.chunk_tokens,
-                             len(raw), len(payload), checksum(payload), flags)
-        return header, payload
-
-    def _write_file(self, tmp: Path, header: bytes, payload) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            _write_all(fd, memoryview(header))
-            view = memoryview(payload).cast("B")
-            half = len(view) // 2 if self.after_partial_write else len(view)
-            _write_all(fd, view[:half])
-            if self.after_partial_write:
-                self.after_partial_write(tmp)
-            _write_all(fd, view[half:])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _discard(self, key: bytes) -> None:
         job = self._pending.pop(key, None)
@@ -340,35 +249,7 @@ class DiskTier(StorageTier):
         with open(path, "rb") as f:
             header = ChunkHeader.unpack(f.read(HEADER_SIZE))
             stat = os.fstat(f.fileno())
-            self._check_header(header, key, stat.st_size)
+            check_header(self.spec, header, key, stat.st_size)
             if verify and checksum(f.read()) != header.payload_checksum:
                 raise CorruptChunk("payload checksum mismatch")
         return stat.st_mtime, key, header.file_size
-
-
-def _bytes_of(t: torch.Tensor):
-    """A writable uint8 numpy view of a contiguous CPU tensor's bytes."""
-    return t.view(-1).view(torch.uint8).numpy()
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _lock_directory(root: Path):
-    handle = open(root / ".lock", "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise RuntimeError(f"{root} is in use by another kvstore process") from None
-    return handle
