@@ -8,7 +8,9 @@
             -> D's continuous batch streams tokens back (Ray streaming generator)
 
 Two routers, one per pool, each fed by its workers' KV events and heartbeats
-(relayed through the actors' ``poll`` in the embedded default). A decode
+(relayed through the actors' ``poll`` in the embedded default, every
+``poll_interval_s`` and right after each request, so the next turn of a
+conversation is routed with the blocks this one stored). A decode
 actor that dies mid-generation is replaced: the request resumes on another
 decode instance from its prompt plus the tokens already streamed (greedy
 output is therefore identical), or fails with a clear error.
@@ -50,6 +52,7 @@ class RayClusterBackend(GenerateBackend):
         self.poll_interval_s = poll_interval_s
         self.stats = {"prefill_results": deque(maxlen=10_000), "decode_retries": 0}
         self._poller: asyncio.Task | None = None
+        self._poll_locks: dict[str, asyncio.Lock] = {}
         self._unreachable: set[str] = set()
         self.metrics = metrics or RouterMetrics()
         for role, router in self.routers.items():
@@ -91,6 +94,7 @@ class RayClusterBackend(GenerateBackend):
                     raise BackendError("UNAVAILABLE", f"decode workers kept failing: {exc}")
                 self.routers["decode"].registry.deregister(decode.instance_id)
                 decode = self._pick("decode", route)
+        await self._relay_events_of(decode, served_by.get("prefill"))
         yield FinalEvent(
             finish_reason=(final.finish_reason if final else "length"),
             ttft_ms=(final.first_token_s * 1e3 if final else 0.0),
@@ -204,8 +208,20 @@ class RayClusterBackend(GenerateBackend):
             except Exception:
                 log.exception("heartbeat poll failed")
 
-    async def _poll_once(self) -> None:
-        handles = self.pools.prefill + self.pools.decode
+    async def _relay_events_of(self, decode: WorkerHandle, prefill_id: str | None) -> None:
+        """Poll the request's workers now: their KV events reach the routers
+        before the client can send its next turn."""
+        handles = [decode] + ([self.pools.by_id(prefill_id)] if prefill_id else [])
+        if self._poller is None:  # not started (or closing): nothing relays events
+            return
+        try:  # bounded: a stuck actor must not hold back the final event
+            await asyncio.wait_for(self._poll_once(handles), self.poll_interval_s)
+        except asyncio.TimeoutError:
+            log.warning("events of %s not relayed within %.1f s; the periodic poll will",
+                        [h.instance_id for h in handles], self.poll_interval_s)
+
+    async def _poll_once(self, handles: list[WorkerHandle] | None = None) -> None:
+        handles = handles or self.pools.prefill + self.pools.decode
         results = await asyncio.gather(*(self._poll(h) for h in handles),
                                        return_exceptions=True)
         for handle, result in zip(handles, results):
@@ -218,7 +234,7 @@ class RayClusterBackend(GenerateBackend):
             if handle.instance_id in self._unreachable:
                 log.warning("%s reachable again", handle.instance_id)
                 self._unreachable.discard(handle.instance_id)
-            load, batches, address = result
+            load, address = result
             alive = {i.instance_id for i in router.registry.alive()}
             if address and address != handle.address:  # restarted on a new port
                 log.warning("%s now receives KV on %s", handle.instance_id, address)
@@ -227,12 +243,18 @@ class RayClusterBackend(GenerateBackend):
             if handle.instance_id not in alive:
                 router.registry.register(handle.instance_id, handle.address, handle.role)
             router.registry.heartbeat(handle.instance_id, load)
-            forward(router.bus, batches)
 
-    async def _poll(self, handle: WorkerHandle):
+    async def _poll(self, handle: WorkerHandle) -> tuple:
+        """One actor's heartbeat ``(load, address)``; its queued events go to the
+        router. One poll per actor at a time, so its batches arrive in order."""
         router = self.routers[handle.role]
-        resync = router.bus.take_resync_request(handle.instance_id)
-        return await asyncio.wait_for(handle.actor.poll.remote(resync), self.poll_interval_s * 4)
+        lock = self._poll_locks.setdefault(handle.instance_id, asyncio.Lock())
+        async with lock:
+            resync = router.bus.take_resync_request(handle.instance_id)
+            load, batches, address = await asyncio.wait_for(
+                handle.actor.poll.remote(resync), self.poll_interval_s * 4)
+            forward(router.bus, batches)
+        return load, address
 
 
 class _ActorDied(RuntimeError):

@@ -51,8 +51,12 @@ def test_request_goes_through_prefill_and_decode_pools(cluster, tiny_model):
     assert len(first.token_ids) == first.final.num_output_tokens > 0
     prompt_ids = Tokenizer.from_pretrained(tiny_model).encode(DOC + "Question one?")
     assert list(first.token_ids) == _expected(tiny_model, prompt_ids, 6)[:len(first.token_ids)]
-    # The shared document's whole chunks came from a cache the second time.
+    # The shared document's whole chunks came from a cache the second time: the
+    # first request's events reached the decode router before the second was
+    # routed (relayed right after each request), so it went where they are.
     assert second.final.num_cached_tokens >= 128
+    assert second.final.decode_instance == first.final.decode_instance
+    assert second.final.prefill_instance == ""  # no transfer needed
 
 
 def test_decode_actor_killed_mid_generation_resumes(cluster, tiny_model):
