@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from kvcluster.common.config import ClusterConfig, from_dict
+from kvcluster.runtime.pools import worker_config_digest
 from kvcluster.runtime.relay import drain
 from kvcluster.runtime.tasks import DecodeTask
 from kvcluster.server.log_tail import install_worker_logging
@@ -15,7 +16,10 @@ from decode_worker.worker import DecodeWorker
 class DecodeActor:
     def __init__(self, config: dict, instance_id: str):
         self.logs = install_worker_logging()
-        self.worker = DecodeWorker(from_dict(ClusterConfig, config), instance_id)
+        cluster_config = from_dict(ClusterConfig, config)
+        self.config_digest = worker_config_digest(cluster_config)
+        """Front ends attach only to pools that run their worker config."""
+        self.worker = DecodeWorker(cluster_config, instance_id)
         self.metrics = MetricsEndpoint([self.worker.metrics.registry,
                                         self.worker.node.store.metrics.registry])
         self.metrics_address = advertised(self.metrics.start(self.worker.config.transfer.host))
@@ -37,7 +41,7 @@ class DecodeActor:
         runner = self.worker.node.runner
         return {"model_id": runner.model_id, "block_size": runner.block_size,
                 "layout": runner.layout.identity, "metrics_address": self.metrics_address,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "config_digest": self.config_digest}
 
     async def abandon_kv(self, request_id: str) -> None:
         self.worker.abandon_kv(request_id)

@@ -35,6 +35,12 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ray-address", default="", help="join this Ray cluster (default: local)")
     serve.set_defaults(func=_serve)
 
+    pools = sub.add_parser("pools", help="the worker pools (Ray actors)").add_subparsers()
+    stop = pools.add_parser("stop", help="kill the pools' actors (detached ones outlive serve)")
+    stop.add_argument("--config", default="", help="cluster YAML the pools were started with")
+    stop.add_argument("--ray-address", default="auto")
+    stop.set_defaults(func=_pools_stop)
+
     status = sub.add_parser("status", help="print the cluster: instances, health, tiers")
     status.add_argument("--ray-address", default="auto")
     status.set_defaults(func=_status)
@@ -56,6 +62,19 @@ def _serve(args: argparse.Namespace) -> int:
     from kvcluster.runtime.serve import serve_forever
 
     return serve_forever(args.config, args.ray_address)
+
+
+def _pools_stop(args: argparse.Namespace) -> int:
+    import os
+
+    from kvcluster.common.config import ClusterConfig, load_config
+    from kvcluster.runtime.pools import init_local_ray, stop_pools
+
+    os.environ["RAY_ADDRESS"] = args.ray_address
+    init_local_ray()
+    config = load_config(args.config) if args.config else ClusterConfig()
+    print(f"stopped {stop_pools(config)} actors")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

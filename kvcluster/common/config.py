@@ -299,6 +299,10 @@ class WorkersConfig:
     colocated: bool = False
     """Prefill and decode in one actor (baseline, small deployments)."""
     max_queue: int = 64
+    detached: bool = False
+    """The actors outlive the front end that started them, and every front end (router
+    replica) attaches to the same pools by name: several replicas, restarts without
+    reloading the model. Needs ``redis_url`` (events reach every replica through Redis)."""
 
     def validate(self, path: str) -> None:
         _check_positive(path + ".num_prefill", self.num_prefill)
@@ -355,6 +359,9 @@ class ClusterConfig:
         if self.store.chunk_tokens % self.engine.block_size:
             raise ConfigError("store.chunk_tokens",
                               f"must be a multiple of engine.block_size ({self.engine.block_size})")
+        if self.workers.detached and not self.redis_url:
+            raise ConfigError("workers.detached", "needs redis_url: in the embedded default one "
+                              "front end drains each worker's events, so replicas cannot share")
 
 
 # ---------------------------------------------------------------- loading

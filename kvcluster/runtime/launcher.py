@@ -110,6 +110,9 @@ class ClusterThread:
                  start_timeout_s: float = 600.0):
         import threading
 
+        # Ray starts here, not on the loop thread: its processes die with the thread
+        # that started them (PR_SET_PDEATHSIG), and the loop thread ends at close().
+        init_local_ray(num_cpus)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="kvcluster-loop",
                                         daemon=True)

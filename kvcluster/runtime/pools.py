@@ -4,10 +4,19 @@ Ray is the control plane only: it places the actors (one GPU each when the
 cluster has GPUs; on the nodes that carry the ``prefill_pool`` /
 ``decode_pool`` custom resources when the cluster defines them), restarts
 them when they die, and carries small task messages. KV moves over gRPC.
+
+Actors are named ``kvcluster-<role>-<n>`` in the ``kvcluster`` namespace and
+created with ``get_if_exists``: a front end that finds the pools running
+attaches to them. With ``workers.detached`` they also outlive the front end
+that started them, so several front ends (router replicas) share one set of
+pools; each checks that the pools run its worker config (a digest of every
+section the workers read) and refuses to start otherwise.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +26,19 @@ from kvcluster.common.config import ClusterConfig, to_dict
 log = logging.getLogger(__name__)
 
 PREFILL, DECODE = "prefill", "decode"
+NAMESPACE = "kvcluster"
+FRONT_END_SECTIONS = ("router", "limits")
+"""Config sections only front ends read: replicas may differ there (ports)."""
+
+
+def worker_config_digest(config: ClusterConfig) -> str:
+    """SHA-256 over every config section the workers read."""
+    sections = {k: v for k, v in to_dict(config).items() if k not in FRONT_END_SECTIONS}
+    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
+
+
+class PoolConfigMismatch(RuntimeError):
+    """Running pools were started with another worker config."""
 
 
 @dataclass
@@ -35,12 +57,31 @@ def init_local_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    common = dict(namespace="kvcluster", log_to_driver=False, configure_logging=False)
+    common = dict(namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**common)
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
     ray.init(num_cpus=num_cpus, include_dashboard=False, **common)
+
+
+def stop_pools(config: ClusterConfig) -> int:
+    """Kill the named actors of ``config``'s pools that are running; returns how many."""
+    import ray
+
+    killed = 0
+    roles = [(DECODE, config.workers.num_decode)]
+    if not config.workers.colocated:
+        roles.append((PREFILL, config.workers.num_prefill))
+    for role, count in roles:
+        for number in range(count):
+            try:
+                actor = ray.get_actor(f"kvcluster-{role}-{number}", namespace=NAMESPACE)
+            except ValueError:  # not running
+                continue
+            ray.kill(actor, no_restart=True)
+            killed += 1
+    return killed
 
 
 class WorkerPools:
@@ -50,7 +91,11 @@ class WorkerPools:
         self.decode: list[WorkerHandle] = []
 
     def start(self, timeout_s: float = 600.0) -> None:
-        """Create every actor and wait until each has loaded its model."""
+        """Create (or attach to) every actor and wait until each has loaded its model.
+
+        Raises:
+            PoolConfigMismatch: an existing actor runs another worker config.
+        """
         import ray
 
         workers = self.config.workers
@@ -62,6 +107,7 @@ class WorkerPools:
         for handle, result in zip(handles, results):
             if handle.role == DECODE:
                 handle.address = result
+        self._check_digests(ray.get([h.actor.info.remote() for h in handles], timeout=timeout_s))
 
     def by_id(self, instance_id: str) -> WorkerHandle:
         for handle in self.prefill + self.decode:
@@ -69,11 +115,13 @@ class WorkerPools:
                 return handle
         raise KeyError(instance_id)
 
-    def shutdown(self) -> None:
+    def shutdown(self, kill: bool | None = None) -> None:
+        """Let go of the pools; kill the actors unless they are detached (``kill`` overrides)."""
         import ray
 
-        for handle in self.prefill + self.decode:
-            ray.kill(handle.actor, no_restart=True)
+        if kill if kill is not None else not self.config.workers.detached:
+            for handle in self.prefill + self.decode:
+                ray.kill(handle.actor, no_restart=True)
         self.prefill, self.decode = [], []
 
     # ------------------------------------------------------------ helpers
@@ -86,10 +134,22 @@ class WorkerPools:
 
         instance_id = f"{role}-{number}"
         cls = PrefillActor if role == PREFILL else DecodeActor
+        lifetime = {"lifetime": "detached"} if self.config.workers.detached else {}
         actor = ray.remote(cls).options(
-            name=f"kvcluster-{instance_id}", max_restarts=-1, max_concurrency=64,
+            name=f"kvcluster-{instance_id}", namespace=NAMESPACE, get_if_exists=True,
+            max_restarts=-1, max_concurrency=64, **lifetime,
             **_placement(role)).remote(to_dict(self.config), instance_id)
         return WorkerHandle(instance_id, role, actor)
+
+    def _check_digests(self, infos: list[dict]) -> None:
+        ours = worker_config_digest(self.config)
+        for handle, info in zip(self.prefill + self.decode, infos):
+            if info.get("config_digest") != ours:
+                raise PoolConfigMismatch(
+                    f"{handle.instance_id} runs another worker config (digest "
+                    f"{str(info.get('config_digest'))[:12]}, ours {ours[:12]}): serve with the "
+                    f"config the pools were started with, or stop them first "
+                    f"(kvcluster pools stop --config ...)")
 
 
 def _placement(role: str) -> dict:

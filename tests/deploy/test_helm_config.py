@@ -33,6 +33,10 @@ def test_configmap_cluster_yaml_passes_load_config(rendered, variant, tmp_path):
     assert config.store.disk.enabled == values["store"]["disk"]["enabled"]
     assert config.security.tokens == {}  # tokens only ever in the Secret
     assert config.router.policy == values["config"]["router"]["policy"]
+    several = values["router"]["replicas"] > 1  # replicas share detached pools
+    assert config.workers.detached == several
+    strategy = one(docs, "Deployment")["spec"]["strategy"]["type"]
+    assert strategy == ("RollingUpdate" if several else "Recreate")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -170,7 +170,8 @@ Services and volumes. Secrets (tokens, Redis password) are not in it.
 {{- $owned := dict
   "router" (dict "host" "0.0.0.0" "port" (int $v.router.grpcPort) "metrics_port" (int $v.router.metricsPort))
   "transfer" (dict "host" "0.0.0.0" "port" (int $v.transfer.port))
-  "workers" (dict "num_prefill" (int $v.ray.prefill.replicas) "num_decode" (int $v.ray.decode.replicas))
+  "workers" (dict "num_prefill" (int $v.ray.prefill.replicas) "num_decode" (int $v.ray.decode.replicas)
+                  "detached" (gt (int $v.router.replicas) 1))
   "store" (dict
     "device" (dict "capacity_bytes" (include "kvcluster.gib" $v.store.device.capacityGiB | int64) "policy" $v.store.device.policy)
     "host" (dict "capacity_bytes" (include "kvcluster.gib" $v.store.host.capacityGiB | int64) "policy" $v.store.host.policy)
