@@ -1,38 +1,56 @@
-"""``x @ w`` for the engine's ``[in, out]`` weight matrices, optionally via oneDNN.
+"""``x @ w`` for the engine's ``[in, out]`` weight matrices, optionally via a packed copy.
 
-On CPU, few-row fp32 matmuls (batched decode) run up to ~1.4x faster against a
-weight pre-packed into oneDNN's blocked format than through MKL's ``x @ w``, and
-they keep scaling with 2 threads on a busy machine where MKL's do not; for a
-single row (batch-1 decode) plain ``x @ w`` on a contiguous ``[in, out]`` matrix
-is fastest, and for a long prefill the two are even. Plain ``x @ w`` gives
-exactly transformers' fp32 logits; the packed path rounds differently (~1e-4 on
-SmolLM2), so only batched decode uses it. The packed copy doubles the weight
-memory, hence optional (``EngineConfig.cpu_packed_weights``).
+Decode multiplies few rows (one per sequence) by every weight, so it runs at
+the speed the weights stream from memory. Measured here (Zen 4, 1 thread,
+SmolLM2's matrices, GB/s of weights): MKL's ``x @ w`` 9-25 at 1 row and 4-8
+at 8 rows; a oneDNN-packed copy 8-16 at 8 rows; the native few-row kernel of
+:mod:`kvcluster.engine.small_gemm` on a panel-packed copy 18-27 at 1 row and
+16-23 at 8 rows (fp32 FMA-bound there), and still ahead of both at 64 rows.
+
+So a packed copy is made at load (doubling the weight memory, hence optional:
+``EngineConfig.cpu_packed_weights``): the native kernel's panels where it
+builds, else oneDNN's blocked layout (used for 2+ rows only: one row is
+faster through MKL). Packed paths round differently from a plain matmul
+(max |diff| of SmolLM2 decode logits, up to ~33 in magnitude: 7e-5 native,
+8e-5 oneDNN); plain ``x @ w`` gives exactly transformers' fp32 logits, so
+prefill keeps it.
 """
 
 from __future__ import annotations
 
 import torch
 
-PACK_BATCH_HINT = 8
-"""Rows the packed layout is tuned for (the batched-decode case)."""
+from kvcluster.engine import small_gemm
+
+ONEDNN_BATCH_HINT = 8
+"""Rows the oneDNN packed layout is tuned for (the batched-decode case)."""
+NATIVE_MAX_ROWS = 64
+"""Up to this many rows the native kernel beat MKL and oneDNN (measured at 1-128)."""
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and (
+        small_gemm.available() or torch.backends.mkldnn.is_available()
     )
 
 
 def pack(weight_t: torch.Tensor) -> torch.Tensor:
-    """oneDNN-packed copy of ``weight_t [in, out]`` (an opaque mkldnn tensor)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight_t.T.contiguous(), PACK_BATCH_HINT)
+    """A packed copy of ``weight_t [in, out]`` for :func:`matmul`: native panels
+    ``[panels, in, P]``, or else an opaque oneDNN tensor."""
+    if small_gemm.available():
+        return small_gemm.pack(weight_t)
+    return torch.ops.mkldnn._reorder_linear_weight(weight_t.T.contiguous(), ONEDNN_BATCH_HINT)
 
 
 def matmul(x: torch.Tensor, weight_t: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
-    """``x [T, in] @ weight_t [in, out] -> [T, out]``; via ``packed`` when given and T > 1."""
-    if packed is not None and x.shape[0] > 1:
+    """``x [T, in] @ weight_t [in, out] -> [T, out]``; via ``packed`` where that is faster."""
+    rows = x.shape[0]
+    if packed is None:
+        return x @ weight_t
+    if packed.is_mkldnn:
+        if rows == 1:
+            return x @ weight_t
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [None], "")
-    return x @ weight_t
+    if rows > NATIVE_MAX_ROWS:
+        return x @ weight_t
+    return small_gemm.matmul(x, packed, weight_t.shape[1])

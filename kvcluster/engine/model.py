@@ -48,8 +48,9 @@ class ForwardBatch:
     decode_kv_index: torch.Tensor | None = None
     """[B * H_kv] long: the new token's rows in a mirror layer's ``[2, -1, D]`` view."""
     packed_matmuls: bool = False
-    """Use the oneDNN-packed weights if present: faster for batched decode, but fp32
-    rounding differs slightly (~1e-4 on SmolLM2 logits) from a plain matmul's."""
+    """Use the packed weight copies if present (see :mod:`kvcluster.engine.cpu_linear`):
+    faster for decode, but fp32 rounding differs slightly (< 1e-4 on SmolLM2 logits)
+    from a plain matmul's, which prefill keeps for exact parity with transformers."""
 
 
 class DecoderLayer(nn.Module):
@@ -68,7 +69,7 @@ class DecoderLayer(nn.Module):
         self.gate_up = make(hidden, 2 * inter)
         self.down = make(inter, hidden)
         self.packed: dict[str, torch.Tensor] = {}
-        """Optional oneDNN-packed copies of the matrices above, by attribute name."""
+        """Optional packed copies of the matrices above (see cpu_linear), by attribute name."""
 
 
 class LlamaModel(nn.Module):
@@ -133,7 +134,7 @@ class LlamaModel(nn.Module):
         return logits.float()  # [R, vocab]
 
     def pack_weights(self) -> bool:
-        """Add oneDNN-packed weight copies for faster batched decode (CPU fp32 only).
+        """Add packed weight copies for faster decode (CPU fp32 only; see cpu_linear).
 
         Returns:
             Whether the weights were packed.

@@ -177,7 +177,7 @@ class ModelRunner:
             mask=self._causal_mask(positions, max(positions_list) + 1)[:, None, None],  # [B,1,1,C]
             decode_kv=self.decode_kv.buffer,
             decode_kv_index=write_index,
-            packed_matmuls=len(seqs) > 1,
+            packed_matmuls=True,
         )
 
     def _gather_batch(self, seqs, positions_list, positions) -> ForwardBatch:
@@ -191,7 +191,7 @@ class ModelRunner:
             num_seqs=len(seqs),
             block_tables=torch.tensor(tables, device=self.device),  # [B, n]
             mask=self._causal_mask(positions, num_blocks * self.block_size)[:, None, None],
-            packed_matmuls=len(seqs) > 1,
+            packed_matmuls=True,
         )
 
     def _decode_slots(self, seqs, positions_list) -> torch.Tensor:

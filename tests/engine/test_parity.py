@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from kvcluster.engine import small_gemm
 from kvcluster.engine.model import LlamaModel
 from kvcluster.engine.sequence import Sequence
 from tests.engine.conftest import hf_logits, make_runner, prompt
@@ -96,11 +97,19 @@ def test_prefill_with_prefix_not_block_aligned_and_fully_cached(tiny_dirs, hf_mo
     assert (runner.prefill(whole) - expected[-1]).abs().max().item() <= ATOL
 
 
-@pytest.mark.parametrize("arch,packed", [("llama3", True), ("qwen2", True), ("llama", False)])
-def test_ragged_batch_of_four_decoded_together(arch, packed, tiny_dirs, hf_models):
-    """Both matmul paths: oneDNN-packed weights (T > 1) and plain ``x @ w``."""
-    runner = make_runner(tiny_dirs[arch], packed=packed)
-    assert (runner.model.layers[0].packed != {}) == packed
+@pytest.mark.parametrize("arch,path", [("llama3", "native"), ("qwen2", "onednn"),
+                                       ("llama", "plain")])
+def test_ragged_batch_of_four_decoded_together(arch, path, tiny_dirs, hf_models, monkeypatch):
+    """Every matmul path: the native kernel's packed panels, oneDNN-packed weights
+    (the fallback without a C compiler) and plain ``x @ w``."""
+    if path == "native" and not small_gemm.available():
+        pytest.skip("no C compiler / not x86-64")
+    if path == "onednn":
+        monkeypatch.setattr(small_gemm, "available", lambda: False)
+    runner = make_runner(tiny_dirs[arch], packed=path != "plain")
+    packed = runner.model.layers[0].packed.get("qkv")
+    assert (packed is None, packed is not None and packed.is_mkldnn) == (
+        path == "plain", path == "onednn")
     seqs = [Sequence(f"r{i}", prompt(n, seed=10 + i)) for i, n in enumerate((3, 17, 8, 30))]
     last = {s.request_id: runner.prefill(s) for s in seqs}
     step_logits = {s.request_id: [] for s in seqs}

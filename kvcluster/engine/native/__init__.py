@@ -1,0 +1,1 @@
+"""C sources of the engine's optional native kernels (compiled on first use)."""

@@ -1,0 +1,250 @@
+/* y[M, N] = x[M, K] @ W[K, N] for few rows M (decode), fp32, near memory bandwidth.
+ *
+ * W is packed once into column panels of P floats, each streamed contiguously:
+ *
+ *   packed[N/P][K][P]:  panel j, row k = W[k, j*P .. j*P + P)   (last panel zero-padded)
+ *
+ * For each panel, up to RB rows of x are multiplied in one pass over the panel:
+ * RB x P accumulators stay in registers, every weight is loaded once and used
+ * RB times (x values are broadcast from memory). With M <= RB the weights
+ * stream from memory exactly once; larger M takes more passes over a panel that
+ * is by then in L2.
+ *
+ * Threads share the panels in chunks, claimed one at a time by the calling
+ * thread and by helper threads it wakes (a small pool of our own, below).
+ * The caller never waits for a helper that has not claimed a chunk: on a
+ * busy machine a descheduled helper costs nothing and the caller does the
+ * work itself. (OpenMP's fork-join made every call wait at its barrier for
+ * the slowest thread; on 2 busy cores that was ~8 ms a call.)
+ *
+ * Compiled with -march=native on the machine that runs it: AVX-512 when the
+ * CPU has it, else AVX2 (+FMA), else SSE; the vector width sets P and RB.
+ */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define VL 16 /* floats per vector register */
+#define RB 8  /* rows per pass: RB * NV accumulators + NV weights <= 32 registers */
+#elif defined(__AVX2__)
+#define VL 8
+#define RB 4  /* 16 registers */
+#else
+#define VL 4
+#define RB 4
+#endif
+#define NV 2 /* vectors per panel row */
+#define K_BLOCK 64 /* rows of a panel summed before adding to the total */
+#define MIN_SHARED_MACS (1L << 18) /* smaller matmuls: waking helpers costs more */
+#define P (VL * NV)
+
+typedef float vec __attribute__((vector_size(VL * 4)));
+typedef int lanes __attribute__((vector_size(VL * 4)));
+
+static inline vec load(const float *p) {
+    vec v;
+    memcpy(&v, p, sizeof v); /* an unaligned vector load */
+    return v;
+}
+
+static inline vec splat(float s) {
+    return __builtin_shuffle((vec){s}, (lanes){0}); /* lane 0 everywhere: a broadcast */
+}
+
+/* One pass over a panel for R rows (R a constant after inlining). */
+static inline __attribute__((always_inline)) void panel_rows(
+    int R, const float *x, long ldx, const float *panel, long k,
+    float *y, long ldy, long cols) {
+    vec total[RB][NV] = {{{0}}};
+    for (long i0 = 0; i0 < k; i0 += K_BLOCK) { /* blocked sums: rounding error ~ K_BLOCK + K / K_BLOCK */
+        long i_end = i0 + K_BLOCK < k ? i0 + K_BLOCK : k;
+        vec acc[RB][NV] = {{{0}}};
+        for (long i = i0; i < i_end; i++) {
+            vec w[NV];
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++) w[v] = load(panel + i * P + v * VL);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                vec b = splat(x[r * ldx + i]);
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; v++) acc[r][v] += b * w[v];
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++) total[r][v] += acc[r][v];
+    }
+    for (int r = 0; r < R; r++) {
+        float out[P];
+        memcpy(out, total[r], sizeof out);
+        memcpy(y + r * ldy, out, (size_t)cols * sizeof(float)); /* the last panel is partial */
+    }
+}
+
+#define PANEL_FN(R) \
+    static void panel_##R(const float *x, long ldx, const float *p, long k, float *y, \
+                          long ldy, long cols) { panel_rows(R, x, ldx, p, k, y, ldy, cols); }
+PANEL_FN(1) PANEL_FN(2) PANEL_FN(3) PANEL_FN(4)
+#if RB == 8
+PANEL_FN(5) PANEL_FN(6) PANEL_FN(7) PANEL_FN(8)
+#endif
+
+typedef void (*panel_fn)(const float *, long, const float *, long, float *, long, long);
+static const panel_fn PANELS[RB] = {
+    panel_1, panel_2, panel_3, panel_4,
+#if RB == 8
+    panel_5, panel_6, panel_7, panel_8,
+#endif
+};
+
+/* One matmul, cut into chunks of panels. */
+typedef struct {
+    const float *x, *packed;
+    float *y;
+    long m, k, ldx, n, ldy, panels_per_chunk, num_chunks;
+} job_t;
+
+static void run_chunk(const job_t *job, long c);
+static void share_chunks(const job_t *job, int num_helpers);
+
+/* Columns per packed panel: the caller packs W with this width. */
+int sg_panel_width(void) { return P; }
+
+/* Rows done in one pass over the weights. */
+int sg_rows_per_pass(void) { return RB; }
+
+/* y[m, n] (row stride ldy) = x[m, k] (row stride ldx) @ W, W packed as above,
+ * on up to num_threads threads (the caller's included). */
+void sg_matmul(const float *x, long m, long k, long ldx, const float *packed, long n,
+               float *y, long ldy, int num_threads) {
+    long num_panels = (n + P - 1) / P;
+    if (num_threads < 1) num_threads = 1;
+    /* ~8 chunks a thread: a descheduled helper holds up at most one chunk. */
+    long per_chunk = num_panels / (8L * num_threads) + 1;
+    job_t job = {x, packed, y, m, k, ldx, n, ldy, per_chunk,
+                 (num_panels + per_chunk - 1) / per_chunk};
+    long helpers = num_threads - 1 < job.num_chunks - 1 ? num_threads - 1 : job.num_chunks - 1;
+    if (helpers > 0 && m * k * n >= MIN_SHARED_MACS) {
+        share_chunks(&job, (int)helpers);
+        return;
+    }
+    for (long c = 0; c < job.num_chunks; c++) run_chunk(&job, c);
+}
+
+static void run_chunk(const job_t *job, long c) {
+    long num_panels = (job->n + P - 1) / P, j_end = (c + 1) * job->panels_per_chunk;
+    for (long j = c * job->panels_per_chunk; j < j_end && j < num_panels; j++) {
+        const float *panel = job->packed + j * job->k * P;
+        long cols = job->n - j * P < P ? job->n - j * P : P;
+        for (long r0 = 0; r0 < job->m; r0 += RB) {
+            long rows = job->m - r0 < RB ? job->m - r0 : RB;
+            PANELS[rows - 1](job->x + r0 * job->ldx, job->ldx, panel, job->k,
+                             job->y + r0 * job->ldy + j * P, job->ldy, cols);
+        }
+    }
+}
+
+/* ------------------------------------------------------------- helper threads
+ * One job at a time (a second concurrent caller runs alone). Publishing a job
+ * bumps the generation; chunks are claimed by compare-and-swap on a ticket
+ * (generation << 32 | next chunk), so a helper still holding an older job
+ * can never claim a chunk of a newer one. The caller returns when every
+ * chunk is done; all claimed chunks finish before that, so no helper touches
+ * a job's buffers after its caller returned.
+ */
+#define MAX_HELPERS 63
+#define HELPER_SPINS 2000
+
+static struct {
+    pthread_mutex_t busy; /* held by the one caller using the helpers */
+    pthread_mutex_t lock; /* guards job, generation, participants */
+    pthread_cond_t wake;
+    job_t job;
+    unsigned generation;
+    int participants, num_helpers;
+    _Atomic unsigned long ticket;
+    _Atomic long done;
+} pool = {.busy = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
+          .wake = PTHREAD_COND_INITIALIZER};
+
+static void claim_and_run(const job_t *job, unsigned generation) {
+    unsigned long t = atomic_load(&pool.ticket);
+    while ((unsigned)(t >> 32) == generation && (long)(t & 0xffffffffUL) < job->num_chunks) {
+        if (!atomic_compare_exchange_weak(&pool.ticket, &t, t + 1)) continue; /* t reloaded */
+        run_chunk(job, (long)(t & 0xffffffffUL));
+        atomic_fetch_add(&pool.done, 1);
+        t = atomic_load(&pool.ticket);
+    }
+}
+
+static void *helper_main(void *arg) {
+    int id = (int)(long)arg;
+    pthread_mutex_lock(&pool.lock);
+    unsigned seen = pool.generation;
+    for (;;) {
+        if (pool.generation == seen) { /* the next matmul often follows within microseconds */
+            pthread_mutex_unlock(&pool.lock);
+            for (int i = 0; i < HELPER_SPINS; i++) { /* ~50 us */
+                if ((unsigned)(atomic_load(&pool.ticket) >> 32) != seen) break;
+                __builtin_ia32_pause();
+            }
+            pthread_mutex_lock(&pool.lock);
+        }
+        while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+        seen = pool.generation;
+        job_t job = pool.job;
+        int joins = id < pool.participants;
+        pthread_mutex_unlock(&pool.lock);
+        if (joins) claim_and_run(&job, seen);
+        pthread_mutex_lock(&pool.lock);
+    }
+    return NULL;
+}
+
+static void reset_after_fork(void) { /* the child has none of the helper threads */
+    pthread_mutex_init(&pool.busy, NULL);
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pool.num_helpers = 0;
+}
+
+__attribute__((constructor)) static void on_load(void) {
+    pthread_atfork(NULL, NULL, reset_after_fork);
+}
+
+static int start_helpers(int wanted) {
+    if (wanted > MAX_HELPERS) wanted = MAX_HELPERS;
+    while (pool.num_helpers < wanted) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, helper_main, (void *)(long)pool.num_helpers) != 0) break;
+        pthread_detach(thread);
+        pool.num_helpers++;
+    }
+    return pool.num_helpers < wanted ? pool.num_helpers : wanted;
+}
+
+static void share_chunks(const job_t *job, int num_helpers) {
+    if (pthread_mutex_trylock(&pool.busy) != 0) { /* another caller has the helpers */
+        for (long c = 0; c < job->num_chunks; c++) run_chunk(job, c);
+        return;
+    }
+    num_helpers = start_helpers(num_helpers);
+    pthread_mutex_lock(&pool.lock);
+    unsigned generation = ++pool.generation;
+    pool.job = *job;
+    pool.participants = num_helpers;
+    atomic_store(&pool.done, 0);
+    atomic_store(&pool.ticket, (unsigned long)generation << 32);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    claim_and_run(job, generation);
+    for (int spins = 0; atomic_load(&pool.done) < job->num_chunks; spins++) {
+        if (spins < 4096) __builtin_ia32_pause(); /* a helper is finishing a chunk */
+        else sched_yield();
+    }
+    pthread_mutex_unlock(&pool.busy);
+}

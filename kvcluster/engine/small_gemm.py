@@ -1,0 +1,70 @@
+"""Few-row fp32 matmuls against panel-packed weights, in C (``native/small_gemm.c``).
+
+Decode multiplies a handful of rows (one per sequence) by every weight matrix,
+so its speed is the speed at which the weights stream from memory. The kernel
+reads each weight once per step for up to :func:`rows_per_pass` rows from a
+copy packed into contiguous column panels, and splits the panels over
+``torch.get_num_threads()`` threads (the GIL is released during the call).
+
+Compiled once per machine with ``-march=native`` (see :mod:`kvcluster.native`);
+:func:`available` is False without a compiler, off x86-64, or with
+``KVCLUSTER_SMALL_GEMM=0``, and callers then keep torch's matmuls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kvcluster.native import load_library
+
+SOURCE = Path(__file__).with_name("native") / "small_gemm.c"
+FLAGS = ("-O3", "-march=native", "-pthread")
+DISABLE_ENV = "KVCLUSTER_SMALL_GEMM"
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def rows_per_pass() -> int:
+    """Rows multiplied in one pass over the weights (more rows take more passes)."""
+    return _lib().sg_rows_per_pass()
+
+
+def pack(weight_t: torch.Tensor) -> torch.Tensor:
+    """``weight_t [K, N]`` as contiguous column panels ``[ceil(N / P), K, P]``.
+
+    P is the kernel's panel width; the last panel is zero-padded.
+    """
+    k, n = weight_t.shape
+    width = _lib().sg_panel_width()
+    padded = F.pad(weight_t.float(), (0, -n % width))  # [K, panels * P]
+    return padded.view(k, -1, width).transpose(0, 1).contiguous()
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``x [M, K] @ W [K, out_features] -> [M, out_features]`` with W as :func:`pack` made it."""
+    x = x.contiguous()  # a CPU fp32 tensor, as packed (from pack: contiguous)
+    m, k = x.shape
+    assert x.dtype == torch.float32 and packed.shape[1] == k, (x.dtype, x.shape, packed.shape)
+    y = x.new_empty(m, out_features)
+    _lib().sg_matmul(x.data_ptr(), m, k, k, packed.data_ptr(), out_features,
+                     y.data_ptr(), out_features, torch.get_num_threads())
+    return y
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    lib = load_library(SOURCE, FLAGS, DISABLE_ENV)
+    if lib is None:
+        return None
+    lib.sg_matmul.restype = None
+    lib.sg_matmul.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                              ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+                              ctypes.c_int]
+    return lib

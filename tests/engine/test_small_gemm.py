@@ -1,0 +1,119 @@
+"""The native few-row matmul kernel against torch (fp64 reference), and the
+fallbacks of cpu_linear when it is disabled."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from kvcluster.engine import cpu_linear, small_gemm
+
+needs_native = pytest.mark.skipif(not small_gemm.available(),
+                                  reason="no C compiler / not x86-64: torch path only")
+SHAPES = [(1, 1), (5, 7), (64, 32), (576, 960), (33, 100), (1536, 577), (7, 49)]
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x.double() @ w.double()).float()
+
+
+def _tolerance(x: torch.Tensor, w: torch.Tensor) -> float:
+    """fp32 accumulation error bound scale: eps * K * max |x| * max |w|, generously."""
+    return 4 * 2**-23 * x.shape[1] * x.abs().max().item() * w.abs().max().item()
+
+
+@needs_native
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 7, 8, 9, 17])
+def test_matches_fp64_reference_for_any_rows_and_tails(m, k, n):
+    gen = torch.Generator().manual_seed(m * 1000 + k + n)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    y = small_gemm.matmul(x, small_gemm.pack(w), n)
+    assert y.shape == (m, n)
+    assert (y - _reference(x, w)).abs().max().item() <= _tolerance(x, w)
+
+
+@needs_native
+def test_packed_panels_are_zero_padded_columns():
+    w = torch.arange(3 * 5, dtype=torch.float32).view(3, 5)
+    packed = small_gemm.pack(w)  # [1, 3, P]
+    width = packed.shape[2]
+    assert packed.shape == (1, 3, width) and width >= 5
+    assert torch.equal(packed[0, :, :5], w) and packed[0, :, 5:].eq(0).all()
+
+
+@needs_native
+def test_thread_count_does_not_change_the_result():
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(8, 576, generator=gen), torch.randn(576, 3000, generator=gen)
+    packed, threads = small_gemm.pack(w), torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = small_gemm.matmul(x, packed, 3000)
+        torch.set_num_threads(2)
+        two = small_gemm.matmul(x, packed, 3000)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@needs_native
+def test_non_contiguous_rows_are_accepted():
+    gen = torch.Generator().manual_seed(4)
+    x, w = torch.randn(64, 6, generator=gen).T, torch.randn(64, 40, generator=gen)  # x [6, 64]
+    y = small_gemm.matmul(x, small_gemm.pack(w), 40)
+    assert (y - _reference(x, w)).abs().max().item() <= _tolerance(x, w)
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 8, cpu_linear.NATIVE_MAX_ROWS + 1])
+def test_cpu_linear_uses_the_native_panels(rows):
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(rows, 96, generator=gen), torch.randn(96, 70, generator=gen)
+    packed = cpu_linear.pack(w)
+    assert not packed.is_mkldnn and packed.shape[1] == 96
+    y = cpu_linear.matmul(x, w, packed)
+    assert (y - _reference(x, w)).abs().max().item() <= _tolerance(x, w)
+
+
+def test_disabled_by_environment_falls_back_to_onednn(monkeypatch):
+    monkeypatch.setenv(small_gemm.DISABLE_ENV, "0")
+    small_gemm._lib.cache_clear()
+    try:
+        assert not small_gemm.available()
+        gen = torch.Generator().manual_seed(6)
+        x, w = torch.randn(4, 48, generator=gen), torch.randn(48, 33, generator=gen)
+        assert cpu_linear.can_pack(w) == torch.backends.mkldnn.is_available()
+        if cpu_linear.can_pack(w):
+            packed = cpu_linear.pack(w)
+            assert packed.is_mkldnn
+            for rows in (1, 4):  # one row: plain x @ w; more: oneDNN
+                got = cpu_linear.matmul(x[:rows], w, packed)
+                assert (got - _reference(x[:rows], w)).abs().max().item() <= _tolerance(x, w)
+    finally:
+        monkeypatch.undo()
+        small_gemm._lib.cache_clear()
+
+
+@needs_native
+def test_concurrent_callers_and_a_forked_child_get_exact_results():
+    """Helper threads serve one caller at a time (others run alone); a forked
+    child, which has none of the parent's helper threads, still computes."""
+    gen = torch.Generator().manual_seed(7)
+    x, w = torch.randn(8, 576, generator=gen), torch.randn(576, 2048, generator=gen)
+    packed, threads = small_gemm.pack(w), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = small_gemm.matmul(x, packed, 2048)  # starts the helpers
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda _: small_gemm.matmul(x, packed, 2048), range(32)))
+        assert all(torch.equal(r, expected) for r in results)
+        pid = os.fork()
+        if pid == 0:  # child: exit status 0 only if the result is exact
+            os._exit(0 if torch.equal(small_gemm.matmul(x, packed, 2048), expected) else 1)
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        torch.set_num_threads(threads)
