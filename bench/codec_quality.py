@@ -7,7 +7,10 @@ tokens as a cached-prefix prefill: 64 next-token predictions that all depend
 on the decoded KV. Measured per level against the fp16 KV: perplexity change,
 top-1 agreement, and whether greedy generation from the context is identical.
 
-    python -m bench.codec_quality [--quick] [--json FILE]
+    python -m bench.codec_quality [--quick] [--json FILE] [--chunk-tokens N]
+
+``--chunk-tokens N`` codes each context as consecutive chunks of N tokens (as
+the store and the transfer path do) instead of one chunk per context.
 """
 
 from __future__ import annotations
@@ -102,8 +105,8 @@ class ContextProbe:
 
 
 def evaluate(runner, contexts: list[TextContext], codecs: dict[str, KVCodec],
-             greedy_tokens: int) -> dict[str, LevelStats]:
-    """Score every codec on every context against the fp16 KV."""
+             greedy_tokens: int, chunk_tokens: int = 0) -> dict[str, LevelStats]:
+    """Score every codec on every context against the fp16 KV (in chunks if ``chunk_tokens``)."""
     layout16 = runner.layout.with_dtype("float16")
     stats = {name: LevelStats() for name in codecs}
     for ctx in contexts:
@@ -111,12 +114,20 @@ def evaluate(runner, contexts: list[TextContext], codecs: dict[str, KVCodec],
         kv16 = probe.kv.to(torch.float16)
         ref = probe.score(kv16)
         for name, codec in codecs.items():
-            stream = codec.encode(kv16, layout16)
-            got = probe.score(codec.decode(stream, layout16))
-            _accumulate(stats[name], ref, got, len(stream) * 8 / kv16.numel())
+            decoded, num_bytes = round_trip(codec, kv16, layout16, chunk_tokens)
+            got = probe.score(decoded)
+            _accumulate(stats[name], ref, got, num_bytes * 8 / kv16.numel())
         probe.close()
         print(f"  scored {ctx.kind} of {len(ctx.context_ids)} tokens ({ctx.source})", flush=True)
     return stats
+
+
+def round_trip(codec: KVCodec, kv16: torch.Tensor, layout, chunk_tokens: int):
+    """(decoded KV, stream bytes) of the whole context, or of its chunks back to back."""
+    pieces = kv16.split(chunk_tokens, dim=2) if chunk_tokens else [kv16]
+    streams = [codec.encode(piece.contiguous(), layout) for piece in pieces]
+    decoded = torch.cat([codec.decode(s, layout) for s in streams], dim=2)
+    return decoded, sum(len(s) for s in streams)
 
 
 def summarize(stats: dict[str, LevelStats]) -> dict[str, dict]:
@@ -137,21 +148,28 @@ def summarize(stats: dict[str, LevelStats]) -> dict[str, dict]:
 
 
 def main(argv=None) -> dict:
-    args = parse_args("KV codec quality on SmolLM2 with real text", argv)
+    args = parse_args("KV codec quality on SmolLM2 with real text", argv, _extra_args)
     torch.manual_seed(0)
     runner, tokenizer = _load_model()
     lengths = QUICK_CONTEXTS if args.quick else FULL_CONTEXTS
     contexts = build_contexts(tokenizer, lengths, CONTINUATION, runner.block_size)
     codecs = {name: get_codec(name) for name in level_names()}
     t0 = time.perf_counter()
-    levels = summarize(evaluate(runner, contexts, codecs, 8 if args.quick else 32))
+    stats = evaluate(runner, contexts, codecs, 8 if args.quick else 32, args.chunk_tokens)
+    levels = summarize(stats)
     result = _result(levels, contexts, time.perf_counter() - t0)
+    result["chunk_tokens"] = args.chunk_tokens
     _print(levels)
     write_json(args.json, result)
     return result
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _extra_args(parser) -> None:
+    parser.add_argument("--chunk-tokens", type=int, default=0,
+                        help="code each context in chunks of this many tokens (0: one chunk)")
 
 
 def _load_model():

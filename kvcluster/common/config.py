@@ -138,7 +138,7 @@ class CodecConfig:
     group_size: int = 10
     """Tokens per anchor group (1..255)."""
     level: str = ""
-    """Level name (lossless, int8, L0..L4); empty: kvstore.codec.factory.default_level()."""
+    """Level name (lossless, int8, L0..L6); empty: kvstore.codec.factory.default_level()."""
 
     def validate(self, path: str) -> None:
         _check_positive(path + ".group_size", self.group_size)

@@ -1,4 +1,4 @@
-"""CacheGen-style KV codec: anchor/delta, layer-group quantization, entropy coding."""
+"""CacheGen-style KV codec: anchor/delta, sensitivity-driven bit allocation, entropy coding."""
 
 from kvstore.codec.base import CodecError, KVCodec
 from kvstore.codec.factory import codec_from_config, default_level, get_codec, level_names

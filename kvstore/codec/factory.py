@@ -10,11 +10,12 @@ from kvstore.codec.levels import LEVELS
 from kvstore.codec.lossless import LosslessCodec
 
 DEFAULT_LEVEL = "L0"
-"""The best level that met the quality goal in bench/codec_quality.py (docs/codec.md)."""
+"""The smallest level that met the quality goal in bench/codec_quality.py both on whole
+contexts and in 1024-token chunks (L1 met it on whole contexts only; docs/codec.md)."""
 
 
 def get_codec(name: str, group_size: int = 10) -> KVCodec:
-    """The codec of a level name ("lossless", "int8", "L0".."L4").
+    """The codec of a level name ("lossless", "int8", "L0".."L6").
 
     Raises:
         ValueError: unknown name.

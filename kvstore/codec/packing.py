@@ -26,9 +26,10 @@ MAX_ESCAPE_FRACTION = 0.05
 def choose_width(symbols: np.ndarray) -> int:
     """The narrowest width whose escapes stay under MAX_ESCAPE_FRACTION. symbols: int8 [N]."""
     limit = MAX_ESCAPE_FRACTION * symbols.size
+    magnitude = np.abs(symbols)  # int8 is safe: symbols are in [-127, 127]
     for width in WIDTHS[:-1]:
         top = (1 << (width - 1)) - 1
-        if np.count_nonzero(np.abs(symbols.astype(np.int16)) > top) <= limit:
+        if np.count_nonzero(magnitude > top) <= limit:
             return width
     return 8
 
@@ -38,12 +39,11 @@ def pack(symbols: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     if width == 8:
         return symbols.view(np.uint8), np.empty(0, dtype=np.int8)
     per_byte, half = 8 // width, 1 << (width - 1)
-    wide = symbols.astype(np.int16)
-    escaped = np.abs(wide) >= half
-    codes = (wide + half).astype(np.uint8)
-    codes[escaped] = 0
+    escaped = np.abs(symbols) >= half  # int8 is safe: symbols are in [-127, 127]
     padded = np.full(-(-symbols.size // per_byte) * per_byte, half, dtype=np.uint8)
-    padded[: symbols.size] = codes
+    codes = padded[: symbols.size]
+    np.add(symbols.view(np.uint8), np.uint8(half), out=codes)  # wraps only for escapes
+    codes[escaped] = 0
     lanes = padded.reshape(-1, per_byte)
     packed = lanes[:, 0].copy()
     for j in range(1, per_byte):

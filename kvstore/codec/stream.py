@@ -5,7 +5,7 @@
     offset  size  field
     ------  ----  ---------------------------------------------------------
          0     4  magic  b"KVC1"
-         4     2  version (u16, = 1)
+         4     2  version (u16, = 2)
          6     1  codec id (u8: 0 lossless, 1 int8, 2.. the levels L0..)
          7     1  num_sections (u8, <= 8)
          8     8  layout fingerprint (u64, KVLayout.fingerprint)
@@ -33,7 +33,7 @@ from kvcluster.common.layout import KVLayout
 from kvstore.codec.base import CodecError
 
 MAGIC = b"KVC1"
-VERSION = 1
+VERSION = 2
 MAX_SECTIONS = 8
 MAX_TOKENS = 1 << 24
 MAX_CHUNK_BYTES = 1 << 30

@@ -57,7 +57,7 @@ def test_level_error_bound(name, dtype):
     out = codec.decode(codec.encode(kv, layout), layout)
     assert out.dtype == kv.dtype and out.shape == kv.shape
     err = (out.float() - kv.float()).abs()
-    assert bool((err <= _documented_bound(kv, out, layout, codec.spec.max_alpha())).all())
+    assert bool((err <= _documented_bound(kv, out, layout, codec.spec.max_alpha(layout))).all())
 
 
 def test_levels_get_smaller_and_coarser():
@@ -79,7 +79,7 @@ def test_single_token_and_group_size_one(kv, layout):
         for chunk in (one, kv):
             out = codec.decode(codec.encode(chunk, layout), layout)
             assert out.shape == chunk.shape
-            bound = _documented_bound(chunk, out, layout, codec.spec.max_alpha())
+            bound = _documented_bound(chunk, out, layout, codec.spec.max_alpha(layout))
             assert bool((out.float() - chunk.float()).abs().le(bound).all())
 
 
@@ -109,7 +109,20 @@ def _documented_bound(kv, out, layout: KVLayout, alpha: float) -> torch.Tensor:
     mean = x.mean(dim=1, keepdim=True).half().float()
     rms = (x - mean).pow(2).mean(-1, keepdim=True).sqrt()  # [P, T, 1]
     channels = x.shape[-1]
-    step = max(alpha, math.sqrt(channels) / MAX_SYMBOL) * rms * (1 + 2 ** -9) + 2 ** -14
+    step = max(alpha, math.sqrt(channels) / MAX_SYMBOL) * rms * 2 ** 0.125 + 2 ** -14
     bound = step / 2 + 1e-6 * (x.abs() + mean.abs())  # float32 rounding of ref + q * step
     cast = out.float().abs().reshape(x.shape) * (2 ** -8 if out.dtype == torch.bfloat16 else 2 ** -11)
     return (bound + cast).reshape(kv.shape)
+
+
+def test_step_exponents_round_up_to_the_grid():
+    from kvstore.codec.quantize import MAX_STEP, MIN_STEP, exp_steps, step_exponents
+
+    step = torch.tensor([MIN_STEP, 1e-9, 0.3, 1.0, 1.0905, 7e3, MAX_STEP, 1e9])
+    exps = step_exponents(step)
+    assert exps.dtype == torch.int16 and exps[3] == 0 and exps[0] == -112 and exps[-1] == 128
+    grid = exp_steps(exps)
+    clamped = step.clamp(MIN_STEP, MAX_STEP)
+    assert bool((grid >= clamped).all()) and bool((grid <= clamped * 2 ** 0.125).all())
+    with pytest.raises(ValueError, match="non-finite"):
+        step_exponents(torch.tensor([float("nan")]))

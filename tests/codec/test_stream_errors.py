@@ -63,6 +63,15 @@ def test_other_level_is_rejected():
                     get_codec(other).decode(STREAMS[name], LAYOUT)
 
 
+def test_version_1_streams_are_rejected():
+    """Version 2 changed the level sections (step exponents, row classes): old streams must not decode."""
+    for name in NAMES:
+        old = bytearray(STREAMS[name])
+        struct.pack_into("<H", old, 4, 1)
+        with pytest.raises(CodecError, match="unsupported stream version 1"):
+            get_codec(name).decode(_with_valid_crc(bytes(old)), LAYOUT)
+
+
 def test_not_bytes_is_rejected():
     with pytest.raises(CodecError):
         get_codec("L0").decode("not bytes", LAYOUT)  # type: ignore[arg-type]
@@ -111,7 +120,7 @@ def test_mutations_with_a_recomputed_checksum_never_crash(name, pos, value):
 
 
 def test_crafted_stream_with_bad_side_info_is_rejected():
-    """Valid checksum, valid sizes, but a negative step: CodecError, not a wrong tensor."""
+    """Valid checksum, valid sizes, but a step exponent out of range: CodecError, not a wrong tensor."""
     from kvstore.codec.sections import compress, decompress
     from kvstore.codec.stream import pack_stream, unpack_stream
 
@@ -119,9 +128,9 @@ def test_crafted_stream_with_bad_side_info_is_rejected():
     info = unpack_stream(STREAMS["L1"], LAYOUT, codec.codec_id)
     side = bytearray(decompress(info.sections[0], _side_size(23), "side"))
     planes, channels = LAYOUT.num_layers * 2, LAYOUT.num_kv_heads * LAYOUT.head_dim
-    side[planes * channels * 2 + 1] |= 0x80  # sign bit of the first step
+    side[planes * channels * 2 + 1] ^= 0x40  # high byte of the first step exponent: |e| >= 16384
     crafted = pack_stream(codec.codec_id, LAYOUT, 23, 10, [compress(bytes(side)), *info.sections[1:]])
-    with pytest.raises(CodecError, match="non-positive steps"):
+    with pytest.raises(CodecError, match="step exponents out of range"):
         codec.decode(crafted, LAYOUT)
 
 
@@ -143,7 +152,7 @@ def test_crafted_escape_count_mismatch_is_rejected():
     from kvstore.codec.stream import pack_stream, unpack_stream
 
     kv = structured_kv(num_tokens=23)
-    codec = get_codec("L4")
+    codec = get_codec(level_names()[-1])  # the coarsest level packs narrower than 8 bits
     info = unpack_stream(codec.encode(kv, LAYOUT), LAYOUT, codec.codec_id)
     width = info.sections[2][0]
     assert width in (2, 4)
@@ -175,4 +184,4 @@ def _with_valid_crc(stream: bytes) -> bytes:
 
 def _side_size(num_tokens: int) -> int:
     planes, channels = LAYOUT.num_layers * 2, LAYOUT.num_kv_heads * LAYOUT.head_dim
-    return planes * channels * 2 + planes * num_tokens * 3
+    return planes * channels * 2 + planes * num_tokens * 4

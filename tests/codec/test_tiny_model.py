@@ -44,7 +44,7 @@ def test_tiny_model_kv_degrades_gracefully(runner):
     assert sizes[1:] == sorted(sizes[1:], reverse=True)  # int8, then each level smaller
     assert kv_errors[2:] == sorted(kv_errors[2:])  # and coarser
     for name, err in zip(level_names()[2:], kv_errors[2:]):
-        alpha = get_codec(name).spec.max_alpha()
+        alpha = get_codec(name).spec.max_alpha(layout16)
         assert err <= alpha ** 2 / 12 * 1.1  # uniform-noise MSE of the step: nothing worse
     assert logit_errors[1:] == sorted(logit_errors[1:])  # quality falls with the bitrate, smoothly
     assert logit_errors[2] < 0.05 * float(reference.abs().max())  # the finest level stays close

@@ -1,0 +1,55 @@
+"""The profile calibration's own model forward agrees with the engine (tiny random model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.codec_calibrate import context_kv, fisher_diagonal, forward, plane_weights
+from kvcluster.common.config import EngineConfig
+from kvcluster.common.layout import KVLayout
+from kvcluster.engine.runner import ModelRunner
+from kvcluster.engine.sequence import Sequence
+from kvcluster.engine.tiny import write_tiny_model
+from kvstore.codec.profile import ModelProfile
+
+CONTEXT = list(range(3, 43))
+CONTINUATION = [50, 51, 52, 53, 54, 55]
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    folder = write_tiny_model(tmp_path_factory.mktemp("calib_tiny") / "llama", arch="llama")
+    config = EngineConfig(block_size=8, num_blocks=32, max_model_len=128)
+    return ModelRunner.from_pretrained(folder, dtype="float32", engine_config=config)
+
+
+def test_forward_matches_the_engine(runner):
+    seq = Sequence("ctx", CONTEXT)
+    engine_logits = runner.prefill(seq, all_logits=True)
+    engine_kv = runner.cache.export_blocks(seq.block_table)[:, :, :len(CONTEXT)]
+    runner.free(seq)
+    kv, query_sum = context_kv(runner.model, CONTEXT)
+    assert torch.allclose(forward(runner.model, CONTEXT, None, 0), engine_logits, atol=1e-4)
+    assert torch.allclose(kv, engine_kv.half().float())
+    arch = runner.model.arch
+    assert query_sum.shape == (arch.num_layers, arch.num_heads, arch.head_dim)
+
+
+def test_forward_after_a_past_continues_the_sequence(runner):
+    kv, _ = context_kv(runner.model, CONTEXT)
+    whole = forward(runner.model, CONTEXT + CONTINUATION, None, 0)[len(CONTEXT):]
+    after = forward(runner.model, CONTINUATION, kv, len(CONTEXT))
+    assert torch.allclose(after, whole, atol=2e-2)  # the past went through fp16
+
+
+def test_fisher_and_plane_weights(runner):
+    torch.manual_seed(0)
+    arch = runner.model.arch
+    kv, query_sum = context_kv(runner.model, CONTEXT)
+    fisher = fisher_diagonal(runner.model, kv, CONTINUATION, samples=2)
+    assert fisher.shape == kv.shape and bool((fisher >= 0).all()) and float(fisher.sum()) > 0
+    layout = KVLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim, 8, "float16")
+    unit = ModelProfile("unit", torch.ones(2 * arch.num_layers), query_sum / len(CONTEXT))
+    weights = plane_weights(kv, fisher, layout, unit)
+    assert weights.shape == (2 * arch.num_layers,) and abs(float(weights.mean()) - 1) < 1e-5
