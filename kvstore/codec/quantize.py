@@ -108,11 +108,15 @@ def step_exponents(step: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: a non-finite step (the chunk holds inf or NaN).
     """
-    if not bool(torch.isfinite(step).all()):
-        raise ValueError("kv holds non-finite values (inf or NaN); only lossless can carry them")
-    step = step.clamp(MIN_STEP, MAX_STEP)
+    step = _finite_clamped(step)
     exps = torch.ceil(torch.log2(step) * STEPS_PER_OCTAVE).clamp(MIN_EXP, MAX_EXP).to(torch.int16)
     return exps + (exp_steps(exps) < step).to(torch.int16)  # log2 may round low by an ulp
+
+
+def _finite_clamped(step: torch.Tensor) -> torch.Tensor:
+    if not bool(torch.isfinite(step).all()):
+        raise ValueError("kv holds non-finite values (inf or NaN); only lossless can carry them")
+    return step.clamp(MIN_STEP, MAX_STEP)
 
 
 def exp_steps(exps: torch.Tensor) -> torch.Tensor:
@@ -126,9 +130,7 @@ def fp16_steps(step: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: a non-finite step (the chunk holds inf or NaN).
     """
-    if not bool(torch.isfinite(step).all()):
-        raise ValueError("kv holds non-finite values (inf or NaN); only lossless can carry them")
-    step = step.clamp(MIN_STEP, MAX_STEP)
+    step = _finite_clamped(step)
     step16 = step.to(torch.float16)
     up = (step16.view(torch.int16) + 1).view(torch.float16)  # next fp16 up (positive, finite)
     return torch.where(step16.float() < step, up, step16)
