@@ -48,7 +48,7 @@ class LocalCluster:
         """Start everything; returns the front end's ``host:port``."""
         init_local_ray(self.num_cpus)
         await asyncio.to_thread(self.pools.start)
-        info = await self.pools.decode[0].actor.info.remote()
+        info = self.pools.decode[0].info
         settings = hash_settings(info["model_id"], info["block_size"])
         routers = [self._router(role, settings) for role in ("prefill", "decode")]
         self.backend = RayClusterBackend(self.config, self.pools, info["model_id"], *routers,

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvcluster.common.config import ClusterConfig, to_dict
 
@@ -49,6 +49,8 @@ class WorkerHandle:
     """The Ray actor handle."""
     address: str = ""
     """The decode worker's KV receiver (host:port)."""
+    info: dict = field(default_factory=dict)
+    """The actor's ``info()`` at start: model id, block size, config digest, ..."""
 
 
 def init_local_ray(num_cpus: int | None = None) -> None:
@@ -107,7 +109,10 @@ class WorkerPools:
         for handle, result in zip(handles, results):
             if handle.role == DECODE:
                 handle.address = result
-        self._check_digests(ray.get([h.actor.info.remote() for h in handles], timeout=timeout_s))
+        infos = ray.get([h.actor.info.remote() for h in handles], timeout=timeout_s)
+        for handle, info in zip(handles, infos):
+            handle.info = info
+        self._check_digests()
 
     def by_id(self, instance_id: str) -> WorkerHandle:
         for handle in self.prefill + self.decode:
@@ -141,9 +146,10 @@ class WorkerPools:
             **_placement(role)).remote(to_dict(self.config), instance_id)
         return WorkerHandle(instance_id, role, actor)
 
-    def _check_digests(self, infos: list[dict]) -> None:
+    def _check_digests(self) -> None:
         ours = worker_config_digest(self.config)
-        for handle, info in zip(self.prefill + self.decode, infos):
+        for handle in self.prefill + self.decode:
+            info = handle.info
             if info.get("config_digest") != ours:
                 raise PoolConfigMismatch(
                     f"{handle.instance_id} runs another worker config (digest "
