@@ -194,6 +194,7 @@ def _report(meta: dict, results: list[dict], args) -> dict:
                adaptive_mean_level=varying.get("adaptive", {}).get("mean_level"),
                lowest_mean_level=varying.get("lowest", {}).get("mean_level"))
     out.pop("tokens")
+    out["varying_runs"] = [r for r in results if r["trace"] == "varying 0.1-10 Gbit/s"]
     print(f"SLO {meta['slo_ms']:.1f} ms = max(int8 bytes at {SLO_REFERENCE_BPS / 1e9:g} Gbit/s: "
           f"{meta['bytes_slo_ms']:.1f} ms, {FLOOR_FACTOR} x lowest level unthrottled: "
           f"{meta['floor_ms']:.1f} ms)" + (" [--slo-ms]" if meta["slo_fixed"] else ""))
@@ -226,16 +227,23 @@ def _receiver_role(args) -> None:
             super().close(ok)
             runner.free(self.seq)
 
+    claims: set[asyncio.Task] = set()
+
     def open_sink(header):
+        # Claim the result as a decode task would (the sink frees its blocks on close),
+        # so the receiver's unclaimed-result reaper stays quiet.
+        claim = asyncio.ensure_future(receiver.wait_result(header.request_id))
+        claims.add(claim)
+        claim.add_done_callback(claims.discard)
         return FreeingSink(runner, Sequence(header.request_id, list(header.token_ids)), speed)
 
     host, port = args.bind.rsplit(":", 1)
     config = TransferConfig(host=host, port=int(port), chunk_timeout_s=30.0, timeout_s=60.0,
                             max_pending_chunks=2, decode_threads=2)
+    receiver = KVReceiver(runner.layout, levels, open_sink, config, speed)
 
     async def serve():
-        server = TransferServer(KVReceiver(runner.layout, levels, open_sink, config, speed),
-                                config)
+        server = TransferServer(receiver, config)
         await server.start()
         print(f"ready {server.port}", flush=True)
         await server.wait_for_termination()
@@ -311,7 +319,7 @@ async def _send_everything(args) -> list[dict]:
     for trace in standard_traces(seed=1):
         for policy_name in POLICIES:
             policy = make_policy(policy_name, levels.names, levels.default,
-                                 config.bandwidth_safety)
+                                 config.bandwidth_safety, config.slo_risk)
             async with KVSender(args.target, levels, config, policy=policy,
                                 shaper=shaper) as sender:
                 for request_no in range(_num_requests(meta["sizes"], trace, policy_name)):
@@ -320,7 +328,8 @@ async def _send_everything(args) -> list[dict]:
                     await asyncio.sleep(0.01)  # let the new rate settle before timing starts
                     result = await sender.send(source, f"{trace.name}/{policy_name}/{request_no}",
                                                slo_ms, before_chunk=set_rate)
-                    runs.append(_record(trace.name, policy_name, result, levels))
+                    rates = [trace.rate_bps(request_no, i) for i in range(source.num_chunks)]
+                    runs.append(_record(trace.name, policy_name, result, levels, rates))
             print(f"{trace.name:>22} {policy_name:>9}: done", flush=True)
     return dict(calibration, runs=runs)
 
@@ -337,16 +346,26 @@ def _num_requests(sizes: dict, trace, policy: str) -> int:
     return sizes["varying_adaptive"] if policy == "adaptive" else sizes["varying_other"]
 
 
-def _record(trace: str, policy: str, result, levels) -> dict:
+def _record(trace: str, policy: str, result, levels, rates: list[float]) -> dict:
     ok = result.status is not None and result.status.ok
     if not ok:
-        print(f"{trace} {policy}: request failed: {result.error or result.status} "
-              f"levels {result.levels}", flush=True)
+        print(f"{trace} {policy}: request failed after {result.elapsed_s:.1f} s: "
+              f"{result.error or result.status} levels {result.levels}", flush=True)
     status = result.status
     return dict(trace=trace, policy=policy, ttft_s=result.elapsed_s, ok=ok,
                 levels=result.levels, quality=[levels.quality(lv) for lv in result.levels if lv],
                 error=result.error, decode_s=status.decode_total_s if status else 0.0,
-                decode_overlap_s=status.decode_overlap_s if status else 0.0)
+                decode_overlap_s=status.decode_overlap_s if status else 0.0,
+                tail_s=result.tail_s, chunks=[_chunk(c, r) for c, r in zip(result.chunks, rates)])
+
+
+def _chunk(record, rate_bps: float) -> dict:
+    """One chunk's plan against what happened: for reading misses out of the JSON."""
+    wire_s = record.acked_at_s - record.sent_at_s if record.acked_at_s else None
+    return dict(level=record.level, bytes=record.num_bytes, budget_ms=1000 * record.budget_s,
+                planned_gbps=record.planned_bytes_per_s and 8e-9 * record.planned_bytes_per_s,
+                trace_gbps=rate_bps / 1e9, sent_ms=1000 * record.sent_at_s,
+                wire_ms=wire_s and 1000 * wire_s)
 
 
 def _source(data: dict, levels):

@@ -43,7 +43,7 @@ from kvcluster.transfer.sink import KVSink
 
 LAYOUT = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16, dtype="float16")
 CHUNK_TOKENS = 1024
-CONFIG = TransferConfig(num_channels=4, max_inflight_chunks=2, message_payload_bytes=1 << 20,
+CONFIG = TransferConfig(num_channels=4, max_inflight_chunks=2, message_payload_bytes=4 << 20,
                         max_message_bytes=64 << 20, timeout_s=120.0, chunk_timeout_s=30.0)
 
 
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
 def _extra_flags(parser) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--streams", type=int, default=4, help="concurrent requests")
-    parser.add_argument("--message-kib", type=int, default=1024)
+    parser.add_argument("--message-kib", type=int, default=4096)
 
 
 # ---------------------------------------------------------------- gRPC

@@ -10,7 +10,12 @@ the estimate; every later chunk adds a sample. Two views of the samples:
 * ``planning_bytes_per_s(q)``: the q-quantile of the last ``window`` samples,
   what the policy plans with. On a steady link it equals the average; on a
   link that varies from chunk to chunk it is a rate the next chunk will beat
-  with probability ~1-q, which is what keeps the SLO met there.
+  with probability ~1-q, which is what keeps the SLO met there;
+* ``seconds_per_byte_samples()``: the last ``history`` samples as they were
+  measured, for the policy's risk check, which resamples them to see how
+  likely a choice is to leave the request unable to finish in time. It needs
+  the rare slow samples (a 1-in-100 draw), hence a longer memory than the
+  quantile's window.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import collections
 
 
 class BandwidthEstimator:
-    def __init__(self, alpha: float = 0.3, window: int = 32, min_probe_bytes: int = 64 << 10):
+    def __init__(self, alpha: float = 0.3, window: int = 32, min_probe_bytes: int = 64 << 10,
+                 history: int = 256):
         """
         Args:
             alpha: weight of the newest sample in the moving average (0 < alpha <= 1).
             window: samples kept for the quantile.
             min_probe_bytes: transfers smaller than this are too short to time and are ignored.
+            history: samples kept for the policy's risk check (at least ``window``).
         """
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
@@ -32,6 +39,7 @@ class BandwidthEstimator:
         self.min_probe_bytes = min_probe_bytes
         self._seconds_per_byte: float | None = None
         self._samples: collections.deque[float] = collections.deque(maxlen=window)
+        self._history: collections.deque[float] = collections.deque(maxlen=max(history, window))
 
     @property
     def has_estimate(self) -> bool:
@@ -53,6 +61,10 @@ class BandwidthEstimator:
         ordered = sorted(self._samples)
         return ordered[int(quantile * (len(ordered) - 1))]
 
+    def seconds_per_byte_samples(self) -> tuple[float, ...]:
+        """The last ``history`` samples, seconds per byte, oldest first."""
+        return tuple(self._history)
+
     def observe(self, num_bytes: int, seconds: float) -> None:
         """Record that ``num_bytes`` took ``seconds`` on the wire."""
         if num_bytes < self.min_probe_bytes or seconds <= 0:
@@ -63,6 +75,7 @@ class BandwidthEstimator:
         else:
             self._seconds_per_byte += self.alpha * (sample - self._seconds_per_byte)
         self._samples.append(num_bytes / seconds)
+        self._history.append(sample)
 
     def seconds_for(self, num_bytes: int) -> float:
         """Expected wire time of ``num_bytes`` at the moving average; raises before the probe."""

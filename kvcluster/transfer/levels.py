@@ -2,6 +2,11 @@
 
 Quality rank: 0 for the lowest (smallest) level up to ``len(levels) - 1`` for
 the best; ``"text"`` (recomputed from tokens, exact) ranks with the best.
+
+A LevelSet also learns each level's encoded bytes per token from every chunk
+encoded (or handed over encoded) at it, so that a new request's sizes are
+estimated from measurements of the codec as it is now, not from constants
+that a codec change would make stale.
 """
 
 from __future__ import annotations
@@ -9,6 +14,10 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from kvcluster.transfer.messages import TEXT_LEVEL
+
+
+SIZE_ALPHA = 0.2
+"""Weight of the newest chunk in a level's bytes-per-token average."""
 
 
 class LevelSet:
@@ -23,6 +32,7 @@ class LevelSet:
         self._codecs = dict(codecs)
         self.names: list[str] = list(codecs)
         self.default = default if default in self._codecs else self.names[len(self.names) // 2]
+        self._bytes_per_token: dict[str, float] = {}
 
     @classmethod
     def from_factory(cls, names: Sequence[str] | None = None) -> "LevelSet":
@@ -45,6 +55,20 @@ class LevelSet:
             return self._codecs[name]
         except KeyError:
             raise ValueError(f"unknown level {name!r}; known: {self.names}") from None
+
+    def observe_size(self, name: str, num_tokens: int, num_bytes: int) -> None:
+        """A chunk of ``num_tokens`` tokens was encoded at level ``name`` in ``num_bytes``."""
+        if num_tokens <= 0 or name not in self._codecs:
+            return
+        sample = num_bytes / num_tokens
+        known = self._bytes_per_token.get(name)
+        # A moving average: follows a codec or content change within ~10 chunks.
+        self._bytes_per_token[name] = sample if known is None else known + SIZE_ALPHA * (
+            sample - known)
+
+    def bytes_per_token(self, name: str) -> float | None:
+        """Measured encoded bytes per token of level ``name``; None before any chunk."""
+        return self._bytes_per_token.get(name)
 
     def quality(self, name: str) -> int:
         """0 (lowest level) .. len-1 (best level, or text)."""

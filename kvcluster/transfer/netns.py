@@ -20,7 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from kvcluster.transfer.tc_shaper import tbf_args
+from kvcluster.transfer.tc_shaper import MAX_PACKET_BYTES, tbf_args
 
 
 @dataclass
@@ -62,6 +62,10 @@ class NetnsPair:
             _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+        # Packets no longer than any tbf bucket (tc_shaper.tbf_args): with 64 KiB GSO
+        # packets a rate drop could leave one stuck at the head of the queue for good.
+        _ip("-n", self.ns_a, "link", "set", "dev", self.dev_a,
+            "gso_max_size", str(MAX_PACKET_BYTES))
         if bits_per_s:
             self.set_rate(bits_per_s)
         return self

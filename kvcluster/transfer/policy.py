@@ -34,6 +34,11 @@ class ChunkPlan:
     """Receiver's recompute speed; 0: cannot recompute."""
     decode_tokens_per_s: Mapping[str, float] = field(default_factory=dict)
     """Receiver's measured decode speed per level (absent: not measured yet)."""
+    tokens_after: int = 0
+    """Tokens in the chunks after this one."""
+    seconds_per_byte: Sequence[float] = ()
+    """Recent per-chunk samples of the link (BandwidthEstimator.seconds_per_byte_samples);
+    empty: only ``bytes_per_s`` is known."""
 
     @property
     def chunks_left(self) -> int:
@@ -50,17 +55,19 @@ class LevelPolicy(abc.ABC):
 
 
 def make_policy(name: str, level_names: Sequence[str], probe_level: str | None = None,
-                bandwidth_safety: float = 0.8) -> LevelPolicy:
+                bandwidth_safety: float = 0.8, slo_risk: float | None = None) -> LevelPolicy:
     """Policy by name: ``adaptive``, ``recompute`` or a level name (always that level).
 
-    ``lowest`` and ``best`` name the last and first of ``level_names``.
+    ``lowest`` and ``best`` name the last and first of ``level_names``;
+    ``slo_risk``: the adaptive policy's risk bound (None: its default).
     """
-    from kvcluster.transfer.adaptive_policy import AdaptivePolicy
+    from kvcluster.transfer.adaptive_policy import DEFAULT_SLO_RISK, AdaptivePolicy
     from kvcluster.transfer.fixed_policy import FixedLevelPolicy
 
     if name == "adaptive":
         return AdaptivePolicy(level_names, probe_level=probe_level,
-                              bandwidth_safety=bandwidth_safety)
+                              bandwidth_safety=bandwidth_safety,
+                              slo_risk=DEFAULT_SLO_RISK if slo_risk is None else slo_risk)
     aliases = {"recompute": TEXT_LEVEL, "lowest": level_names[-1], "best": level_names[0]}
     level = aliases.get(name, name)
     if level != TEXT_LEVEL and level not in level_names:

@@ -51,7 +51,7 @@ class KVSender:
         self.config = config or TransferConfig()
         self.policy = policy or make_policy(
             self.config.policy, levels.names, self.config.probe_level or levels.default,
-            self.config.bandwidth_safety)
+            self.config.bandwidth_safety, self.config.slo_risk)
         self.security = security or ChannelSecurity.from_config(self.config)
         self.shaper = shaper
         self.estimator = estimator or BandwidthEstimator(self.config.bandwidth_alpha,

@@ -1,9 +1,9 @@
 """The sender's view of one request: its chunks, their tokens and encoded bytes.
 
 Built either from a KV tensor (each level is encoded on first use and cached;
-sizes of levels not yet encoded are estimated from the bytes per token seen so
-far) or from bytes encoded in advance (what a kvstore holding every level, as
-CacheGen stores them, would hand over).
+sizes of levels not yet encoded are estimated from the bytes per token the
+LevelSet has measured, across requests) or from bytes encoded in advance (what
+a kvstore holding every level, as CacheGen stores them, would hand over).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class ChunkSource:
 
     def add_encoded(self, index: int, level: str, data: bytes) -> None:
         self._encoded[(index, level)] = data
+        self.levels.observe_size(level, self.specs[index].num_tokens, len(data))
 
     def encode_all(self, levels: Sequence[str] | None = None) -> None:
         """Encode every chunk at every level now (off the critical path)."""
@@ -80,21 +81,37 @@ class ChunkSource:
             return b""
         key = (index, level)
         if key not in self._encoded:
-            self._encoded[key] = self._encode(index, level)
+            self.add_encoded(index, level, self._encode(index, level))
         return self._encoded[key]
 
     def estimated_bytes(self, index: int, level: str) -> int:
-        """Exact if already encoded; else scaled from this level's other chunks; else raw size."""
+        """Exact if already encoded; else the level's measured bytes per token (this
+        process, every request); else the raw size (see :meth:`measure_sizes`)."""
         if level == TEXT_LEVEL:
             return 4 * self.specs[index].num_tokens
         if (index, level) in self._encoded:
             return len(self._encoded[(index, level)])
-        seen = [(len(d), self.specs[i].num_tokens)
-                for (i, lv), d in self._encoded.items() if lv == level]
         num_tokens = self.specs[index].num_tokens
-        if not seen:
-            return self.layout.bytes_per_chunk(num_tokens)
-        return int(sum(b for b, _ in seen) / sum(t for _, t in seen) * num_tokens)
+        per_token = self.levels.bytes_per_token(level)
+        if per_token is not None:
+            return int(per_token * num_tokens)
+        return self.layout.bytes_per_chunk(num_tokens)
+
+    def unmeasured_levels(self, index: int) -> list[str]:
+        """Levels this chunk could be encoded at whose size is not known yet."""
+        if self.kv is None:
+            return []
+        return [level for level in self.levels.names
+                if (index, level) not in self._encoded and self.levels.bytes_per_token(level) is None]
+
+    def measure_sizes(self, index: int) -> None:
+        """Encode chunk ``index`` at every unmeasured level (kept, in case it is sent).
+
+        Once per level and process (the LevelSet remembers): up to ~0.1 s per level
+        for a 1024-token chunk, so callers on an event loop run it in a thread.
+        """
+        for level in self.unmeasured_levels(index):
+            self.payload(index, level)
 
     def bytes_by_level(self, index: int) -> Mapping[str, int]:
         return {level: self.estimated_bytes(index, level) for level in self.levels.names}

@@ -6,7 +6,13 @@ is good, before decoding it; it stops reading while its decode backlog is
 full, which stalls HTTP/2 and then this window).
 
 Bandwidth samples come from acks: chunk i occupied the wire from
-``max(its first write, the previous ack)`` until its ack.
+``max(its first write, the previous ack)`` until its ack. Not when the
+receiver's decoder was behind: the receiver then stops reading
+(``max_pending_chunks``) and the ack times its decoder, not the wire; a slow
+decoder would pass for a slow link and push the policy to smaller levels that
+decode no faster. The sender predicts the decoder from the arrivals and the
+decode speeds the receiver reports, and skips a chunk's sample when the chunk
+before it was predicted still waiting for the decoder as this one was written.
 """
 
 from __future__ import annotations
@@ -33,6 +39,21 @@ PayloadFilter = Callable[[int, int, memoryview], bytes | memoryview]
 
 
 @dataclass
+class ChunkRecord:
+    """What the sender planned and saw for one chunk (diagnostics; times from send())."""
+
+    level: str
+    num_bytes: int
+    budget_s: float
+    """The policy's per-chunk budget: time left / chunks left."""
+    planned_bytes_per_s: float | None
+    """The bandwidth the policy planned with (None: the probe)."""
+    sent_at_s: float
+    acked_at_s: float = 0.0
+    """0 until acked (a stall shows as the first chunk that never was)."""
+
+
+@dataclass
 class SendResult:
     request_id: str
     status: StreamStatus | None
@@ -44,6 +65,14 @@ class SendResult:
     bytes_sent: int = 0
     resends: int = 0
     error: str = ""
+    chunks: list[ChunkRecord] = field(default_factory=list)
+    """Per chunk index, in order of first send."""
+
+    @property
+    def tail_s(self) -> float:
+        """From the last ack to the final status: the receiver's last decode(s)."""
+        acked = [c.acked_at_s for c in self.chunks if c.acked_at_s]
+        return self.elapsed_s - max(acked) if acked and self.status is not None else 0.0
 
 
 @dataclass
@@ -68,6 +97,9 @@ class StreamWriter:
         self._changed = asyncio.Event()
         self._first_write: dict[int, float] = {}
         self._last_ack = 0.0
+        self._decode_starts: dict[int, float] = {}
+        """Predicted start of each acked chunk's decode on the receiver."""
+        self._decoder_free = 0.0
         self._attempt_count: dict[int, int] = {}
         self._started = time.perf_counter()
 
@@ -78,6 +110,7 @@ class StreamWriter:
             for index in range(self.source.num_chunks):
                 await self._wait_window()
                 await self._send_resends()
+                await self._measure_sizes(index)
                 await self._send_chunk(index, self._choose(index), attempt=0)
             while self._unresolved and not reader.done():
                 self._changed.clear()
@@ -88,10 +121,17 @@ class StreamWriter:
             self.result.status = await reader
         finally:
             reader.cancel()
-        self.result.elapsed_s = time.perf_counter() - self._started
+            self.result.elapsed_s = time.perf_counter() - self._started
         return self.result
 
     # ------------------------------------------------------------ sending
+
+    async def _measure_sizes(self, index: int) -> None:
+        """Encode this chunk at the levels whose size nobody has measured yet (a new
+        process), in a thread: the policy then plans with real sizes, not raw ones."""
+        if self.source.unmeasured_levels(index):
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.source.measure_sizes, index)
 
     def _choose(self, index: int) -> str:
         if self.options.before_chunk is not None:
@@ -102,8 +142,14 @@ class StreamWriter:
         plan = ChunkPlan(index, self.source.num_chunks, spec.num_tokens, deadline_s - elapsed_s,
                          self.source.bytes_by_level(index),
                          self.estimator.planning_bytes_per_s(self.config.bandwidth_quantile),
-                         self.info.prefill_tokens_per_s, dict(self.info.decode_tokens_per_s))
-        return self.policy.choose(plan)
+                         self.info.prefill_tokens_per_s, dict(self.info.decode_tokens_per_s),
+                         self.source.num_tokens - spec.token_end,
+                         self.estimator.seconds_per_byte_samples())
+        level = self.policy.choose(plan)
+        self.result.chunks.append(ChunkRecord(
+            level, plan.bytes_by_level.get(level, 0), plan.time_left_s / plan.chunks_left,
+            plan.bytes_per_s, time.perf_counter() - self._started))
+        return level
 
     async def _send_chunk(self, index: int, level: str, attempt: int) -> None:
         payload = await self._payload(index, level)
@@ -178,11 +224,30 @@ class StreamWriter:
 
     def _on_ack(self, ack: ChunkAck) -> None:
         now = time.perf_counter()
-        if self.result.levels[ack.index] != TEXT_LEVEL:
+        level = self.result.levels[ack.index]
+        if level != TEXT_LEVEL and not self._decoder_was_behind(ack.index):
             began = max(self._first_write.get(ack.index, now), self._last_ack)
             self.estimator.observe(ack.payload_bytes, now - began)
+        self._predict_decode(ack.index, level, now)
         self._last_ack = now
+        if ack.index < len(self.result.chunks):
+            self.result.chunks[ack.index].acked_at_s = now - self._started
         self._resolve(ack.index)
+
+    def _decoder_was_behind(self, index: int) -> bool:
+        start = self._decode_starts.get(index - 1)
+        return start is not None and start > self._first_write.get(index, start)
+
+    def _predict_decode(self, index: int, level: str, arrived: float) -> None:
+        """The receiver decodes chunks one after another, each once it has arrived."""
+        if level == TEXT_LEVEL:
+            speed = self.info.prefill_tokens_per_s
+        else:
+            speed = dict(self.info.decode_tokens_per_s).get(level, 0.0)
+        start = max(arrived, self._decoder_free)
+        self._decode_starts[index] = start
+        num_tokens = self.source.specs[index].num_tokens
+        self._decoder_free = start + (num_tokens / speed if speed > 0 else 0.0)
 
     def _on_nak(self, nak: ChunkNak) -> None:
         if nak.resend:

@@ -14,6 +14,11 @@ import subprocess
 
 from kvcluster.transfer.shaper import Shaper
 
+MAX_PACKET_BYTES = 32 << 10
+"""Largest packet (GSO super-packet) the shaped device may queue; ``NetnsPair`` caps
+the veth's ``gso_max_size`` at this. tbf never sends a queued packet longer than its
+bucket, so every burst must hold one: see :func:`tbf_args`."""
+
 
 class TcShaper(Shaper):
     label = "tc tbf on a veth between two network namespaces"
@@ -60,8 +65,15 @@ class TcShaper(Shaper):
 
 
 def tbf_args(bits_per_s: float) -> list[str]:
-    """tbf with a burst of ~2 ms of traffic (at least 64 KiB) and 50 ms of queue."""
-    burst = max(64 << 10, int(bits_per_s / 8 * 0.002))
+    """tbf with a burst of ~2 ms of traffic (at least 64 KiB) and 50 ms of queue.
+
+    The floor matters after a rate *drop*: tbf splits an oversized GSO packet only
+    when it is enqueued, so a packet queued under a faster rate (bigger bucket) that
+    is longer than the new bucket never earns enough tokens and blocks the queue
+    (TCP's retransmissions wait behind it) until the next change. 64 KiB is twice
+    ``MAX_PACKET_BYTES`` (32 KiB of payload + ~1.4 KiB of per-segment headers).
+    """
+    burst = max(2 * MAX_PACKET_BYTES, int(bits_per_s / 8 * 0.002))
     return ["tbf", "rate", f"{int(bits_per_s)}bit", "burst", str(burst), "latency", "50ms"]
 
 

@@ -109,3 +109,73 @@ def test_token_bucket_paces_to_its_rate_and_follows_rate_changes():
     assert took < 0.1
     with pytest.raises(ValueError):
         shaper.set_rate(0)
+
+
+def risk_plan(index, time_left_s, samples, sizes=SIZES, decode=None, num_chunks=4, tokens=1000):
+    """A plan whose link has shown ``samples`` (seconds per byte), planning at their best."""
+    return ChunkPlan(index, num_chunks, tokens, time_left_s, sizes, 1 / min(samples), 0.0,
+                     decode or {}, tokens * (num_chunks - 1 - index), samples)
+
+
+def test_risk_test_refuses_a_level_that_one_slow_draw_would_make_unrecoverable():
+    # 99 fast samples (10 MB/s) and one slow (0.5 MB/s): 1 % of draws are slow.
+    samples = (1e-7,) * 99 + (2e-6,)
+    # Share test at 10 MB/s, 1.2 s for 4 chunks: 0.3 s each -> int8 (4 MB = 0.4 s) no, L1 yes.
+    # L1 on a slow draw takes 2 s: more than the whole 1.2 s left, however small the rest.
+    gamble = AdaptivePolicy(LEVELS, bandwidth_safety=1.0, slo_risk=1.0)
+    careful = AdaptivePolicy(LEVELS, bandwidth_safety=1.0, slo_risk=0.005)
+    assert gamble.choose(risk_plan(0, 1.2, samples)) == "L1"
+    # L0 on the slow draw: 1 s, then 3 x 0.5 MB at 10 MB/s = 0.15 s: 1.15 s < 1.2 s: safe.
+    assert careful.choose(risk_plan(0, 1.2, samples)) == "L0"
+    # With L1, any slow draw among the four chunks misses (~8 % with the stand-in for
+    # unseen draws): a 20 % bound accepts that, 5 % does not.
+    assert AdaptivePolicy(LEVELS, bandwidth_safety=1.0, slo_risk=0.2).choose(
+        risk_plan(0, 1.2, samples)) == "L1"
+    assert AdaptivePolicy(LEVELS, bandwidth_safety=1.0, slo_risk=0.05).choose(
+        risk_plan(0, 1.2, samples)) == "L0"
+
+
+def test_risk_test_counts_the_later_chunks_at_the_lowest_level():
+    samples = (1e-7,) * 99 + (2e-6,)
+    careful = AdaptivePolicy(LEVELS, bandwidth_safety=1.0, slo_risk=0.005)
+    # Last chunk, 1.2 s: L1 is 2 s on the slow draw -> refused; L0 is 1 s -> fine.
+    assert careful.choose(risk_plan(3, 1.2, samples)) == "L0"
+    # With 4.1 s left the last chunk may be L1: 2 s on the slow draw, 4 s on the
+    # stand-in for an unseen one (2 x the slowest) ...
+    assert careful.choose(risk_plan(3, 4.1, samples)) == "L1"
+    # ... but not when three L0 chunks must follow (0.15 s even when all are fast).
+    assert careful.choose(risk_plan(0, 4.1, samples)) == "L0"
+
+
+def test_risk_test_counts_decoding_when_the_decoder_is_the_bottleneck():
+    samples = (1e-7,) * 100  # steady 10 MB/s: the wire alone is never a risk here
+    decode = {"L1": 1000.0, "L0": 1000.0}  # 1000 tokens: 1 s of decode per chunk
+    # 4 chunks take >= 4 s to decode one after the other, whatever their level.
+    policy = AdaptivePolicy(LEVELS, bandwidth_safety=1.0, slo_risk=0.01)
+    share_only = AdaptivePolicy(LEVELS, bandwidth_safety=1.0, slo_risk=1.0)
+    decode = decode | {"int8": 1000.0, "lossless": 500.0}
+    # Share test, 4.3 s / 4 chunks: int8 (0.4 s wire, 1 s decode) fits 1.075 s.
+    assert share_only.choose(risk_plan(0, 4.3, samples, decode=decode)) == "int8"
+    # But int8 arrives after 0.4 s, then four decodes of 1 s follow one another:
+    # 4.4 s > 4.3 s. L1 arrives after 0.1 s: 4.1 s.
+    assert policy.choose(risk_plan(0, 4.3, samples, decode=decode)) == "L1"
+    assert policy.choose(risk_plan(0, 4.7, samples, decode=decode)) == "int8"
+
+
+def test_a_young_estimator_is_cautious():
+    # Ten steady samples say nothing about rare slow draws: the stand-in for an unseen
+    # one (2 x the slowest, with probability 1 / 11) keeps the last chunk from a level
+    # that would only just fit at the seen rate.
+    few = (1e-7,) * 10
+    policy = AdaptivePolicy(LEVELS, bandwidth_safety=1.0, slo_risk=0.05)
+    assert policy.choose(risk_plan(3, 0.5, few)) == "L1"  # int8: 0.4 s seen, 0.8 s unseen
+    many = (1e-7,) * 100
+    assert policy.choose(risk_plan(3, 0.5, many)) == "int8"  # unseen draw: 1 / 101 < 5 %
+
+
+def test_estimator_keeps_a_longer_history_for_the_risk_test():
+    est = BandwidthEstimator(window=4, history=6, min_probe_bytes=1)
+    for n in range(1, 9):
+        est.observe(1000, n / 1000)  # seconds per byte n * 1e-6
+    assert est.num_samples == 4
+    assert est.seconds_per_byte_samples() == pytest.approx([n * 1e-6 for n in range(3, 9)])
