@@ -7,10 +7,17 @@ tokens as a cached-prefix prefill: 64 next-token predictions that all depend
 on the decoded KV. Measured per level against the fp16 KV: perplexity change,
 top-1 agreement, and whether greedy generation from the context is identical.
 
+Every level is scored twice: as the store codes a chunk with no context
+(``L0``), and with the encode hint the prefill worker can give
+(``L0+hint``: the attention importance measured from the context's own last
+queries, kvcluster/engine/attention_importance.py, and the chunk's
+first/last-chunk flags; kvstore/codec/hint.py).
+
     python -m bench.codec_quality [--quick] [--json FILE] [--chunk-tokens N]
 
 ``--chunk-tokens N`` codes each context as consecutive chunks of N tokens (as
-the store and the transfer path do) instead of one chunk per context.
+the store and the transfer path do) instead of one chunk per context; the hints
+are then per chunk (importance normalised over the whole context).
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ import torch
 from bench.codec_text import TextContext, build_contexts
 from bench.common import parse_args, print_table, write_json
 from kvcluster.common.config import EngineConfig
-from kvstore.codec import default_level, get_codec, level_names
+from kvstore.codec import chunk_hints, default_level, get_codec, level_names
 from kvstore.codec.base import KVCodec
 
 CONTINUATION = 65  # 64 scored predictions
+HINTED = "+hint"
+"""Suffix of a level scored with the encode hint."""
 GOAL_RATIO, GOAL_PPL_PCT, GOAL_TOP1 = 4.0, 1.0, 0.98
 FULL_CONTEXTS = [("doc", 1024), ("chat", 1024), ("doc", 2048), ("chat", 2048),
                  ("doc", 4096), ("chat", 3072)]
@@ -56,11 +65,13 @@ class ContextProbe:
     """One prefilled context whose cached KV can be swapped and re-scored."""
 
     def __init__(self, runner, ctx: TextContext, greedy_tokens: int):
+        from kvcluster.engine.attention_importance import prefill_with_importance
         from kvcluster.engine.sequence import Sequence
 
         self.runner, self.ctx, self.greedy_tokens = runner, ctx, greedy_tokens
         self.seq = Sequence("ctx", ctx.context_ids)
-        self.first_token = int(runner.prefill(self.seq).argmax())
+        logits, self.importance = prefill_with_importance(runner, self.seq)  # [L, T]
+        self.first_token = int(logits.argmax())
         self.blocks = list(self.seq.block_table)
         self.kv = runner.cache.export_blocks(self.blocks)  # [L, 2, N, H, D] fp32
 
@@ -114,7 +125,8 @@ def evaluate(runner, contexts: list[TextContext], codecs: dict[str, KVCodec],
         kv16 = probe.kv.to(torch.float16)
         ref = probe.score(kv16)
         for name, codec in codecs.items():
-            decoded, num_bytes = round_trip(codec, kv16, layout16, chunk_tokens)
+            importance = probe.importance if name.endswith(HINTED) else None
+            decoded, num_bytes = round_trip(codec, kv16, layout16, chunk_tokens, importance)
             got = probe.score(decoded)
             _accumulate(stats[name], ref, got, num_bytes * 8 / kv16.numel())
         probe.close()
@@ -122,10 +134,16 @@ def evaluate(runner, contexts: list[TextContext], codecs: dict[str, KVCodec],
     return stats
 
 
-def round_trip(codec: KVCodec, kv16: torch.Tensor, layout, chunk_tokens: int):
-    """(decoded KV, stream bytes) of the whole context, or of its chunks back to back."""
+def round_trip(codec: KVCodec, kv16: torch.Tensor, layout, chunk_tokens: int,
+               importance: torch.Tensor | None = None):
+    """(decoded KV, stream bytes) of the whole context, or of its chunks back to back.
+
+    With ``importance [L, T]`` every chunk is encoded with its hint (decoding needs none).
+    """
     pieces = kv16.split(chunk_tokens, dim=2) if chunk_tokens else [kv16]
-    streams = [codec.encode(piece.contiguous(), layout) for piece in pieces]
+    hints = [None] * len(pieces) if importance is None else \
+        chunk_hints(importance, chunk_tokens or kv16.shape[2])
+    streams = [codec.encode(piece.contiguous(), layout, hint) for piece, hint in zip(pieces, hints)]
     decoded = torch.cat([codec.decode(s, layout) for s in streams], dim=2)
     return decoded, sum(len(s) for s in streams)
 
@@ -154,6 +172,7 @@ def main(argv=None) -> dict:
     lengths = QUICK_CONTEXTS if args.quick else FULL_CONTEXTS
     contexts = build_contexts(tokenizer, lengths, CONTINUATION, runner.block_size)
     codecs = {name: get_codec(name) for name in level_names()}
+    codecs.update({name + HINTED: get_codec(name) for name in level_names()[2:]})
     t0 = time.perf_counter()
     stats = evaluate(runner, contexts, codecs, 8 if args.quick else 32, args.chunk_tokens)
     levels = summarize(stats)
@@ -217,10 +236,21 @@ def _result(levels: dict, contexts: list[TextContext], seconds: float) -> dict:
         "default_ppl_increase_pct": levels[default]["ppl_increase_pct"],
         "default_top1_agreement": levels[default]["top1_agreement"],
         "default_greedy_identical": levels[default]["greedy_identical"],
+        **_with_hint(levels, default),
         "levels_meeting_goal": [n for n in lossy if levels[n]["meets_goal"]],
         "smallest_level_meeting_quality": smallest_ok,
         "seconds": seconds,
     }
+
+
+def _with_hint(levels: dict, default: str) -> dict:
+    """The default level coded with the encode hint (the keys above are without one)."""
+    hinted = levels.get(default + HINTED)
+    if hinted is None:
+        return {}
+    return {f"default_with_hint_{key}": hinted[key]
+            for key in ("bits_per_element", "ratio_vs_int8", "ppl_increase_pct", "top1_agreement",
+                        "greedy_identical")}
 
 
 def _print(levels: dict) -> None:

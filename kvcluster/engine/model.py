@@ -14,7 +14,7 @@ a single-sequence prefill has ``B = 1, Q = T``; a decode step has ``Q = 1``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,15 @@ class ForwardBatch:
     """Use the packed weight copies if present (see :mod:`kvcluster.engine.cpu_linear`):
     faster for decode, but fp32 rounding differs slightly (< 1e-4 on SmolLM2 logits)
     from a plain matmul's, which prefill keeps for exact parity with transformers."""
+    query_tap: QueryTap | None = None
+    """Prefill only: gets each layer's post-RoPE queries ``[T, H_q, D]``, in layer order
+    (see :mod:`kvcluster.engine.attention_importance`); None: nothing is kept."""
+
+
+class QueryTap(Protocol):
+    """Anything that keeps (part of) the queries a forward computes, one call per layer."""
+
+    def record(self, q: torch.Tensor) -> None: ...
 
 
 class DecoderLayer(nn.Module):
@@ -215,6 +224,8 @@ class LlamaModel(nn.Module):
         qk = apply_rope(qk, cos, sin)  # [T, H_q + H_kv, D]
         q, k = qk[:, : arch.num_heads], qk[:, arch.num_heads :]
         v = qkv[:, arch.q_size + arch.kv_size :].view(num_tokens, -1, head_dim)
+        if batch.query_tap is not None:
+            batch.query_tap.record(q)
         new_kv = torch.stack((k, v))  # [2, T, H_kv, D]
         kv_cache.view(2, -1, *kv_cache.shape[3:]).index_copy_(1, batch.slots, new_kv)
         if mirror is not None:

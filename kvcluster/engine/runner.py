@@ -19,7 +19,7 @@ from kvcluster.engine.arch import ModelArch
 from kvcluster.engine.decode_kv import DecodeKVMirror
 from kvcluster.engine.dtypes import dtype_name
 from kvcluster.engine.hf_loader import load_hf_checkpoint
-from kvcluster.engine.model import ForwardBatch, LlamaModel
+from kvcluster.engine.model import ForwardBatch, LlamaModel, QueryTap
 from kvcluster.engine.models import default_model_id, resolve_model
 from kvcluster.engine.paged_cache import PagedKVCache
 from kvcluster.engine.sequence import Sequence
@@ -74,11 +74,13 @@ class ModelRunner:
     def block_size(self) -> int:
         return self.layout.block_size
 
-    def prefill(self, seq: Sequence, all_logits: bool = False) -> torch.Tensor:
+    def prefill(self, seq: Sequence, all_logits: bool = False,
+                query_tap: QueryTap | None = None) -> torch.Tensor:
         """Compute the KV of ``seq``'s uncomputed tokens, attending to its cached prefix.
 
         If every token is already cached, the last one is recomputed (its slot
-        is rewritten) so there are logits to return.
+        is rewritten) so there are logits to return. ``query_tap``, if given,
+        sees every layer's queries of the computed tokens (attention_importance.py).
 
         Returns:
             fp32 logits of the last position ``[vocab]``, or with ``all_logits``
@@ -98,7 +100,8 @@ class ModelRunner:
         self._forget_decode_kv(seq)
         positions = torch.arange(start, seq.num_tokens, device=self.device)  # [Q]
         input_ids = torch.tensor(seq.token_ids[start:], device=self.device)  # [Q]
-        batch = ForwardBatch(positions, self._slots(seq.block_table, positions), num_seqs=1)
+        batch = ForwardBatch(positions, self._slots(seq.block_table, positions), num_seqs=1,
+                             query_tap=query_tap)
         if start > 0:
             num_blocks = self._num_blocks(seq.num_tokens)
             batch.block_tables = torch.tensor([seq.block_table[:num_blocks]], device=self.device)

@@ -2,6 +2,7 @@
 
 from kvstore.codec.base import CodecError, KVCodec
 from kvstore.codec.factory import codec_from_config, default_level, get_codec, level_names
+from kvstore.codec.hint import EncodeHint, chunk_hints
 
-__all__ = ["CodecError", "KVCodec", "codec_from_config", "default_level", "get_codec",
-           "level_names"]
+__all__ = ["CodecError", "EncodeHint", "KVCodec", "chunk_hints", "codec_from_config",
+           "default_level", "get_codec", "level_names"]

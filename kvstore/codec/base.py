@@ -13,6 +13,7 @@ import abc
 import torch
 
 from kvcluster.common.layout import KVLayout
+from kvstore.codec.hint import EncodeHint
 
 
 class CodecError(ValueError):
@@ -26,14 +27,18 @@ class KVCodec(abc.ABC):
     """Level name carried in the stream: "lossless", "int8", "L0".."Ln"."""
 
     @abc.abstractmethod
-    def encode(self, kv: torch.Tensor, layout: KVLayout) -> bytes:
+    def encode(self, kv: torch.Tensor, layout: KVLayout, hint: EncodeHint | None = None) -> bytes:
         """Encode one chunk.
 
         Args:
             kv: ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]`` in ``layout.dtype``.
             layout: the KV layout the chunk belongs to.
+            hint: what the engine knows about the chunk (hint.py); only the level
+                codecs use it, and the stream's format does not depend on it.
         Returns:
             A self-describing stream (see docs/codec.md).
+        Raises:
+            ValueError: bad chunk, or a hint that does not fit it.
         """
 
     @abc.abstractmethod

@@ -22,6 +22,7 @@ from kvcluster.common.layout import KVLayout
 from kvstore.codec.allocation import order_classes
 from kvstore.codec.base import CodecError, KVCodec
 from kvstore.codec.dtypes import check_chunk, torch_dtype
+from kvstore.codec.hint import NO_HINT, EncodeHint
 from kvstore.codec.levels import LevelSpec
 from kvstore.codec.packing import WIDTHS, choose_width, pack, unpack
 from kvstore.codec.quantize import (
@@ -49,10 +50,10 @@ class CacheGenCodec(KVCodec):
         self.codec_id = FIRST_LEVEL_ID + level_index
         self.group_size = group_size
 
-    def encode(self, kv: torch.Tensor, layout: KVLayout) -> bytes:
-        num_tokens = check_chunk(kv, layout)
+    def encode(self, kv: torch.Tensor, layout: KVLayout, hint: EncodeHint | None = None) -> bytes:
+        num_tokens = check_chunk(kv, layout, hint)
         x = kv.detach().cpu().reshape(_plane_shape(layout, num_tokens))  # [P, T, C]
-        alphas = self.spec.row_alphas(x, layout)  # [P, T]
+        alphas = self.spec.row_alphas(x, layout, hint or NO_HINT)  # [P, T]
         q = quantize(x, alphas, self.group_size)
         classes = order_classes(alphas)
         side = b"".join([tensor_section(t) for t in (q.mean, q.step_exps, q.refs, classes)])

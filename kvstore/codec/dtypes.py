@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvcluster.common.layout import KVLayout
+from kvstore.codec.hint import EncodeHint
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -13,11 +14,12 @@ def torch_dtype(layout: KVLayout) -> torch.dtype:
     return TORCH_DTYPES[layout.dtype]
 
 
-def check_chunk(kv: torch.Tensor, layout: KVLayout) -> int:
-    """Validate an encoder's input; return its number of tokens.
+def check_chunk(kv: torch.Tensor, layout: KVLayout, hint: EncodeHint | None = None) -> int:
+    """Validate an encoder's input (and its hint, if any); return its number of tokens.
 
     Raises:
-        ValueError: wrong rank, shape or dtype for ``layout``, or no tokens.
+        ValueError: wrong rank, shape or dtype for ``layout``, no tokens, or a hint
+            whose importance is not ``[num_layers, num_tokens]``, finite and >= 0.
     """
     if not isinstance(kv, torch.Tensor) or kv.dim() != 5:
         raise ValueError(f"kv must be a 5-d tensor [layers, 2, tokens, heads, dim], got {type(kv)}")
@@ -28,4 +30,6 @@ def check_chunk(kv: torch.Tensor, layout: KVLayout) -> int:
         raise ValueError("kv chunk holds no tokens")
     if kv.dtype != torch_dtype(layout):
         raise ValueError(f"kv dtype {kv.dtype} does not match layout dtype {layout.dtype}")
+    if hint is not None:
+        hint.check(layout.num_layers, num_tokens)
     return num_tokens

@@ -12,6 +12,7 @@ import torch
 from kvcluster.common.layout import KVLayout
 from kvstore.codec.base import CodecError, KVCodec
 from kvstore.codec.dtypes import check_chunk, torch_dtype
+from kvstore.codec.hint import EncodeHint
 from kvstore.codec.quantize import MAX_SYMBOL, fp16_steps
 from kvstore.codec.sections import read_tensor, tensor_section
 from kvstore.codec.stream import pack_stream, unpack_stream
@@ -22,8 +23,8 @@ INT8_ID = 1
 class Int8Codec(KVCodec):
     name = "int8"
 
-    def encode(self, kv: torch.Tensor, layout: KVLayout) -> bytes:
-        num_tokens = check_chunk(kv, layout)
+    def encode(self, kv: torch.Tensor, layout: KVLayout, hint: EncodeHint | None = None) -> bytes:
+        num_tokens = check_chunk(kv, layout, hint)  # the hint is checked, then not needed
         x = _planes(kv.detach().cpu().float(), layout, num_tokens)  # [P, T, C]
         scales = fp16_steps(x.abs().amax(-1) / MAX_SYMBOL)  # [P, T]
         symbols = torch.round(x / scales.float().unsqueeze(-1)).to(torch.int8)

@@ -2,7 +2,7 @@
 
 ``alpha`` is the quantization step in units of a token's residual RMS (see
 quantize.py), before the row scales of allocation.py (model profile, first
-token, recent tokens, predicted attention). Around the quality goal the levels
+token, recent tokens, predicted or hinted attention). Around the quality goal the levels
 are ~0.25 bits apart, below it ~0.4 (sqrt(2) in step). The values come from
 bench/codec_quality.py (docs/codec.md has the measurements).
 """
@@ -15,6 +15,7 @@ import torch
 
 from kvcluster.common.layout import KVLayout
 from kvstore.codec.allocation import max_scale, row_scales
+from kvstore.codec.hint import NO_HINT, EncodeHint
 from kvstore.codec.profile import profile_for
 
 
@@ -24,13 +25,14 @@ class LevelSpec:
     alpha: float
     """Base step / residual RMS, before the per-row scales."""
 
-    def row_alphas(self, x: torch.Tensor, layout: KVLayout) -> torch.Tensor:
+    def row_alphas(self, x: torch.Tensor, layout: KVLayout, hint: EncodeHint = NO_HINT) -> torch.Tensor:
         """Per-row alphas ``[P, T]`` for planes ``x: [P, T, C]`` of ``layout``."""
-        return self.alpha * row_scales(x, layout, profile_for(layout))
+        return self.alpha * row_scales(x, layout, profile_for(layout), hint)
 
-    def max_alpha(self, layout: KVLayout) -> float:
-        """The largest row alpha this level can use on ``layout`` (its error bound)."""
-        return self.alpha * max_scale(profile_for(layout))
+    def max_alpha(self, layout: KVLayout, hinted: bool = False) -> float:
+        """The largest row alpha this level can use on ``layout`` (its error bound);
+        ``hinted``: when encoding with an importance hint."""
+        return self.alpha * max_scale(profile_for(layout), hinted)
 
 
 LEVELS: tuple[LevelSpec, ...] = (

@@ -13,6 +13,7 @@ import torch
 from kvcluster.common.layout import KVLayout
 from kvstore.codec.base import CodecError, KVCodec
 from kvstore.codec.dtypes import check_chunk, torch_dtype
+from kvstore.codec.hint import EncodeHint
 from kvstore.codec.sections import compress, decompress
 from kvstore.codec.stream import pack_stream, unpack_stream
 
@@ -23,8 +24,8 @@ ZSTD_LEVEL = 1
 class LosslessCodec(KVCodec):
     name = "lossless"
 
-    def encode(self, kv: torch.Tensor, layout: KVLayout) -> bytes:
-        num_tokens = check_chunk(kv, layout)
+    def encode(self, kv: torch.Tensor, layout: KVLayout, hint: EncodeHint | None = None) -> bytes:
+        num_tokens = check_chunk(kv, layout, hint)  # the hint is checked, then not needed
         raw = kv.detach().cpu().contiguous().view(torch.uint8)
         planes = raw.reshape(-1, layout.dtype_size).t().contiguous()  # [dtype_size, N]
         frame = compress(memoryview(planes.numpy()).cast("B"), ZSTD_LEVEL)
