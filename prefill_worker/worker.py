@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from kvcluster.common.config import ClusterConfig
+from kvcluster.engine.attention_importance import prefill_with_importance
 from kvcluster.engine.runner import ModelRunner
 from kvcluster.engine.sequence import Sequence
 from kvcluster.runtime.node import WorkerNode
@@ -29,6 +30,7 @@ from kvcluster.server.metrics import TransferMetrics, WorkerMetrics
 from kvcluster.transfer.levels import sender_levels
 from kvcluster.transfer.sender import KVSender
 from kvcluster.transfer.source import ChunkSource
+from kvstore.codec.hint import chunk_hints
 from router.event_bus import EventBus
 
 log = logging.getLogger(__name__)
@@ -80,10 +82,10 @@ class PrefillWorker:
 
     async def _prefill(self, task: PrefillTask) -> PrefillResult:
         loop = asyncio.get_running_loop()
-        result, kv, keys = await loop.run_in_executor(self._compute, self._run, task)
+        result, kv, keys, importance = await loop.run_in_executor(self._compute, self._run, task)
         self.metrics.prefill_seconds.observe(result.prefill_s)
         if task.decode_target and kv is not None:
-            await self._send(task, kv, keys, result)
+            await self._send(task, kv, importance, result)
         self.metrics.count("ok")
         log.info("prefill done: prompt=%d cached=%d computed=%d sent=%d B in %.3f+%.3f s",
                  result.num_prompt_tokens, result.num_cached_tokens, result.num_computed_tokens,
@@ -106,12 +108,12 @@ class PrefillWorker:
             num_full = len(keys) * self.node.chunk_tokens
             result = PrefillResult(task.request_id, len(task.token_ids), num_full)
             if not keys:
-                return result, None, keys
+                return result, None, keys, None
             seq = Sequence(task.request_id, list(task.token_ids[:num_full]))
             self.metrics.lookup_chunks.inc(len(keys))
             block_ids, result.cached_tokens_by_tier = self.node.load_prefix(keys)
             try:
-                kv = self._compute_kv(seq, block_ids)  # [L, 2, num_full, H, D]
+                kv, importance = self._compute_kv(seq, block_ids)  # kv [L, 2, num_full, H, D]
             finally:
                 self.node.runner.free(seq)
             num_cached = len(block_ids) * self.node.layout.block_size
@@ -119,21 +121,29 @@ class PrefillWorker:
             self.node.save_chunks(keys[num_cached // self.node.chunk_tokens:],
                                   kv[:, :, num_cached:], task.tenant)
             result.prefill_s = time.perf_counter() - began
-            return result, kv, keys
+            return result, kv, keys, importance
 
-    def _compute_kv(self, seq: Sequence, cached_blocks: list[int]) -> torch.Tensor:
+    def _compute_kv(self, seq: Sequence, cached_blocks: list[int]):
+        """The sequence's KV, and its attention importance ``[L, T]`` when
+        ``codec.attention_hint`` is on and the prefill computed something (else None)."""
         runner = self.node.runner
         if cached_blocks:
             seq.attach_cached(cached_blocks, len(cached_blocks) * runner.block_size)
+        importance = None
         if seq.num_computed_tokens < seq.num_tokens:
             runner.allocate_blocks(seq, seq.num_tokens)
             with torch.inference_mode():
-                runner.prefill(seq)
-        return runner.cache.export_blocks(seq.block_table)
+                if self.config.codec.attention_hint:
+                    _, importance = prefill_with_importance(runner, seq)
+                else:
+                    runner.prefill(seq)
+        return runner.cache.export_blocks(seq.block_table), importance
 
-    async def _send(self, task: PrefillTask, kv: torch.Tensor, keys, result: PrefillResult):
-        source = ChunkSource(task.token_ids[: result.num_transferred_tokens], self.node.layout,
-                             self.levels, self.config.transfer.chunk_tokens, kv=kv)
+    async def _send(self, task: PrefillTask, kv: torch.Tensor, importance, result: PrefillResult):
+        num_tokens, chunk_tokens = result.num_transferred_tokens, self.config.transfer.chunk_tokens
+        hints = () if importance is None else chunk_hints(importance[:, :num_tokens], chunk_tokens)
+        source = ChunkSource(task.token_ids[:num_tokens], self.node.layout,
+                             self.levels, chunk_tokens, kv=kv, hints=hints)
         sender = self._sender(task.decode_target)
         sent = await sender.send(source, task.request_id, task.slo_ms or None)
         result.transfer_s = sent.elapsed_s

@@ -139,6 +139,11 @@ class CodecConfig:
     """Tokens per anchor group (1..255)."""
     level: str = ""
     """Level name (lossless, int8, L0..L6); empty: kvstore.codec.factory.default_level()."""
+    attention_hint: bool = False
+    """Prefill workers measure each token's attention from the prompt's last queries
+    and hand it to the level encoders (kvstore/codec/hint.py): L0 2.63 instead of 3.29
+    bits/element at top-1 98.2 % vs 98.7 % (docs/codec.md), for ~2 % more prefill
+    CPU. Off by default: fewer greedy continuations stay identical with it."""
 
     def validate(self, path: str) -> None:
         _check_positive(path + ".group_size", self.group_size)

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 from kvcluster.common.layout import KVLayout
 from kvcluster.transfer.levels import LevelSet
 from kvcluster.transfer.messages import TEXT_LEVEL
+from kvstore.codec.hint import EncodeHint
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,15 @@ class ChunkSpec:
 
 class ChunkSource:
     def __init__(self, token_ids: Sequence[int], layout: KVLayout, levels: LevelSet,
-                 chunk_tokens: int, kv=None, chunk_keys: Sequence[bytes] = ()):
+                 chunk_tokens: int, kv=None, chunk_keys: Sequence[bytes] = (),
+                 hints: Sequence[EncodeHint] = ()):
         """
         Args:
             token_ids: every token of the request.
             kv: ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]`` or None when
                 every chunk is handed over encoded (:meth:`add_encoded`).
             chunk_keys: optional kvstore key per chunk.
+            hints: optional encode hint per chunk (kvstore.codec.chunk_hints).
         """
         if chunk_tokens <= 0:
             raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
@@ -48,6 +51,9 @@ class ChunkSource:
         self.kv = kv
         self.chunk_tokens = chunk_tokens
         self.specs = _split(len(self.token_ids), chunk_tokens, chunk_keys)
+        if hints and len(hints) != len(self.specs):
+            raise ValueError(f"{len(hints)} hints for {len(self.specs)} chunks")
+        self.hints = tuple(hints)
         self._encoded: dict[tuple[int, str], bytes] = {}
 
     @property
@@ -121,7 +127,8 @@ class ChunkSource:
             raise KeyError(f"chunk {index} at level {level!r} was not handed over encoded")
         spec = self.specs[index]
         chunk = self.kv[:, :, spec.token_start:spec.token_end].contiguous()
-        return self.levels.codec(level).encode(chunk, self.layout)
+        hint = self.hints[index] if self.hints else None
+        return self.levels.codec(level).encode(chunk, self.layout, hint)
 
 
 def _split(num_tokens: int, chunk_tokens: int, keys: Sequence[bytes]) -> list[ChunkSpec]:

@@ -15,7 +15,7 @@ from kvstore.codec.base import CodecError, KVCodec
 class RawCodec(KVCodec):
     name = "lossless"
 
-    def encode(self, kv, layout):
+    def encode(self, kv, layout, hint=None):
         return kv.contiguous().numpy().tobytes()
 
     def decode(self, data, layout):

@@ -1,0 +1,62 @@
+"""codec.attention_hint: the prefill worker measures attention and the encoder uses it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from decode_worker.worker import DecodeWorker
+from kvcluster.engine.dtypes import torch_dtype
+from kvcluster.transfer.levels import LevelSet
+from kvcluster.transfer.source import ChunkSource
+from kvstore.codec.hint import EncodeHint
+from prefill_worker.worker import PrefillWorker
+from tests.workers.conftest import tiny_config
+from tests.workers.test_disaggregated import _request
+
+
+def _send_once(config):
+    loop = asyncio.new_event_loop()
+    decode = DecodeWorker(config, "decode-0")
+    decode.engine.eos_ids = frozenset()
+    prefill = PrefillWorker(config, "prefill-0")
+    try:
+        address = loop.run_until_complete(decode.start())
+        tokens, final, result = loop.run_until_complete(_request(prefill, decode, address, "r1"))
+        return tokens, final, result
+    finally:
+        loop.run_until_complete(prefill.close())
+        loop.run_until_complete(decode.close())
+        loop.close()
+
+
+def test_hinted_transfer_is_coded_differently_and_still_decodes(tiny_model):
+    runs = {}
+    for hint in (False, True):
+        config = tiny_config(tiny_model, transfer={"policy": "L0"},
+                             codec={"attention_hint": hint})
+        runs[hint] = _send_once(config)
+    for tokens, final, result in runs.values():
+        assert result.transfer_ok and result.levels == ["L0", "L0"]
+        assert final.kv_source == "transfer" and len(tokens) == 8
+    # The measured importance moved the steps: the streams differ in size.
+    assert runs[True][2].wire_bytes != runs[False][2].wire_bytes
+
+
+def test_chunk_source_hands_each_chunk_its_hint_and_checks_their_number(tiny_model):
+    from kvcluster.runtime.node import build_runner
+
+    runner = build_runner(tiny_config(tiny_model))
+    kv = torch.randn(runner.layout.shape(64)).to(torch_dtype(runner.layout.dtype))
+    levels = LevelSet.from_factory(["L0"])
+    plain = ChunkSource(range(64), runner.layout, levels, 32, kv=kv)
+    weights = torch.ones(runner.layout.num_layers, 32)
+    weights[:, :16] = 50.0  # half the tokens matter far more: coded finer, more bytes
+    hints = [EncodeHint(weights, first_chunk=True, last_chunk=False),
+             EncodeHint(torch.ones(runner.layout.num_layers, 32), False, True)]
+    hinted = ChunkSource(range(64), runner.layout, levels, 32, kv=kv, hints=hints)
+    assert hinted.payload(0, "L0") != plain.payload(0, "L0")
+    with pytest.raises(ValueError, match="1 hints for 2 chunks"):
+        ChunkSource(range(64), runner.layout, levels, 32, kv=kv, hints=hints[:1])
