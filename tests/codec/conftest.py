@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvcluster.common.config import EngineConfig
 from kvcluster.common.layout import KVLayout
+from kvcluster.engine.runner import ModelRunner
+from kvcluster.engine.tiny import write_tiny_model
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, block_size=8, dtype="float16")
 NUM_TOKENS = 37  # not a multiple of the anchor group: the tail group is exercised
@@ -31,3 +34,10 @@ def layout() -> KVLayout:
 @pytest.fixture
 def kv() -> torch.Tensor:
     return structured_kv()
+
+
+def tiny_runner(folder, num_blocks: int, max_model_len: int) -> ModelRunner:
+    """A random-weight llama (written to ``folder``) in fp32, blocks of 8 tokens."""
+    write_tiny_model(folder, arch="llama")
+    config = EngineConfig(block_size=8, num_blocks=num_blocks, max_model_len=max_model_len)
+    return ModelRunner.from_pretrained(folder, dtype="float32", engine_config=config)

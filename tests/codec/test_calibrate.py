@@ -6,12 +6,10 @@ import pytest
 import torch
 
 from bench.codec_calibrate import context_kv, fisher_diagonal, forward, plane_weights
-from kvcluster.common.config import EngineConfig
 from kvcluster.common.layout import KVLayout
-from kvcluster.engine.runner import ModelRunner
 from kvcluster.engine.sequence import Sequence
-from kvcluster.engine.tiny import write_tiny_model
 from kvstore.codec.profile import ModelProfile
+from tests.codec.conftest import tiny_runner
 
 CONTEXT = list(range(3, 43))
 CONTINUATION = [50, 51, 52, 53, 54, 55]
@@ -19,9 +17,7 @@ CONTINUATION = [50, 51, 52, 53, 54, 55]
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
-    folder = write_tiny_model(tmp_path_factory.mktemp("calib_tiny") / "llama", arch="llama")
-    config = EngineConfig(block_size=8, num_blocks=32, max_model_len=128)
-    return ModelRunner.from_pretrained(folder, dtype="float32", engine_config=config)
+    return tiny_runner(tmp_path_factory.mktemp("calib_tiny") / "llama", num_blocks=32, max_model_len=128)
 
 
 def test_forward_matches_the_engine(runner):

@@ -5,11 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcluster.common.config import EngineConfig
-from kvcluster.engine.runner import ModelRunner
 from kvcluster.engine.sequence import Sequence
-from kvcluster.engine.tiny import write_tiny_model
 from kvstore.codec import get_codec, level_names
+from tests.codec.conftest import tiny_runner
 
 PROMPT = list(range(1, 97))  # 96 byte tokens
 NEXT = [40, 41, 42, 43, 44, 45, 46, 47]
@@ -17,9 +15,7 @@ NEXT = [40, 41, 42, 43, 44, 45, 46, 47]
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
-    folder = write_tiny_model(tmp_path_factory.mktemp("codec_tiny") / "llama", arch="llama")
-    config = EngineConfig(block_size=8, num_blocks=64, max_model_len=256)
-    return ModelRunner.from_pretrained(folder, dtype="float32", engine_config=config)
+    return tiny_runner(tmp_path_factory.mktemp("codec_tiny") / "llama", num_blocks=64, max_model_len=256)
 
 
 def test_tiny_model_kv_degrades_gracefully(runner):
