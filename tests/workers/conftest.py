@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
 
 from kvcluster.common.config import ClusterConfig, from_dict
@@ -33,3 +36,21 @@ def tiny_config(model_path, **overrides) -> ClusterConfig:
 @pytest.fixture
 def config(tiny_model):
     return tiny_config(tiny_model)
+
+
+@contextlib.contextmanager
+def running_workers(config):
+    """(loop, prefill, decode, decode address): one worker of each, no Ray; closed after."""
+    from decode_worker.worker import DecodeWorker
+    from prefill_worker.worker import PrefillWorker
+
+    loop = asyncio.new_event_loop()
+    decode = DecodeWorker(config, "decode-0")
+    decode.engine.eos_ids = frozenset()  # random weights: never stop early
+    prefill = PrefillWorker(config, "prefill-0")
+    try:
+        yield loop, prefill, decode, loop.run_until_complete(decode.start())
+    finally:
+        loop.run_until_complete(prefill.close())
+        loop.run_until_complete(decode.close())
+        loop.close()

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
-from decode_worker.worker import DecodeWorker
 from kvcluster.engine.dtypes import torch_dtype
 from kvcluster.transfer.levels import LevelSet
 from kvcluster.transfer.source import ChunkSource
 from kvstore.codec.hint import EncodeHint
-from prefill_worker.worker import PrefillWorker
-from tests.workers.conftest import tiny_config
+from tests.workers.conftest import running_workers, tiny_config
 from tests.workers.test_disaggregated import _request
 
 
 def _send_once(config):
-    loop = asyncio.new_event_loop()
-    decode = DecodeWorker(config, "decode-0")
-    decode.engine.eos_ids = frozenset()
-    prefill = PrefillWorker(config, "prefill-0")
-    try:
-        address = loop.run_until_complete(decode.start())
-        tokens, final, result = loop.run_until_complete(_request(prefill, decode, address, "r1"))
-        return tokens, final, result
-    finally:
-        loop.run_until_complete(prefill.close())
-        loop.run_until_complete(decode.close())
-        loop.close()
+    with running_workers(config) as (loop, prefill, decode, address):
+        return loop.run_until_complete(_request(prefill, decode, address, "r1"))
 
 
 def test_hinted_transfer_is_coded_differently_and_still_decodes(tiny_model):

@@ -11,8 +11,7 @@ from kvcluster.common.sampling import SamplingParams
 from kvcluster.engine.llm_engine import LLMEngine
 from kvcluster.runtime.node import build_runner
 from kvcluster.runtime.tasks import DecodeTask, OverloadedError, PrefillTask
-from prefill_worker.worker import PrefillWorker
-from tests.workers.conftest import tiny_config
+from tests.workers.conftest import running_workers, tiny_config
 
 PROMPT = tuple((7 * i + 3) % 300 + 10 for i in range(70))  # 4 full chunks of 16 + 6 tokens
 GREEDY = SamplingParams(max_new_tokens=8)
@@ -38,15 +37,8 @@ async def _request(prefill, decode, address, request_id, prompt=PROMPT, tenant="
 
 @pytest.fixture
 def workers(config):
-    loop = asyncio.new_event_loop()
-    decode = DecodeWorker(config, "decode-0")
-    decode.engine.eos_ids = frozenset()  # random weights: never stop early
-    prefill = PrefillWorker(config, "prefill-0")
-    address = loop.run_until_complete(decode.start())
-    yield loop, prefill, decode, address
-    loop.run_until_complete(prefill.close())
-    loop.run_until_complete(decode.close())
-    loop.close()
+    with running_workers(config) as running:
+        yield running
 
 
 def test_transfer_then_decode_matches_local_generation(workers, config):
