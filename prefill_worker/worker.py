@@ -82,7 +82,7 @@ class PrefillWorker:
 
     async def _prefill(self, task: PrefillTask) -> PrefillResult:
         loop = asyncio.get_running_loop()
-        result, kv, keys, importance = await loop.run_in_executor(self._compute, self._run, task)
+        result, kv, importance = await loop.run_in_executor(self._compute, self._run, task)
         self.metrics.prefill_seconds.observe(result.prefill_s)
         if task.decode_target and kv is not None:
             await self._send(task, kv, importance, result)
@@ -108,7 +108,7 @@ class PrefillWorker:
             num_full = len(keys) * self.node.chunk_tokens
             result = PrefillResult(task.request_id, len(task.token_ids), num_full)
             if not keys:
-                return result, None, keys, None
+                return result, None, None
             seq = Sequence(task.request_id, list(task.token_ids[:num_full]))
             self.metrics.lookup_chunks.inc(len(keys))
             block_ids, result.cached_tokens_by_tier = self.node.load_prefix(keys)
@@ -121,7 +121,7 @@ class PrefillWorker:
             self.node.save_chunks(keys[num_cached // self.node.chunk_tokens:],
                                   kv[:, :, num_cached:], task.tenant)
             result.prefill_s = time.perf_counter() - began
-            return result, kv, keys, importance
+            return result, kv, importance
 
     def _compute_kv(self, seq: Sequence, cached_blocks: list[int]):
         """The sequence's KV, and its attention importance ``[L, T]`` when
