@@ -88,6 +88,8 @@ class StreamWriter:
                  options: StreamOptions, shaper: Shaper | None = None):
         self.call, self.request_id, self.source = call, request_id, source
         self.policy, self.estimator, self.info = policy, estimator, info
+        self._decode_speeds = dict(info.decode_tokens_per_s)
+        """level -> the receiver's decode tokens/s, as it reported them."""
         self.config, self.options = config, options
         self.shaper = shaper or NullShaper()
         self.result = SendResult(request_id, None, [""] * source.num_chunks)
@@ -142,7 +144,7 @@ class StreamWriter:
         plan = ChunkPlan(index, self.source.num_chunks, spec.num_tokens, deadline_s - elapsed_s,
                          self.source.bytes_by_level(index),
                          self.estimator.planning_bytes_per_s(self.config.bandwidth_quantile),
-                         self.info.prefill_tokens_per_s, dict(self.info.decode_tokens_per_s),
+                         self.info.prefill_tokens_per_s, self._decode_speeds,
                          self.source.num_tokens - spec.token_end,
                          self.estimator.seconds_per_byte_samples())
         level = self.policy.choose(plan)
@@ -243,7 +245,7 @@ class StreamWriter:
         if level == TEXT_LEVEL:
             speed = self.info.prefill_tokens_per_s
         else:
-            speed = dict(self.info.decode_tokens_per_s).get(level, 0.0)
+            speed = self._decode_speeds.get(level, 0.0)
         start = max(arrived, self._decoder_free)
         self._decode_starts[index] = start
         num_tokens = self.source.specs[index].num_tokens
