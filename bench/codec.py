@@ -3,7 +3,9 @@
 KV comes from SmolLM2 prefilling real text through our engine (fp16 chunks of
 1024 tokens, the transfer chunk size); if the engine cannot load, a labelled
 synthetic stand-in is used. MB/s are MB of fp16 input per second, best of a few
-repeats (the machine may be shared).
+repeats (the machine may be shared). Every level is timed twice: as shipped (in
+the model profile's transform coordinates, kvstore/codec/transform.py) and with
+``codec.transform: false`` ("plain" rows: the channels as they are).
 
     python -m bench.codec [--quick] [--json FILE]
 """
@@ -16,7 +18,7 @@ import torch
 import zstandard
 
 from bench.common import parse_args, print_table, write_json
-from kvstore.codec import default_level, get_codec, level_names
+from kvstore.codec import EncodeHint, default_level, get_codec, level_names
 
 CHUNK_TOKENS = 1024
 
@@ -62,11 +64,12 @@ def time_best(fn, repeats: int) -> float:
     return best
 
 
-def measure_codec(name: str, chunks, layout, repeats: int) -> dict:
-    codec = get_codec(name)
-    streams = [codec.encode(c, layout) for c in chunks]  # warm-up, and the sizes
+def measure_codec(name: str, chunks, layout, repeats: int, transform: bool = True) -> dict:
+    codec = get_codec(name, transform=transform)
+    hints = [EncodeHint(position=i * CHUNK_TOKENS) for i in range(len(chunks))]
+    streams = [codec.encode(c, layout, h) for c, h in zip(chunks, hints)]  # warm-up, and the sizes
     mb = sum(c.numel() * 2 for c in chunks) / 1e6
-    enc = time_best(lambda: [codec.encode(c, layout) for c in chunks], repeats)
+    enc = time_best(lambda: [codec.encode(c, layout, h) for c, h in zip(chunks, hints)], repeats)
     dec = time_best(lambda: [codec.decode(s, layout) for s in streams], repeats)
     size = sum(len(s) for s in streams)
     return {"encode_mb_s": mb / enc, "decode_mb_s": mb / dec,
@@ -97,13 +100,17 @@ def main(argv=None) -> dict:
     repeats = 2 if args.quick else 5
     zstd = measure_zstd(chunks, repeats)
     levels = {name: measure_codec(name, chunks, layout, repeats) for name in level_names()}
+    plain = {name: measure_codec(name, chunks, layout, repeats, transform=False)
+             for name in level_names()[2:]}
     default = default_level()
     result = {"kv_source": source, "chunk_tokens": CHUNK_TOKENS, "num_chunks": len(chunks),
               "threads": 1, "default_level": default,
               "encode_mb_s": levels[default]["encode_mb_s"],
               "decode_mb_s": levels[default]["decode_mb_s"],
               "encode_vs_zstd": levels[default]["encode_mb_s"] / zstd["zstd_mb_s"],
-              **zstd, "levels": levels}
+              "plain_encode_mb_s": plain[default]["encode_mb_s"],
+              "plain_decode_mb_s": plain[default]["decode_mb_s"],
+              **zstd, "levels": levels, "plain_levels": plain}
     _print(result)
     write_json(args.json, result)
     return result
@@ -112,6 +119,8 @@ def main(argv=None) -> dict:
 def _print(result: dict) -> None:
     rows = [[name, v["encode_mb_s"], v["decode_mb_s"], v["bits_per_element"], v["ratio_vs_fp16"]]
             for name, v in result["levels"].items()]
+    rows += [[f"{name} plain", v["encode_mb_s"], v["decode_mb_s"], v["bits_per_element"],
+              v["ratio_vs_fp16"]] for name, v in result["plain_levels"].items()]
     rows.append(["zstd-3 (fp16 bytes)", result["zstd_mb_s"], result["zstd_decompress_mb_s"],
                  16 / result["zstd_ratio_vs_fp16"], result["zstd_ratio_vs_fp16"]])
     print_table(f"KV codec on 1 core ({result['kv_source']}, {result['num_chunks']} x "

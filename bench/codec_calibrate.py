@@ -14,7 +14,13 @@ entropy-coded uniform quantizer the bits are minimised at a fixed expected KL
 when the steps go as ``W_p^-1/2`` (high-rate theory), so the plane scales are
 ``W_p^-1/2`` (geometric mean over texts, normalised to geometric mean 1).
 
-    python -m bench.codec_calibrate [--quick] [--samples N] [--out FILE]
+It also fits the transform stage (kvstore/codec/transform.py): each plane's
+principal axes (eigenvectors of the rows' covariance about each 1024-token
+chunk's mean, keys rotated back to pre-RoPE first), largest first.
+``--bases-only`` refits just those (a minute, no gradients) and keeps the
+profile's scales and queries.
+
+    python -m bench.codec_calibrate [--quick] [--samples N] [--out FILE] [--bases-only]
 """
 
 from __future__ import annotations
@@ -28,11 +34,14 @@ import torch.nn.functional as F
 
 from bench.codec_text import chat_text, documents
 from kvcluster.common.layout import KVLayout
-from kvcluster.engine.rope import apply_rope
+from kvcluster.engine.rope import apply_rope, inv_frequencies
 from kvstore.codec.allocation import row_scales
-from kvstore.codec.profile import PROFILE_DIR, PROFILES, ModelProfile, save_profile
+from kvstore.codec.profile import PROFILE_DIR, PROFILES, ModelProfile, read_arrays, save_profile
+from kvstore.codec.transform import KVTransform
 
 CONTINUATION = 65
+BASIS_CHUNK_TOKENS = 1024
+"""Rows are centred on their chunk's mean, as the codec centres them."""
 CALIBRATION = [("doc", 3, 0, 1024), ("doc", 1, 20000, 2048), ("chat", 36, 0, 1024),
                ("chat", 48, 0, 1024), ("doc", 0, 30000, 1024)]
 """(kind, document index or first chat topic, first token, tokens): none overlaps the
@@ -45,22 +54,47 @@ def main(argv=None) -> ModelProfile:
     model, tokenizer = _load_model()
     arch = model.arch
     layout = KVLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim, 16, "float16")
+    shipped = PROFILE_DIR / PROFILES[(arch.num_layers, arch.num_kv_heads, arch.head_dim)]
     queries, measured = [], []
     for ids in _calibration_ids(tokenizer, args.quick):
         start = time.perf_counter()
         context, continuation = ids[:-CONTINUATION], ids[-CONTINUATION:]
         kv, query_sum = context_kv(model, context)
         queries.append(query_sum / len(context))
-        measured.append((kv, fisher_diagonal(model, kv, continuation, args.samples)))
+        fisher = None if args.bases_only else fisher_diagonal(model, kv, continuation, args.samples)
+        measured.append((kv, fisher))
         print(f"  {len(context)} tokens: {time.perf_counter() - start:.0f} s", flush=True)
-    mean_query = torch.stack(queries).mean(0)
-    unit = ModelProfile("unit", torch.ones(2 * arch.num_layers), mean_query)
-    weights = torch.stack([plane_weights(kv, fisher, layout, unit) for kv, fisher in measured])
-    plane_scales = _normalise(weights.log().mean(0).exp().rsqrt())
-    out = Path(args.out or PROFILE_DIR / PROFILES[(arch.num_layers, arch.num_kv_heads, arch.head_dim)])
-    save_profile(out, plane_scales, mean_query)
+    inv_freq = inv_frequencies(arch)
+    bases = plane_bases([kv for kv, _ in measured], inv_freq, arch.num_kv_heads)
+    if args.bases_only:
+        stored = read_arrays(shipped)
+        plane_scales, mean_query = stored["plane_scales"], stored["mean_query"]
+    else:
+        mean_query = torch.stack(queries).mean(0)
+        unit = ModelProfile("unit", torch.ones(2 * arch.num_layers), mean_query)
+        weights = torch.stack([plane_weights(kv, fisher, layout, unit) for kv, fisher in measured])
+        plane_scales = _normalise(weights.log().mean(0).exp().rsqrt())
+    out = Path(args.out or shipped)
+    save_profile(out, plane_scales, mean_query, bases, inv_freq)
     print(f"wrote {out}\nK scales: {plane_scales[0::2].tolist()}\nV scales: {plane_scales[1::2].tolist()}")
     return ModelProfile(out.stem, plane_scales, mean_query)
+
+
+def plane_bases(kvs: list[torch.Tensor], inv_freq: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Each plane's principal axes ``[P, C, C]`` (columns, largest variance first) over
+    contexts ``kvs`` (each ``[L, 2, T, H, D]`` from position 0), keys pre-RoPE."""
+    num_layers, _, _, heads, dim = kvs[0].shape
+    channels = heads * dim
+    identity = KVTransform(torch.eye(channels).expand(2 * num_layers, -1, -1).contiguous(),
+                           inv_freq, num_kv_heads, 0)
+    cov = torch.zeros(2 * num_layers, channels, channels, dtype=torch.float64)
+    for kv in kvs:
+        planes = identity.forward(kv.reshape(2 * num_layers, kv.shape[2], channels), 0)
+        for chunk in planes.split(BASIS_CHUNK_TOKENS, dim=1):
+            rows = (chunk - chunk.mean(1, keepdim=True)).double()
+            cov += rows.transpose(1, 2) @ rows
+    _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
+    return vectors.flip(-1).float()
 
 
 def context_kv(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +188,8 @@ def _parse(argv):
     parser.add_argument("--quick", action="store_true", help="2 calibration texts instead of 5")
     parser.add_argument("--samples", type=int, default=16, help="sampled continuations per text")
     parser.add_argument("--out", default="", help="profile file (default: the shipped one)")
+    parser.add_argument("--bases-only", action="store_true",
+                        help="refit only the transform bases; keep the profile's scales and queries")
     return parser.parse_args(argv)
 
 

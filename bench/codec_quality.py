@@ -7,11 +7,13 @@ tokens as a cached-prefix prefill: 64 next-token predictions that all depend
 on the decoded KV. Measured per level against the fp16 KV: perplexity change,
 top-1 agreement, and whether greedy generation from the context is identical.
 
-Every level is scored twice: as the store codes a chunk with no context
-(``L0``), and with the encode hint the prefill worker can give
+Every level is scored twice: as a chunk is coded with only its position
+(``L0``), and with the encode hint the prefill worker gives by default
 (``L0+hint``: the attention importance measured from the context's own last
 queries, kvcluster/engine/attention_importance.py, and the chunk's
-first/last-chunk flags; kvstore/codec/hint.py).
+first/last-chunk flags; kvstore/codec/hint.py). The JSON's ``default_*`` keys
+are the default level as the system codes it (with the hint while
+``codec.attention_hint`` defaults to on).
 
     python -m bench.codec_quality [--quick] [--json FILE] [--chunk-tokens N]
 
@@ -30,9 +32,10 @@ import torch
 
 from bench.codec_text import TextContext, build_contexts
 from bench.common import parse_args, print_table, write_json
-from kvcluster.common.config import EngineConfig
+from kvcluster.common.config import CodecConfig, EngineConfig
 from kvstore.codec import chunk_hints, default_level, get_codec, level_names
 from kvstore.codec.base import KVCodec
+from kvstore.codec.hint import EncodeHint
 
 CONTINUATION = 65  # 64 scored predictions
 HINTED = "+hint"
@@ -138,11 +141,12 @@ def round_trip(codec: KVCodec, kv16: torch.Tensor, layout, chunk_tokens: int,
                importance: torch.Tensor | None = None):
     """(decoded KV, stream bytes) of the whole context, or of its chunks back to back.
 
-    With ``importance [L, T]`` every chunk is encoded with its hint (decoding needs none).
+    Without ``importance`` each chunk's hint is only its position (as the transfer
+    path encodes); with ``importance [L, T]`` every chunk gets its full hint.
     """
     pieces = kv16.split(chunk_tokens, dim=2) if chunk_tokens else [kv16]
-    hints = [None] * len(pieces) if importance is None else \
-        chunk_hints(importance, chunk_tokens or kv16.shape[2])
+    hints = [EncodeHint(position=i * chunk_tokens) for i in range(len(pieces))] \
+        if importance is None else chunk_hints(importance, chunk_tokens or kv16.shape[2])
     streams = [codec.encode(piece.contiguous(), layout, hint) for piece, hint in zip(pieces, hints)]
     decoded = torch.cat([codec.decode(s, layout) for s in streams], dim=2)
     return decoded, sum(len(s) for s in streams)
@@ -222,7 +226,11 @@ def _quality_ok(level: dict) -> bool:
 
 
 def _result(levels: dict, contexts: list[TextContext], seconds: float) -> dict:
+    """``default_*``: the level as the system codes it by default (with the encode hint
+    when ``codec.attention_hint`` defaults to on); ``default_with(out)_hint_*`` both ways."""
     default = default_level()
+    hinted = CodecConfig().attention_hint and default + HINTED in levels
+    shipped = default + HINTED if hinted else default
     lossy = [n for n in levels if n not in ("lossless", "int8")]
     quality_ok = [n for n in lossy if _quality_ok(levels[n])]
     smallest_ok = min(quality_ok, key=lambda n: levels[n]["bits_per_element"], default=None)
@@ -232,23 +240,20 @@ def _result(levels: dict, contexts: list[TextContext], seconds: float) -> dict:
                      for c in contexts],
         "levels": levels,
         "default_level": default,
-        "default_ratio_vs_int8": levels[default]["ratio_vs_int8"],
-        "default_ppl_increase_pct": levels[default]["ppl_increase_pct"],
-        "default_top1_agreement": levels[default]["top1_agreement"],
-        "default_greedy_identical": levels[default]["greedy_identical"],
-        **_with_hint(levels, default),
+        "default_attention_hint": bool(hinted),
+        **_keys(levels.get(shipped), "default_"),
+        **_keys(levels.get(default), "default_without_hint_"),
+        **_keys(levels.get(default + HINTED), "default_with_hint_"),
         "levels_meeting_goal": [n for n in lossy if levels[n]["meets_goal"]],
         "smallest_level_meeting_quality": smallest_ok,
         "seconds": seconds,
     }
 
 
-def _with_hint(levels: dict, default: str) -> dict:
-    """The default level coded with the encode hint (the keys above are without one)."""
-    hinted = levels.get(default + HINTED)
-    if hinted is None:
+def _keys(level: dict | None, prefix: str) -> dict:
+    if level is None:
         return {}
-    return {f"default_with_hint_{key}": hinted[key]
+    return {prefix + key: level[key]
             for key in ("bits_per_element", "ratio_vs_int8", "ppl_increase_pct", "top1_agreement",
                         "greedy_identical")}
 

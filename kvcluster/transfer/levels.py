@@ -35,12 +35,12 @@ class LevelSet:
         self._bytes_per_token: dict[str, float] = {}
 
     @classmethod
-    def from_factory(cls, names: Sequence[str] | None = None) -> "LevelSet":
+    def from_factory(cls, names: Sequence[str] | None = None, transform: bool = True) -> "LevelSet":
         """Codecs from ``kvstore.codec.factory`` (all levels unless ``names``)."""
         from kvstore.codec.factory import default_level, get_codec, level_names
 
         chosen = list(names) if names is not None else level_names()
-        return cls({name: get_codec(name) for name in chosen}, default_level())
+        return cls({name: get_codec(name, transform=transform) for name in chosen}, default_level())
 
     @property
     def best(self) -> str:
@@ -83,13 +83,14 @@ class LevelSet:
         return len(self.names)
 
 
-def sender_levels(best_level: str = "", policy: str = "") -> LevelSet:
+def sender_levels(best_level: str = "", policy: str = "", transform: bool = True) -> LevelSet:
     """The codec levels a sender may choose from, capped at ``best_level``.
 
     Args:
         best_level: "" for every level, "default" for the codec's default level,
             or a level name; levels better than it are left out.
         policy: a fixed level named by the transfer policy stays available.
+        transform: ``codec.transform`` (kvstore/codec/transform.py).
     """
     from kvstore.codec.factory import default_level, level_names
 
@@ -101,4 +102,4 @@ def sender_levels(best_level: str = "", policy: str = "") -> LevelSet:
         names = names[names.index(cap):]
     if policy in level_names() and policy not in names:
         names = [policy, *names]
-    return LevelSet.from_factory(names)
+    return LevelSet.from_factory(names, transform)

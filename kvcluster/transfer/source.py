@@ -127,7 +127,7 @@ class ChunkSource:
             raise KeyError(f"chunk {index} at level {level!r} was not handed over encoded")
         spec = self.specs[index]
         chunk = self.kv[:, :, spec.token_start:spec.token_end].contiguous()
-        hint = self.hints[index] if self.hints else None
+        hint = self.hints[index] if self.hints else EncodeHint(position=spec.token_start)
         return self.levels.codec(level).encode(chunk, self.layout, hint)
 
 

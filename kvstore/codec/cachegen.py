@@ -5,15 +5,24 @@ Sections of a level stream (after the header of stream.py)::
     0  side info, one zstd frame of:
            mean [P, C] fp16 | step exponents [P, T] i16 | refs [P, T] u8 | classes [P, T] u8
     1  symbols,   one zstd frame of:  the P*T rows of C int8 symbols, in row order
-                  (rows sorted by class, stable), packed `width` bits each
-    2  escapes:   width (u8: 2, 4 or 8) | one zstd frame of the escaped symbols (int8, in order)
+                  (rows sorted by class, stable), packed `width` bits each; with a
+                  transform, in column groups (transform.COLUMN_GROUPS), each group
+                  row-major and packed at its own width, groups back to back
+    2  escapes:   width per group (u8: 2, 4 or 8; one without a transform) |
+                  one zstd frame of the escaped symbols (int8, in order)
+    3  transform (only when the model profile has one, transform.py):
+                  fingerprint (u64) | position of the chunk's first token (u32)
 
 with P = num_layers * 2 planes (layer-major, K then V) and C = kv_heads * head_dim.
 Row order: rows (plane, token) stably sorted by their order class (allocation.py),
 so rows quantized alike are coded together; any class values are valid.
+With a transform, mean, references, steps and symbols are all of the
+transformed rows, and the decoder turns its reconstruction back.
 """
 
 from __future__ import annotations
+
+import struct
 
 import numpy as np
 import torch
@@ -24,7 +33,8 @@ from kvstore.codec.base import CodecError, KVCodec
 from kvstore.codec.dtypes import check_chunk, torch_dtype
 from kvstore.codec.hint import NO_HINT, EncodeHint
 from kvstore.codec.levels import LevelSpec
-from kvstore.codec.packing import WIDTHS, choose_width, pack, unpack
+from kvstore.codec.packing import WIDTHS, pack_groups, packed_size, unpack_groups
+from kvstore.codec.profile import profile_for
 from kvstore.codec.quantize import (
     MAX_EXP,
     MIN_EXP,
@@ -35,43 +45,62 @@ from kvstore.codec.quantize import (
 )
 from kvstore.codec.sections import compress, decompress, read_tensor, tensor_section
 from kvstore.codec.stream import pack_stream, unpack_stream
+from kvstore.codec.transform import MAX_POSITION, KVTransform, column_groups
 
 FIRST_LEVEL_ID = 2
+_TRANSFORM = struct.Struct("<QI")  # fingerprint, position
 
 
 class CacheGenCodec(KVCodec):
     """One bitrate level. ``level_index`` 0 is L0, the finest."""
 
-    def __init__(self, spec: LevelSpec, level_index: int, group_size: int = 10):
+    def __init__(self, spec: LevelSpec, level_index: int, group_size: int = 10,
+                 transform: bool = True):
+        """``transform``: code in the profile's transform coordinates when it has one
+        (smaller, slower: docs/codec.md); decoding reads either kind of stream."""
         if not 1 <= group_size <= 255:
             raise ValueError(f"group_size must be in [1, 255], got {group_size}")
         self.spec = spec
+        self.transform = transform
         self.name = spec.name
         self.codec_id = FIRST_LEVEL_ID + level_index
         self.group_size = group_size
 
     def encode(self, kv: torch.Tensor, layout: KVLayout, hint: EncodeHint | None = None) -> bytes:
         num_tokens = check_chunk(kv, layout, hint)
+        hint = hint or NO_HINT
         x = kv.detach().cpu().reshape(_plane_shape(layout, num_tokens))  # [P, T, C]
-        alphas = self.spec.row_alphas(x, layout, hint or NO_HINT)  # [P, T]
-        q = quantize(x, alphas, self.group_size)
+        alphas = self.spec.row_alphas(x, layout, hint)  # [P, T]: from the untransformed keys
+        transform = profile_for(layout).transform if self.transform else None
+        q = quantize(x if transform is None else transform.forward(x, hint.position),
+                     alphas, self.group_size)
         classes = order_classes(alphas)
         side = b"".join([tensor_section(t) for t in (q.mean, q.step_exps, q.refs, classes)])
-        rows = q.symbols.view(-1, q.symbols.shape[-1])  # [P * T, C]
-        symbols = rows.index_select(0, _row_order(classes)).numpy().reshape(-1)
-        width = choose_width(symbols)
-        packed, escapes = pack(symbols, width)
-        sections = [compress(side), compress(packed), bytes([width]) + compress(escapes)]
+        channels = q.symbols.shape[-1]
+        rows = q.symbols.view(-1, channels).index_select(0, _row_order(classes)).numpy()  # [P*T, C]
+        bounds = (0, channels) if transform is None else column_groups(channels)
+        packed, escapes, widths = pack_groups(rows, bounds)
+        sections = [compress(side), compress(packed), widths + compress(escapes)]
+        if transform is not None:
+            sections.append(_TRANSFORM.pack(transform.fingerprint, hint.position))
         return pack_stream(self.codec_id, layout, num_tokens, self.group_size, sections)
 
     def decode(self, data: bytes | memoryview, layout: KVLayout) -> torch.Tensor:
         info = unpack_stream(data, layout, self.codec_id)
-        if len(info.sections) != 3:
-            raise CodecError(f"{self.name} stream must hold 3 sections, got {len(info.sections)}")
+        if len(info.sections) not in (3, 4):
+            raise CodecError(f"{self.name} stream must hold 3 or 4 sections, got {len(info.sections)}")
         if info.group_size < 1:
             raise CodecError(f"{self.name} stream has group_size 0")
-        q = _read_quantized(info.sections, _plane_shape(layout, info.num_tokens))
-        x = dequantize(q, info.group_size, torch_dtype(layout))
+        transform, position = _read_transform(info.sections[3:], layout, info.num_tokens)
+        bounds = (0, layout.num_kv_heads * layout.head_dim)
+        if transform is not None:
+            bounds = column_groups(bounds[1])
+        q = _read_quantized(info.sections, _plane_shape(layout, info.num_tokens), bounds)
+        if transform is None:
+            x = dequantize(q, info.group_size, torch_dtype(layout))
+        else:
+            y = dequantize(q, info.group_size, torch.float32, into_scratch=True)
+            x = transform.inverse(y, position, torch_dtype(layout))
         return x.reshape(layout.shape(info.num_tokens))
 
 
@@ -79,11 +108,11 @@ def _plane_shape(layout: KVLayout, num_tokens: int) -> tuple[int, int, int]:
     return (layout.num_layers * 2, num_tokens, layout.num_kv_heads * layout.head_dim)
 
 
-def _read_quantized(sections, shape: tuple[int, int, int]) -> Quantized:
+def _read_quantized(sections, shape: tuple[int, int, int], bounds: tuple[int, ...]) -> Quantized:
     planes, tokens, channels = shape
     mean, exps, refs, classes = _read_side_info(sections[0], planes, tokens, channels)
     _check_side_info(mean, exps, refs)
-    ordered = torch.from_numpy(_read_symbols(sections[1], sections[2], planes * tokens * channels))
+    ordered = torch.from_numpy(_read_symbols(sections[1], sections[2], planes * tokens, bounds))
     order = _row_order(classes)
     where = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
     symbols = ordered.view(-1, channels).index_select(0, where)  # a gather: faster than index_copy_
@@ -103,20 +132,40 @@ def _read_side_info(section, planes: int, tokens: int, channels: int):
             read_tensor(parts[3], torch.uint8, (planes, tokens), "classes"))
 
 
+def _read_transform(sections, layout: KVLayout, num_tokens: int) -> tuple[KVTransform | None, int]:
+    """The transform a stream names (None if it has no transform section) and its position."""
+    if not sections:
+        return None, 0
+    if len(sections[0]) != _TRANSFORM.size:
+        raise CodecError(f"transform section is {len(sections[0])} bytes, not {_TRANSFORM.size}")
+    fingerprint, position = _TRANSFORM.unpack(sections[0])
+    transform = profile_for(layout).transform
+    if transform is None or transform.fingerprint != fingerprint:
+        have = "none" if transform is None else f"{transform.fingerprint:016x}"
+        raise CodecError(f"stream was coded with transform {fingerprint:016x}; this decoder's "
+                         f"profile for {layout.identity} has {have}")
+    if position + num_tokens > MAX_POSITION:
+        raise CodecError(f"stream position {position} + {num_tokens} tokens is out of range")
+    return transform, position
+
+
 def _row_order(classes: torch.Tensor) -> torch.Tensor:
     """Rows (plane-major) in the order their symbols are written: by class, stable."""
     return torch.sort(classes.view(-1), stable=True).indices
 
 
-def _read_symbols(packed_section, escape_section, num_symbols: int) -> np.ndarray:
-    if len(escape_section) < 1 or escape_section[0] not in WIDTHS:
-        raise CodecError("escapes section lacks a valid symbol width")
-    width = escape_section[0]
-    packed_size = -(-num_symbols * width // 8)
-    packed = np.frombuffer(decompress(packed_section, packed_size, "symbols"), dtype=np.uint8)
-    escapes = decompress(escape_section[1:], num_symbols, "escapes", at_most=True)
-    symbols = unpack(packed, num_symbols, width, np.frombuffer(escapes, dtype=np.int8))
-    return symbols if symbols.flags.writeable else symbols.copy()
+def _read_symbols(packed_section, escape_section, num_rows: int, bounds: tuple[int, ...]) -> np.ndarray:
+    num_groups = len(bounds) - 1
+    if len(escape_section) < num_groups:
+        raise CodecError("escapes section lacks its symbol widths")
+    widths = bytes(escape_section[:num_groups])
+    if any(w not in WIDTHS for w in widths):
+        raise CodecError(f"symbol widths {list(widths)} are not in {WIDTHS}")
+    size = packed_size(num_rows, bounds, widths)
+    packed = np.frombuffer(decompress(packed_section, size, "symbols"), dtype=np.uint8)
+    escapes = decompress(escape_section[num_groups:], num_rows * bounds[-1], "escapes", at_most=True)
+    rows = unpack_groups(packed, np.frombuffer(escapes, dtype=np.int8), widths, num_rows, bounds)
+    return rows if rows.flags.writeable else rows.copy()
 
 
 def _check_side_info(mean, exps, refs) -> None:

@@ -10,13 +10,15 @@ from kvstore.codec.levels import LEVELS
 from kvstore.codec.lossless import LosslessCodec
 
 DEFAULT_LEVEL = "L0"
-"""The smallest level that met the quality goal in bench/codec_quality.py both on whole
-contexts and in 1024-token chunks (L1 met it on whole contexts only; docs/codec.md),
-with or without an encode hint (with one: 2.63 instead of 3.29 bits/element)."""
+"""The smallest level that met the quality goal in bench/codec_quality.py with the encode
+hint (the prefill worker's default) both on whole contexts and in 1024-token chunks:
+1.98 / 1.99 bits/element, 4.08x / 4.06x smaller than int8 (L1 + hint met it in chunks
+only). Without a hint L0 is 2.61 bits (docs/codec.md)."""
 
 
-def get_codec(name: str, group_size: int = 10) -> KVCodec:
-    """The codec of a level name ("lossless", "int8", "L0".."L6").
+def get_codec(name: str, group_size: int = 10, transform: bool = True) -> KVCodec:
+    """The codec of a level name ("lossless", "int8", "L0".."L6"); ``transform``: whether
+    the levels code in the model profile's transform coordinates (when it has them).
 
     Raises:
         ValueError: unknown name.
@@ -27,13 +29,13 @@ def get_codec(name: str, group_size: int = 10) -> KVCodec:
         return Int8Codec()
     for index, spec in enumerate(LEVELS):
         if spec.name == name:
-            return CacheGenCodec(spec, index, group_size)
+            return CacheGenCodec(spec, index, group_size, transform)
     raise ValueError(f"unknown codec level {name!r}; known: {level_names()}")
 
 
 def codec_from_config(config: CodecConfig) -> KVCodec:
     """The configured level (``config.level``, or the default) with its group size."""
-    return get_codec(config.level or default_level(), config.group_size)
+    return get_codec(config.level or default_level(), config.group_size, config.transform)
 
 
 def level_names() -> list[str]:

@@ -12,7 +12,10 @@ fine). At prefill time the engine knows better, and says so with a hint:
 * ``first_chunk``: the chunk starts the sequence (its first token is the
   attention sink: coded at int8 precision);
 * ``last_chunk``: the chunk ends the sequence (its last tokens are what the
-  next tokens attend to most: coded finer).
+  next tokens attend to most: coded finer);
+* ``position``: the position of the chunk's first token in its sequence, so
+  keys can be coded in RoPE-free coordinates (transform.py). Any caller that
+  knows where a chunk starts should say so, with or without the rest.
 
 Decoders never need a hint: every step travels in the stream.
 """
@@ -22,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from kvstore.codec.transform import MAX_POSITION
 
 
 @dataclass(frozen=True)
@@ -34,9 +39,14 @@ class EncodeHint:
     """The chunk holds the sequence's first token (the attention sink)."""
     last_chunk: bool = True
     """The chunk holds the sequence's last tokens."""
+    position: int = 0
+    """The chunk's first token's position in its sequence. A wrong one decodes exactly
+    the same, only larger (the stream carries it)."""
 
     def check(self, num_layers: int, num_tokens: int) -> None:
-        """ValueError unless the importance fits a chunk of ``num_tokens`` tokens."""
+        """ValueError unless the importance and position fit a chunk of ``num_tokens`` tokens."""
+        if not 0 <= self.position <= MAX_POSITION - num_tokens:
+            raise ValueError(f"hint position {self.position} is out of range")
         imp = self.importance
         if imp is None:
             return
@@ -64,7 +74,7 @@ def chunk_hints(importance: torch.Tensor, chunk_tokens: int) -> list[EncodeHint]
                          f"got {tuple(importance.shape)} and {chunk_tokens}")
     relative = normalise(importance)
     pieces = relative.split(chunk_tokens, dim=1)
-    return [EncodeHint(piece.contiguous(), i == 0, i == len(pieces) - 1)
+    return [EncodeHint(piece.contiguous(), i == 0, i == len(pieces) - 1, i * chunk_tokens)
             for i, piece in enumerate(pieces)]
 
 

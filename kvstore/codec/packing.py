@@ -53,8 +53,64 @@ def pack(symbols: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
 
 def unpack(packed: np.ndarray, num_symbols: int, width: int, escapes: np.ndarray) -> np.ndarray:
     """Inverse of :func:`pack`; the escape count must match exactly (else CodecError)."""
+    symbols, used = _unpack_prefix(packed, num_symbols, width, escapes)
+    if used != escapes.size:
+        raise CodecError(f"packed symbols: {used} escapes, {escapes.size} values")
+    return symbols
+
+
+def pack_groups(rows: np.ndarray, bounds: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """Rows ``[R, C]`` int8 packed in column groups ``bounds`` (0 = b0 < b1 < ... = C),
+    each group row-major with its own width: (packed uint8, escapes int8, widths u8 each).
+
+    With the transform (transform.py) the columns are principal axes, largest first:
+    the leading ones need 8 bits, the trailing ones 4 or 2, and one width for all
+    would escape or waste (measured on SmolLM2 KV: 0.06-0.24 bits/element smaller).
+    """
+    packed, escaped, widths = [], [], []
+    for start, end in zip(bounds, bounds[1:]):
+        group = rows[:, start:end].reshape(-1) if len(bounds) == 2 else \
+            np.ascontiguousarray(rows[:, start:end]).reshape(-1)
+        width = choose_width(group)
+        codes, values = pack(group, width)
+        packed.append(codes)
+        escaped.append(values)
+        widths.append(width)
+    return np.concatenate(packed), np.concatenate(escaped), bytes(widths)
+
+
+def packed_size(num_rows: int, bounds: tuple[int, ...], widths: bytes) -> int:
+    """Bytes :func:`pack_groups` writes for ``num_rows`` rows at ``widths``."""
+    return sum(-(-num_rows * (end - start) * width // 8)
+               for start, end, width in zip(bounds, bounds[1:], widths))
+
+
+def unpack_groups(packed: np.ndarray, escapes: np.ndarray, widths: bytes, num_rows: int,
+                  bounds: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`pack_groups`: rows ``[R, C]`` int8 (CodecError if inconsistent)."""
+    if len(widths) != len(bounds) - 1 or any(w not in WIDTHS for w in widths):
+        raise CodecError(f"symbol widths {list(widths)} are not one of {WIDTHS} per group")
+    if len(bounds) == 2:
+        return unpack(packed, num_rows * bounds[1], widths[0], escapes).reshape(num_rows, -1)
+    rows = np.empty((num_rows, bounds[-1]), dtype=np.int8)
+    offset = used = 0
+    for start, end, width in zip(bounds, bounds[1:], widths):
+        count = num_rows * (end - start)
+        size = -(-count * width // 8)
+        group, taken = _unpack_prefix(packed[offset:offset + size], count, width, escapes[used:])
+        rows[:, start:end] = group.reshape(num_rows, end - start)
+        offset, used = offset + size, used + taken
+    if offset != packed.size or used != escapes.size:
+        raise CodecError(f"packed symbols: {offset} of {packed.size} bytes and {used} of "
+                         f"{escapes.size} escapes used")
+    return rows
+
+
+def _unpack_prefix(packed: np.ndarray, num_symbols: int, width: int,
+                   escapes: np.ndarray) -> tuple[np.ndarray, int]:
+    """Symbols of :func:`pack`, taking their escaped values from the front of ``escapes``."""
     if width == 8:
-        return packed.view(np.int8)[:num_symbols]
+        return packed.view(np.int8)[:num_symbols], 0
     per_byte, half = 8 // width, 1 << (width - 1)
     if packed.size != -(-num_symbols // per_byte):
         raise CodecError(f"packed symbols: {packed.size} bytes for {num_symbols} symbols")
@@ -64,8 +120,8 @@ def unpack(packed: np.ndarray, num_symbols: int, width: int, escapes: np.ndarray
         np.bitwise_and(packed >> np.uint8(width * j), mask, out=lanes[:, j])
     codes = lanes.reshape(-1)[:num_symbols]
     positions = np.flatnonzero(codes == 0)
-    if positions.size != escapes.size:
+    if positions.size > escapes.size:
         raise CodecError(f"packed symbols: {positions.size} escapes, {escapes.size} values")
     symbols = (codes.view(np.int8) - np.int8(half)).astype(np.int8, copy=False)
-    symbols[positions] = escapes
-    return symbols
+    symbols[positions] = escapes[:positions.size]
+    return symbols, positions.size

@@ -8,12 +8,17 @@ A profile holds what the encoder cannot learn from one chunk of KV:
   bench/codec_calibrate.py);
 * ``mean_query [L, H_q, D]``: each query head's mean post-RoPE query over real
   text, with which the encoder predicts which tokens later queries will attend
-  to (allocation.py).
+  to (allocation.py);
+* optionally ``bases [2 * L, C, C]`` and ``rope_inv_freq [D / 2]``: the
+  transform stage (transform.py), each plane's principal axes over real text
+  (keys pre-RoPE).
 
 Profiles are looked up by the layout's model shape (layers, KV heads, head
 dim). A layout without one gets :func:`generic_profile`: early layers finer,
-no attention prediction. Either way the steps travel in the stream, so a
-profile only changes sizes and quality, never what a decoder can read.
+no attention prediction and no transform. The steps travel in the stream,
+so the scales and queries only change sizes and quality; a stream coded with a
+transform names it (its fingerprint), and only a decoder with the same
+profile reads it (else CodecError).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 
 from kvcluster.common.layout import KVLayout
+from kvstore.codec.transform import KVTransform
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 PROFILES = {(30, 3, 64): "smollm2-135m.npz"}
@@ -43,6 +49,8 @@ class ModelProfile:
     """[2 * num_layers] float32 step multipliers, plane order."""
     mean_query: torch.Tensor | None
     """[num_layers, num_q_heads, head_dim] float32, or None (no attention prediction)."""
+    transform: KVTransform | None = None
+    """The per-plane KLT (transform.py), or None (levels code the channels as they are)."""
 
     def __post_init__(self) -> None:
         if not bool(torch.isfinite(self.plane_scales).all() and (self.plane_scales > 0).all()):
@@ -80,16 +88,39 @@ def load_profile(path: Path, shape: tuple[int, int, int]) -> ModelProfile:
     with np.load(path, allow_pickle=False) as data:
         scales = torch.from_numpy(data["plane_scales"].astype(np.float32))
         query = torch.from_numpy(data["mean_query"].astype(np.float32))
+        transform = _stored_transform(data, num_kv_heads)
     if scales.shape != (2 * num_layers,) or query.ndim != 3 or query.shape[0] != num_layers \
             or query.shape[2] != head_dim or query.shape[1] % num_kv_heads:
         raise ValueError(f"profile {path.name} does not fit model shape {shape}")
-    return ModelProfile(path.stem, scales, query)
+    if transform is not None and transform.bases.shape != (2 * num_layers, num_kv_heads * head_dim,
+                                                           num_kv_heads * head_dim):
+        raise ValueError(f"profile {path.name}: transform bases do not fit model shape {shape}")
+    return ModelProfile(path.stem, scales, query, transform)
 
 
-def save_profile(path: Path, plane_scales: torch.Tensor, mean_query: torch.Tensor) -> None:
-    """Write a profile (fp16 arrays; a few tens of KB)."""
-    np.savez_compressed(path, plane_scales=plane_scales.numpy().astype(np.float16),
-                        mean_query=mean_query.numpy().astype(np.float16))
+def save_profile(path: Path, plane_scales: torch.Tensor, mean_query: torch.Tensor,
+                 bases: torch.Tensor | None = None, rope_inv_freq: torch.Tensor | None = None) -> None:
+    """Write a profile (fp16 arrays: a few tens of KB, ~4 MB with SmolLM2's bases)."""
+    arrays = {"plane_scales": plane_scales.numpy().astype(np.float16),
+              "mean_query": mean_query.numpy().astype(np.float16)}
+    if bases is not None:
+        arrays["bases"] = bases.numpy().astype(np.float16)
+        arrays["rope_inv_freq"] = rope_inv_freq.numpy().astype(np.float32)
+    np.savez_compressed(path, **arrays)
+
+
+def read_arrays(path: Path) -> dict[str, torch.Tensor]:
+    """Every array of a stored profile, as saved (to rewrite one part of it)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {name: torch.from_numpy(data[name].astype(np.float32)) for name in data.files}
+
+
+def _stored_transform(data, num_kv_heads: int) -> KVTransform | None:
+    if "bases" not in data.files:
+        return None
+    return KVTransform.from_stored(torch.from_numpy(data["bases"]),
+                                   torch.from_numpy(data["rope_inv_freq"].astype(np.float32)),
+                                   num_kv_heads)
 
 
 def generic_profile(num_layers: int) -> ModelProfile:

@@ -83,10 +83,12 @@ def quantize(x_in: torch.Tensor, alpha: torch.Tensor, group_size: int) -> Quanti
     return q
 
 
-def dequantize(q: Quantized, group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`quantize`: a fresh ``[P, T, C]`` tensor in ``dtype``."""
+def dequantize(q: Quantized, group_size: int, dtype: torch.dtype,
+               into_scratch: bool = False) -> torch.Tensor:
+    """Inverse of :func:`quantize`: a fresh ``[P, T, C]`` tensor in ``dtype``; with
+    ``into_scratch``, this thread's float32 scratch buffer itself (for one more pass)."""
     mu = q.mean.float()  # [P, C]
-    if dtype == torch.float32:
+    if dtype == torch.float32 and not into_scratch:
         x = torch.empty(q.symbols.shape, dtype=torch.float32)
     else:
         x = scratch("x", q.symbols.shape, torch.float32)
@@ -99,7 +101,7 @@ def dequantize(q: Quantized, group_size: int, dtype: torch.dtype) -> torch.Tenso
     if len(p):
         anchor_hat = x[p, t - t % group_size]  # anchors are final: never REF_ANCHOR
         x[p, t] = torch.addcmul(anchor_hat, q.symbols[p, t].float(), steps[p, t].unsqueeze(-1))
-    return x if dtype == torch.float32 else x.to(dtype)
+    return x if dtype == torch.float32 or into_scratch else x.to(dtype)
 
 
 def step_exponents(step: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import pytest
 import torch
 
@@ -24,6 +27,14 @@ def structured_kv(layout: KVLayout = LAYOUT, num_tokens: int = NUM_TOKENS, seed:
     kv = offsets + drift + noise
     kv[:, :, 0] = 0.01 * torch.randn(shape[0], 2, *shape[3:], generator=gen)  # sink-like token
     return kv.to(torch.float16 if layout.dtype == "float16" else getattr(torch, layout.dtype))
+
+
+def with_valid_crc(stream: bytes) -> bytes:
+    """``stream`` with its header crc32 recomputed: a hand-made stream that passes the check."""
+    if len(stream) < 32:
+        return stream
+    crc = zlib.crc32(stream[32:], zlib.crc32(stream[:28]))
+    return stream[:28] + struct.pack("<I", crc) + stream[32:]
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ Never a crash, a hang, another exception type, or a wrong tensor.
 from __future__ import annotations
 
 import struct
-import zlib
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from hypothesis import strategies as st
 from kvcluster.common.layout import KVLayout
 from kvstore.codec import CodecError, get_codec, level_names
 from kvstore.codec.stream import MAGIC
-from tests.codec.conftest import LAYOUT, structured_kv
+from tests.codec.conftest import LAYOUT, structured_kv, with_valid_crc
 
 NAMES = level_names()
 KV = structured_kv(num_tokens=23)
@@ -69,7 +68,7 @@ def test_version_1_streams_are_rejected():
         old = bytearray(STREAMS[name])
         struct.pack_into("<H", old, 4, 1)
         with pytest.raises(CodecError, match="unsupported stream version 1"):
-            get_codec(name).decode(_with_valid_crc(bytes(old)), LAYOUT)
+            get_codec(name).decode(with_valid_crc(bytes(old)), LAYOUT)
 
 
 def test_not_bytes_is_rejected():
@@ -113,7 +112,7 @@ def test_mutations_with_a_recomputed_checksum_never_crash(name, pos, value):
     stream = bytearray(STREAMS[name])
     stream[pos % len(stream)] = value
     try:
-        out = get_codec(name).decode(_with_valid_crc(bytes(stream)), LAYOUT)
+        out = get_codec(name).decode(with_valid_crc(bytes(stream)), LAYOUT)
     except CodecError:
         return
     assert out.shape == KV.shape and out.dtype == KV.dtype
@@ -173,13 +172,6 @@ def _decode_or_codec_error(name: str, stream: bytes) -> None:
     expected = get_codec(name).decode(STREAMS[name], LAYOUT)
     assert out.shape == expected.shape
     assert torch.equal(out.view(torch.int16), expected.view(torch.int16)), "wrong tensor decoded"
-
-
-def _with_valid_crc(stream: bytes) -> bytes:
-    if len(stream) < 32:
-        return stream
-    crc = zlib.crc32(stream[32:], zlib.crc32(stream[:28]))
-    return stream[:28] + struct.pack("<I", crc) + stream[32:]
 
 
 def _side_size(num_tokens: int) -> int:
