@@ -125,7 +125,6 @@ def _tables(inv_freq: torch.Tensor, position: int, num_tokens: int, num_heads: i
     return cos.repeat(1, 2 * num_heads), signed_sin.repeat(1, num_heads)
 
 
-
 def _matmul(rows: torch.Tensor, basis16: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``rows [P, T, C]`` float32 @ ``basis16 [P, C, C]`` -> ``out`` float32."""
     low = scratch("transform_low_in", rows.shape, MATMUL_DTYPE)
