@@ -49,3 +49,26 @@ def test_fisher_and_plane_weights(runner):
     unit = ModelProfile("unit", torch.ones(2 * arch.num_layers), query_sum / len(CONTEXT))
     weights = plane_weights(kv, fisher, layout, unit)
     assert weights.shape == (2 * arch.num_layers,) and abs(float(weights.mean()) - 1) < 1e-5
+
+
+def test_plane_bases_are_principal_axes_of_pre_rope_rows_and_round_trip_a_profile(runner, tmp_path):
+    from bench.codec_calibrate import plane_bases
+    from kvcluster.engine.rope import inv_frequencies
+    from kvstore.codec.profile import load_profile, save_profile
+
+    arch = runner.model.arch
+    kv, query_sum = context_kv(runner.model, CONTEXT)
+    inv_freq = inv_frequencies(arch)
+    bases = plane_bases([kv], inv_freq, arch.num_kv_heads)
+    planes, channels = 2 * arch.num_layers, arch.num_kv_heads * arch.head_dim
+    assert bases.shape == (planes, channels, channels)
+    eye = torch.eye(channels).expand(planes, -1, -1)
+    assert torch.allclose(bases.transpose(1, 2) @ bases, eye, atol=1e-4)
+    path = tmp_path / "tiny.npz"
+    save_profile(path, torch.ones(planes), query_sum / len(CONTEXT), bases, inv_freq)
+    shape = (arch.num_layers, arch.num_kv_heads, arch.head_dim)
+    transform = load_profile(path, shape).transform
+    assert transform is not None and torch.allclose(transform.bases, bases, atol=2e-3)
+    rows = transform.forward(kv.reshape(planes, len(CONTEXT), channels), 0)
+    variance = (rows - rows.mean(1, keepdim=True)).pow(2).mean(1)  # [P, C], largest axis first
+    assert bool((variance[:, :-1] >= variance[:, 1:] - 1e-3 * variance[:, :1]).all())
