@@ -15,11 +15,13 @@ first/last-chunk flags; kvstore/codec/hint.py). The JSON's ``default_*`` keys
 are the default level as the system codes it (with the hint while
 ``codec.attention_hint`` defaults to on).
 
-    python -m bench.codec_quality [--quick] [--json FILE] [--chunk-tokens N]
+    python -m bench.codec_quality [--quick] [--json FILE] [--chunk-tokens N] [--held-out]
 
 ``--chunk-tokens N`` codes each context as consecutive chunks of N tokens (as
 the store and the transfer path do) instead of one chunk per context; the hints
-are then per chunk (importance normalised over the whole context).
+are then per chunk (importance normalised over the whole context). ``--held-out``
+scores 4 other texts that neither these contexts nor the profile's calibration
+use (bench/codec_text.py HELD_OUT).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.codec_text import TextContext, build_contexts
+from bench.codec_text import TextContext, build_contexts, held_out_contexts
 from bench.common import parse_args, print_table, write_json
 from kvcluster.common.config import CodecConfig, EngineConfig
 from kvstore.codec import chunk_hints, default_level, get_codec, level_names
@@ -174,7 +176,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     runner, tokenizer = _load_model()
     lengths = QUICK_CONTEXTS if args.quick else FULL_CONTEXTS
-    contexts = build_contexts(tokenizer, lengths, CONTINUATION, runner.block_size)
+    contexts = held_out_contexts(tokenizer, CONTINUATION, runner.block_size) if args.held_out \
+        else build_contexts(tokenizer, lengths, CONTINUATION, runner.block_size)
     codecs = {name: get_codec(name) for name in level_names()}
     codecs.update({name + HINTED: get_codec(name) for name in level_names()[2:]})
     t0 = time.perf_counter()
@@ -182,6 +185,7 @@ def main(argv=None) -> dict:
     levels = summarize(stats)
     result = _result(levels, contexts, time.perf_counter() - t0)
     result["chunk_tokens"] = args.chunk_tokens
+    result["held_out"] = args.held_out
     _print(levels)
     write_json(args.json, result)
     return result
@@ -193,6 +197,8 @@ def main(argv=None) -> dict:
 def _extra_args(parser) -> None:
     parser.add_argument("--chunk-tokens", type=int, default=0,
                         help="code each context in chunks of this many tokens (0: one chunk)")
+    parser.add_argument("--held-out", action="store_true",
+                        help="score the 4 held-out texts (bench/codec_text.py HELD_OUT) instead")
 
 
 def _load_model():

@@ -69,3 +69,26 @@ def build_contexts(tokenizer, lengths: list[tuple[str, int]], continuation: int,
         length = min(length, len(ids) - continuation) // block_size * block_size
         out.append(TextContext(kind, source, ids[:length], ids[length:length + continuation]))
     return out
+
+
+HELD_OUT = [("doc", 1, 8000, 2048), ("doc", 0, 12000, 1024), ("chat", 60, 0, 2048),
+            ("chat", 84, 0, 1024)]
+"""(kind, document index or first chat topic, first token, tokens) of texts that neither
+the quality bench's contexts (documents from token 0, chats over topics 0-35) nor the
+profile's calibration (bench/codec_calibrate.py) use: a check that what was placed on
+the bench's own contexts (levels, HINT_GAIN) holds elsewhere."""
+
+
+def held_out_contexts(tokenizer, continuation: int, block_size: int) -> list[TextContext]:
+    """The HELD_OUT texts as contexts (rounded down to whole blocks)."""
+    docs = documents()
+    out = []
+    for kind, which, first, length in HELD_OUT:
+        if kind == "doc":
+            source, text = f"{docs[which][0]} from token {first}", docs[which][1]
+        else:
+            source, text = f"chat over pydoc topics from #{which}", chat_text(tokenizer, which)
+        ids = tokenizer.encode(text)[first:]
+        length = min(length, len(ids) - continuation) // block_size * block_size
+        out.append(TextContext(kind, source, ids[:length], ids[length:length + continuation]))
+    return out
