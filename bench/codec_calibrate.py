@@ -37,7 +37,7 @@ from kvcluster.common.layout import KVLayout
 from kvcluster.engine.rope import apply_rope, inv_frequencies
 from kvstore.codec.allocation import row_scales
 from kvstore.codec.profile import PROFILE_DIR, PROFILES, ModelProfile, read_arrays, save_profile
-from kvstore.codec.transform import KVTransform
+from kvstore.codec.transform import rotate_keys
 
 CONTINUATION = 65
 BASIS_CHUNK_TOKENS = 1024
@@ -85,11 +85,10 @@ def plane_bases(kvs: list[torch.Tensor], inv_freq: torch.Tensor, num_kv_heads: i
     contexts ``kvs`` (each ``[L, 2, T, H, D]`` from position 0), keys pre-RoPE."""
     num_layers, _, _, heads, dim = kvs[0].shape
     channels = heads * dim
-    identity = KVTransform(torch.eye(channels).expand(2 * num_layers, -1, -1).contiguous(),
-                           inv_freq, num_kv_heads, 0)
     cov = torch.zeros(2 * num_layers, channels, channels, dtype=torch.float64)
     for kv in kvs:
-        planes = identity.forward(kv.reshape(2 * num_layers, kv.shape[2], channels), 0)
+        planes = kv.reshape(2 * num_layers, kv.shape[2], channels).float().clone()
+        rotate_keys(planes, 0, inv_freq, num_kv_heads, inverse=True)
         for chunk in planes.split(BASIS_CHUNK_TOKENS, dim=1):
             rows = (chunk - chunk.mean(1, keepdim=True)).double()
             cov += rows.transpose(1, 2) @ rows

@@ -80,28 +80,31 @@ class KVTransform:
         buffer of this thread (valid until its next ``forward``)."""
         rows = scratch("transform_in", x.shape, torch.float32)
         rows.copy_(x)
-        self._rotate_keys(rows, position, inverse=True)
+        rotate_keys(rows, position, self.inv_freq, self.num_kv_heads, inverse=True)
         return _matmul(rows, self._forward16, scratch("transform_out", x.shape, torch.float32))
 
     def inverse(self, y: torch.Tensor, position: int, dtype: torch.dtype) -> torch.Tensor:
         """Coordinates ``y [P, T, C]`` float32 -> planes ``[P, T, C]`` in ``dtype`` (a new tensor)."""
         x = _matmul(y, self._inverse16, scratch("transform_out", y.shape, torch.float32))
-        self._rotate_keys(x, position, inverse=False)
+        rotate_keys(x, position, self.inv_freq, self.num_kv_heads, inverse=False)
         return x.to(dtype, copy=True)
 
-    def _rotate_keys(self, planes: torch.Tensor, position: int, inverse: bool) -> None:
-        """RoPE on the key planes (0, 2, 4, ...) in place; ``inverse`` undoes it."""
-        if not 0 <= position <= MAX_POSITION - planes.shape[1]:
-            raise ValueError(f"position {position} is out of range for {planes.shape[1]} tokens")
-        num_planes, num_tokens, channels = planes.shape
-        half = self.inv_freq.numel()
-        keys = planes.view(num_planes // 2, 2, num_tokens, channels)[:, 0]  # [L, T, C]
-        cos, sin = _tables(self.inv_freq, position, num_tokens, self.num_kv_heads, inverse)
-        halves = keys.view(num_planes // 2, num_tokens, self.num_kv_heads, 2, half)
-        swapped = scratch("transform_rope", keys.shape, torch.float32)  # (x2, x1) per head
-        swapped.view(halves.shape)[..., 0, :].copy_(halves[..., 1, :])
-        swapped.view(halves.shape)[..., 1, :].copy_(halves[..., 0, :])
-        keys.mul_(cos).addcmul_(swapped, sin)  # x*cos + rotate_half(x)*sin, sin signed
+
+def rotate_keys(planes: torch.Tensor, position: int, inv_freq: torch.Tensor, num_kv_heads: int,
+                inverse: bool) -> None:
+    """RoPE on the key planes (0, 2, 4, ...) of float32 ``planes [P, T, C]`` in place,
+    tokens at ``position``..; ``inverse`` undoes it (pre-RoPE keys)."""
+    if not 0 <= position <= MAX_POSITION - planes.shape[1]:
+        raise ValueError(f"position {position} is out of range for {planes.shape[1]} tokens")
+    num_planes, num_tokens, channels = planes.shape
+    half = inv_freq.numel()
+    keys = planes.view(num_planes // 2, 2, num_tokens, channels)[:, 0]  # [L, T, C]
+    cos, sin = _tables(inv_freq, position, num_tokens, num_kv_heads, inverse)
+    halves = keys.view(num_planes // 2, num_tokens, num_kv_heads, 2, half)
+    swapped = scratch("transform_rope", keys.shape, torch.float32)  # (x2, x1) per head
+    swapped.view(halves.shape)[..., 0, :].copy_(halves[..., 1, :])
+    swapped.view(halves.shape)[..., 1, :].copy_(halves[..., 0, :])
+    keys.mul_(cos).addcmul_(swapped, sin)  # x*cos + rotate_half(x)*sin, sin signed
 
 
 def column_groups(channels: int) -> tuple[int, ...]:
