@@ -33,7 +33,7 @@ from kvstore.codec.base import CodecError, KVCodec
 from kvstore.codec.dtypes import check_chunk, torch_dtype
 from kvstore.codec.hint import NO_HINT, EncodeHint
 from kvstore.codec.levels import LevelSpec
-from kvstore.codec.packing import WIDTHS, pack_groups, packed_size, unpack_groups
+from kvstore.codec.packing import check_widths, pack_groups, packed_size, unpack_groups
 from kvstore.codec.profile import profile_for
 from kvstore.codec.quantize import (
     MAX_EXP,
@@ -78,8 +78,7 @@ class CacheGenCodec(KVCodec):
         side = b"".join([tensor_section(t) for t in (q.mean, q.step_exps, q.refs, classes)])
         channels = q.symbols.shape[-1]
         rows = q.symbols.view(-1, channels).index_select(0, _row_order(classes)).numpy()  # [P*T, C]
-        bounds = (0, channels) if transform is None else column_groups(channels)
-        packed, escapes, widths = pack_groups(rows, bounds)
+        packed, escapes, widths = pack_groups(rows, _column_bounds(channels, transform))
         sections = [compress(side), compress(packed), widths + compress(escapes)]
         if transform is not None:
             sections.append(_TRANSFORM.pack(transform.fingerprint, hint.position))
@@ -92,9 +91,7 @@ class CacheGenCodec(KVCodec):
         if info.group_size < 1:
             raise CodecError(f"{self.name} stream has group_size 0")
         transform, position = _read_transform(info.sections[3:], layout, info.num_tokens)
-        bounds = (0, layout.num_kv_heads * layout.head_dim)
-        if transform is not None:
-            bounds = column_groups(bounds[1])
+        bounds = _column_bounds(layout.num_kv_heads * layout.head_dim, transform)
         q = _read_quantized(info.sections, _plane_shape(layout, info.num_tokens), bounds)
         if transform is None:
             x = dequantize(q, info.group_size, torch_dtype(layout))
@@ -102,6 +99,11 @@ class CacheGenCodec(KVCodec):
             y = dequantize(q, info.group_size, torch.float32, into_scratch=True)
             x = transform.inverse(y, position, torch_dtype(layout))
         return x.reshape(layout.shape(info.num_tokens))
+
+
+def _column_bounds(channels: int, transform: KVTransform | None) -> tuple[int, ...]:
+    """Symbol column groups: one without a transform, the principal-axis groups with one."""
+    return (0, channels) if transform is None else column_groups(channels)
 
 
 def _plane_shape(layout: KVLayout, num_tokens: int) -> tuple[int, int, int]:
@@ -159,8 +161,7 @@ def _read_symbols(packed_section, escape_section, num_rows: int, bounds: tuple[i
     if len(escape_section) < num_groups:
         raise CodecError("escapes section lacks its symbol widths")
     widths = bytes(escape_section[:num_groups])
-    if any(w not in WIDTHS for w in widths):
-        raise CodecError(f"symbol widths {list(widths)} are not in {WIDTHS}")
+    check_widths(widths, num_groups)  # before sizes derived from them allocate anything
     size = packed_size(num_rows, bounds, widths)
     packed = np.frombuffer(decompress(packed_section, size, "symbols"), dtype=np.uint8)
     escapes = decompress(escape_section[num_groups:], num_rows * bounds[-1], "escapes", at_most=True)

@@ -69,8 +69,7 @@ def pack_groups(rows: np.ndarray, bounds: tuple[int, ...]) -> tuple[np.ndarray, 
     """
     packed, escaped, widths = [], [], []
     for start, end in zip(bounds, bounds[1:]):
-        group = rows[:, start:end].reshape(-1) if len(bounds) == 2 else \
-            np.ascontiguousarray(rows[:, start:end]).reshape(-1)
+        group = np.ascontiguousarray(rows[:, start:end]).reshape(-1)  # no copy for one group
         width = choose_width(group)
         codes, values = pack(group, width)
         packed.append(codes)
@@ -79,24 +78,29 @@ def pack_groups(rows: np.ndarray, bounds: tuple[int, ...]) -> tuple[np.ndarray, 
     return np.concatenate(packed), np.concatenate(escaped), bytes(widths)
 
 
+def check_widths(widths: bytes, num_groups: int) -> None:
+    """CodecError unless ``widths`` holds one of WIDTHS per group."""
+    if len(widths) != num_groups or any(w not in WIDTHS for w in widths):
+        raise CodecError(f"symbol widths {list(widths)} are not one of {WIDTHS} per group")
+
+
 def packed_size(num_rows: int, bounds: tuple[int, ...], widths: bytes) -> int:
     """Bytes :func:`pack_groups` writes for ``num_rows`` rows at ``widths``."""
-    return sum(-(-num_rows * (end - start) * width // 8)
+    return sum(_group_bytes(num_rows * (end - start), width)
                for start, end, width in zip(bounds, bounds[1:], widths))
 
 
 def unpack_groups(packed: np.ndarray, escapes: np.ndarray, widths: bytes, num_rows: int,
                   bounds: tuple[int, ...]) -> np.ndarray:
     """Inverse of :func:`pack_groups`: rows ``[R, C]`` int8 (CodecError if inconsistent)."""
-    if len(widths) != len(bounds) - 1 or any(w not in WIDTHS for w in widths):
-        raise CodecError(f"symbol widths {list(widths)} are not one of {WIDTHS} per group")
+    check_widths(widths, len(bounds) - 1)
     if len(bounds) == 2:
         return unpack(packed, num_rows * bounds[1], widths[0], escapes).reshape(num_rows, -1)
     rows = np.empty((num_rows, bounds[-1]), dtype=np.int8)
     offset = used = 0
     for start, end, width in zip(bounds, bounds[1:], widths):
         count = num_rows * (end - start)
-        size = -(-count * width // 8)
+        size = _group_bytes(count, width)
         group, taken = _unpack_prefix(packed[offset:offset + size], count, width, escapes[used:])
         rows[:, start:end] = group.reshape(num_rows, end - start)
         offset, used = offset + size, used + taken
@@ -104,6 +108,10 @@ def unpack_groups(packed: np.ndarray, escapes: np.ndarray, widths: bytes, num_ro
         raise CodecError(f"packed symbols: {offset} of {packed.size} bytes and {used} of "
                          f"{escapes.size} escapes used")
     return rows
+
+
+def _group_bytes(num_symbols: int, width: int) -> int:
+    return -(-num_symbols * width // 8)
 
 
 def _unpack_prefix(packed: np.ndarray, num_symbols: int, width: int,
