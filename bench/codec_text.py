@@ -65,9 +65,7 @@ def build_contexts(tokenizer, lengths: list[tuple[str, int]], continuation: int,
         else:
             source, text = f"chat over pydoc topics from #{chat_i * 12}", chat_text(tokenizer, chat_i * 12)
             chat_i += 1
-        ids = tokenizer.encode(text)
-        length = min(length, len(ids) - continuation) // block_size * block_size
-        out.append(TextContext(kind, source, ids[:length], ids[length:length + continuation]))
+        out.append(_context(kind, source, tokenizer.encode(text), length, continuation, block_size))
     return out
 
 
@@ -88,7 +86,13 @@ def held_out_contexts(tokenizer, continuation: int, block_size: int) -> list[Tex
             source, text = f"{docs[which][0]} from token {first}", docs[which][1]
         else:
             source, text = f"chat over pydoc topics from #{which}", chat_text(tokenizer, which)
-        ids = tokenizer.encode(text)[first:]
-        length = min(length, len(ids) - continuation) // block_size * block_size
-        out.append(TextContext(kind, source, ids[:length], ids[length:length + continuation]))
+        out.append(_context(kind, source, tokenizer.encode(text)[first:], length, continuation,
+                            block_size))
     return out
+
+
+def _context(kind: str, source: str, ids: list[int], length: int, continuation: int,
+             block_size: int) -> TextContext:
+    """``ids`` cut into a context of at most ``length`` tokens (whole blocks) and what follows."""
+    length = min(length, len(ids) - continuation) // block_size * block_size
+    return TextContext(kind, source, ids[:length], ids[length:length + continuation])
