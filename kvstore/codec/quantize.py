@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvstore.codec.native import planes_lib
 from kvstore.codec.scratch import scratch
 
 REF_ZERO, REF_MEAN, REF_ANCHOR = 0, 1, 2
@@ -83,25 +84,33 @@ def quantize(x_in: torch.Tensor, alpha: torch.Tensor, group_size: int) -> Quanti
     return q
 
 
-def dequantize(q: Quantized, group_size: int, dtype: torch.dtype,
-               into_scratch: bool = False) -> torch.Tensor:
+def dequantize(q: Quantized, group_size: int, dtype: torch.dtype, into_scratch: bool = False,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of :func:`quantize`: a fresh ``[P, T, C]`` tensor in ``dtype``; with
-    ``into_scratch``, this thread's float32 scratch buffer itself (for one more pass)."""
-    mu = q.mean.float()  # [P, C]
-    if dtype == torch.float32 and not into_scratch:
-        x = torch.empty(q.symbols.shape, dtype=torch.float32)
-    else:
-        x = scratch("x", q.symbols.shape, torch.float32)
-    x.copy_(q.symbols)
+    ``into_scratch``, a scratch buffer of this thread (for one more pass).
+
+    ``rows``: ``q.symbols`` is ``[R, C]`` in another row order, and row (p, t) is
+    ``q.symbols[rows[p * T + t]]`` (the stream's order, cachegen.py).
+    """
+    shape = (*q.step_exps.shape, q.symbols.shape[-1])
+    if rows is None:
+        rows = torch.arange(shape[0] * shape[1])
+    symbols = q.symbols.reshape(-1, shape[-1])
     steps = exp_steps(q.step_exps)
-    torch.addcmul(mu.unsqueeze(1), x, steps.unsqueeze(-1), out=x)  # every row as REF_MEAN
-    p, t = (q.refs == REF_ZERO).nonzero(as_tuple=True)
-    x[p, t] = q.symbols[p, t].float() * steps[p, t].unsqueeze(-1)
-    p, t = (q.refs == REF_ANCHOR).nonzero(as_tuple=True)
-    if len(p):
-        anchor_hat = x[p, t - t % group_size]  # anchors are final: never REF_ANCHOR
-        x[p, t] = torch.addcmul(anchor_hat, q.symbols[p, t].float(), steps[p, t].unsqueeze(-1))
-    return x if dtype == torch.float32 or into_scratch else x.to(dtype)
+    if planes_lib.usable(shape[-1]):
+        out = _output(shape, dtype, into_scratch)
+        if not planes_lib.dequantize(symbols.contiguous(), rows, q.mean.float(), steps,
+                                     q.refs.contiguous(), group_size, out):
+            raise ValueError("refs hold an anchor row that refers to an anchor, or an unknown kind")
+        return out
+    x = _dequantize_wide(symbols.index_select(0, rows).view(shape), q, steps, group_size)
+    if into_scratch and dtype == torch.float32:
+        return x
+    return _output(shape, dtype, into_scratch).copy_(x)
+
+
+def _output(shape, dtype: torch.dtype, into_scratch: bool) -> torch.Tensor:
+    return scratch(f"dequantized_{dtype}", shape, dtype) if into_scratch else torch.empty(shape, dtype=dtype)
 
 
 def step_exponents(step: torch.Tensor) -> torch.Tensor:
@@ -141,6 +150,22 @@ def fp16_steps(step: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- helpers
 
 
+def _dequantize_wide(symbols: torch.Tensor, q: Quantized, steps: torch.Tensor,
+                     group_size: int) -> torch.Tensor:
+    """:func:`dequantize` in torch, into this thread's float32 scratch (symbols in plane order)."""
+    mu = q.mean.float()  # [P, C]
+    x = scratch("x", symbols.shape, torch.float32)
+    x.copy_(symbols)
+    torch.addcmul(mu.unsqueeze(1), x, steps.unsqueeze(-1), out=x)  # every row as REF_MEAN
+    p, t = (q.refs == REF_ZERO).nonzero(as_tuple=True)
+    x[p, t] = symbols[p, t].float() * steps[p, t].unsqueeze(-1)
+    p, t = (q.refs == REF_ANCHOR).nonzero(as_tuple=True)
+    if len(p):
+        anchor_hat = x[p, t - t % group_size]  # anchors are final: never REF_ANCHOR
+        x[p, t] = torch.addcmul(anchor_hat, symbols[p, t].float(), steps[p, t].unsqueeze(-1))
+    return x
+
+
 def _padded_scratch(shape, group_size: int) -> torch.Tensor:
     """Scratch [P, T, C] whose storage holds whole groups, so groups view without copies."""
     num_planes, num_tokens, channels = shape
@@ -151,7 +176,7 @@ def _padded_scratch(shape, group_size: int) -> torch.Tensor:
 
 
 def _anchor_energy(r, offset, e_mean, group_size: int) -> torch.Tensor:
-    """||x_t - xhat_a(t)||^2 = ||r_t - offset_a(t)||^2 -> [P, T], one batched matmul over groups.
+    """||x_t - xhat_a(t)||^2 = ||r_t - offset_a(t)||^2 -> [P, T], from one dot product per row.
 
     r: residual vs mean [P, T, C] in padded storage; offset: xhat_anchor - mu [P, G, C].
     """
@@ -159,7 +184,9 @@ def _anchor_energy(r, offset, e_mean, group_size: int) -> torch.Tensor:
     num_groups = offset.shape[1]
     grouped = r.as_strided((num_planes * num_groups, group_size, channels),
                            (group_size * channels, channels, 1))  # whole groups, see _padded_scratch
-    dot = torch.bmm(grouped, offset.reshape(-1, channels, 1)).reshape(num_planes, -1)
+    products = scratch("anchor_products", grouped.shape, torch.float32)
+    dot = torch.mul(grouped, offset.reshape(-1, 1, channels), out=products).sum(-1)  # 2x a batched matvec
+    dot = dot.reshape(num_planes, -1)
     o_sq = offset.square().sum(-1).repeat_interleave(group_size, dim=1)
     return (e_mean - 2 * dot[:, :num_tokens] + o_sq[:, :num_tokens]).clamp_min(0)
 
@@ -173,12 +200,20 @@ def _apply_refs(x, x_in, refs, offset, group_size: int) -> None:
 
 
 def _code_residuals(x, energy, refs, alpha) -> Quantized:
-    """Steps and symbols of residual rows ``x: [P, N, C]`` (divided in place)."""
+    """Steps and symbols of residual rows ``x: [P, N, C]`` (float32; divided in place
+    on the torch path)."""
+    native = planes_lib.usable(x.shape[-1]) and planes_lib.rows_contiguous(x)
     rms = (energy / x.shape[-1]).sqrt()  # [P, N]
-    peak = torch.maximum(x.amax(-1), -x.amin(-1)) / MAX_SYMBOL
+    if native:
+        peak = planes_lib.row_peaks(x) / MAX_SYMBOL
+    else:
+        peak = torch.maximum(x.amax(-1), -x.amin(-1)) / MAX_SYMBOL
     exps = step_exponents(torch.maximum(alpha * rms, peak))
-    x.div_(exp_steps(exps).unsqueeze(-1)).round_().clamp_(-MAX_SYMBOL, MAX_SYMBOL)
-    symbols = torch.empty(x.shape, dtype=torch.int8).copy_(x)
+    if native:
+        symbols = planes_lib.quantize_rows(x, exp_steps(exps))
+    else:
+        x.div_(exp_steps(exps).unsqueeze(-1)).round_().clamp_(-MAX_SYMBOL, MAX_SYMBOL)
+        symbols = torch.empty(x.shape, dtype=torch.int8).copy_(x)
     return Quantized(torch.empty(0), exps, refs.to(torch.uint8), symbols)
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import xxhash
 
+from kvstore.codec.native import planes_lib
 from kvstore.codec.scratch import scratch
 
 MAX_POSITION = (1 << 32) - 1
@@ -76,35 +77,45 @@ class KVTransform:
                    digest.intdigest())
 
     def forward(self, x: torch.Tensor, position: int) -> torch.Tensor:
-        """Planes ``x [P, T, C]`` -> coordinates ``[P, T, C]`` float32, in a scratch
+        """Planes ``x [P, T, C]`` -> coordinates ``[P, T, C]`` in MATMUL_DTYPE, in a scratch
         buffer of this thread (valid until its next ``forward``)."""
-        rows = scratch("transform_in", x.shape, torch.float32)
-        rows.copy_(x)
-        rotate_keys(rows, position, self.inv_freq, self.num_kv_heads, inverse=True)
-        return _matmul(rows, self._forward16, scratch("transform_out", x.shape, torch.float32))
+        rows = scratch("transform_low_in", x.shape, MATMUL_DTYPE)
+        if planes_lib.usable(x.shape[-1]):  # one pass: cast, RoPE undone, rounded to bf16
+            tables = _tables(self.inv_freq, position, x.shape[1], self.num_kv_heads, inverse=True)
+            planes_lib.convert(x.contiguous(), rows, self.head_dim, tables)
+        else:
+            wide = scratch("transform_in", x.shape, torch.float32)
+            wide.copy_(x)
+            rotate_keys(wide, position, self.inv_freq, self.num_kv_heads, inverse=True)
+            rows.copy_(wide)
+        return torch.bmm(rows, self._forward16, out=scratch("transform_low_out", x.shape, MATMUL_DTYPE))
 
     def inverse(self, y: torch.Tensor, position: int, dtype: torch.dtype) -> torch.Tensor:
-        """Coordinates ``y [P, T, C]`` float32 -> planes ``[P, T, C]`` in ``dtype`` (a new tensor)."""
-        x = _matmul(y, self._inverse16, scratch("transform_out", y.shape, torch.float32))
-        rotate_keys(x, position, self.inv_freq, self.num_kv_heads, inverse=False)
-        return x.to(dtype, copy=True)
+        """Coordinates ``y [P, T, C]`` (MATMUL_DTYPE, or any float dtype) -> planes
+        ``[P, T, C]`` in ``dtype`` (a new tensor)."""
+        if y.dtype != MATMUL_DTYPE:
+            y = scratch("transform_low_in", y.shape, MATMUL_DTYPE).copy_(y)
+        product = torch.bmm(y, self._inverse16, out=scratch("transform_product", y.shape, MATMUL_DTYPE))
+        tables = _tables(self.inv_freq, position, y.shape[1], self.num_kv_heads, inverse=False)
+        if planes_lib.usable(y.shape[-1]):  # one pass: RoPE redone, cast to dtype
+            x = torch.empty(y.shape, dtype=dtype)
+            planes_lib.convert(product, x, self.head_dim, tables)
+            return x
+        wide = scratch("transform_out", y.shape, torch.float32).copy_(product)
+        _rotate(wide, tables, self.num_kv_heads)
+        return wide.to(dtype, copy=True)
+
+    @property
+    def head_dim(self) -> int:
+        return self.bases.shape[1] // self.num_kv_heads
 
 
 def rotate_keys(planes: torch.Tensor, position: int, inv_freq: torch.Tensor, num_kv_heads: int,
                 inverse: bool) -> None:
     """RoPE on the key planes (0, 2, 4, ...) of float32 ``planes [P, T, C]`` in place,
     tokens at ``position``..; ``inverse`` undoes it (pre-RoPE keys)."""
-    if not 0 <= position <= MAX_POSITION - planes.shape[1]:
-        raise ValueError(f"position {position} is out of range for {planes.shape[1]} tokens")
-    num_planes, num_tokens, channels = planes.shape
-    half = inv_freq.numel()
-    keys = planes.view(num_planes // 2, 2, num_tokens, channels)[:, 0]  # [L, T, C]
-    cos, sin = _tables(inv_freq, position, num_tokens, num_kv_heads, inverse)
-    halves = keys.view(num_planes // 2, num_tokens, num_kv_heads, 2, half)
-    swapped = scratch("transform_rope", keys.shape, torch.float32)  # (x2, x1) per head
-    swapped.view(halves.shape)[..., 0, :].copy_(halves[..., 1, :])
-    swapped.view(halves.shape)[..., 1, :].copy_(halves[..., 0, :])
-    keys.mul_(cos).addcmul_(swapped, sin)  # x*cos + rotate_half(x)*sin, sin signed
+    tables = _tables(inv_freq, position, planes.shape[1], num_kv_heads, inverse)
+    _rotate(planes, tables, num_kv_heads)
 
 
 def column_groups(channels: int) -> tuple[int, ...]:
@@ -120,6 +131,8 @@ def _tables(inv_freq: torch.Tensor, position: int, num_tokens: int, num_heads: i
     The angles are the engine's (fp32 positions x frequencies); rotate_half
     negates the first half, and the inverse rotation negates the angle.
     """
+    if not 0 <= position <= MAX_POSITION - num_tokens:
+        raise ValueError(f"position {position} is out of range for {num_tokens} tokens")
     positions = torch.arange(position, position + num_tokens, dtype=torch.float32)
     angles = positions[:, None] * inv_freq[None, :]  # [T, D/2]
     cos, sin = angles.cos(), angles.sin()
@@ -128,9 +141,14 @@ def _tables(inv_freq: torch.Tensor, position: int, num_tokens: int, num_heads: i
     return cos.repeat(1, 2 * num_heads), signed_sin.repeat(1, num_heads)
 
 
-def _matmul(rows: torch.Tensor, basis16: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``rows [P, T, C]`` float32 @ ``basis16 [P, C, C]`` -> ``out`` float32."""
-    low = scratch("transform_low_in", rows.shape, MATMUL_DTYPE)
-    low.copy_(rows)
-    product = torch.bmm(low, basis16, out=scratch("transform_low_out", rows.shape, MATMUL_DTYPE))
-    return out.copy_(product)
+def _rotate(planes: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], num_kv_heads: int) -> None:
+    """``x * cos + swap_halves(x) * sin`` on the key planes of float32 ``planes`` in place."""
+    num_planes, num_tokens, channels = planes.shape
+    cos, sin = tables
+    half = channels // num_kv_heads // 2
+    keys = planes.view(num_planes // 2, 2, num_tokens, channels)[:, 0]  # [L, T, C]
+    halves = keys.view(num_planes // 2, num_tokens, num_kv_heads, 2, half)
+    swapped = scratch("transform_rope", keys.shape, torch.float32)  # (x2, x1) per head
+    swapped.view(halves.shape)[..., 0, :].copy_(halves[..., 1, :])
+    swapped.view(halves.shape)[..., 1, :].copy_(halves[..., 0, :])
+    keys.mul_(cos).addcmul_(swapped, sin)  # x*cos + rotate_half(x)*sin, sin signed

@@ -69,6 +69,6 @@ def test_plane_bases_are_principal_axes_of_pre_rope_rows_and_round_trip_a_profil
     shape = (arch.num_layers, arch.num_kv_heads, arch.head_dim)
     transform = load_profile(path, shape).transform
     assert transform is not None and torch.allclose(transform.bases, bases, atol=2e-3)
-    rows = transform.forward(kv.reshape(planes, len(CONTEXT), channels), 0)
+    rows = transform.forward(kv.reshape(planes, len(CONTEXT), channels), 0).float()
     variance = (rows - rows.mean(1, keepdim=True)).pow(2).mean(1)  # [P, C], largest axis first
     assert bool((variance[:, :-1] >= variance[:, 1:] - 1e-3 * variance[:, :1]).all())

@@ -133,6 +133,22 @@ def test_crafted_stream_with_bad_side_info_is_rejected():
         codec.decode(crafted, LAYOUT)
 
 
+def test_crafted_stream_with_an_anchor_coded_against_an_anchor_is_rejected():
+    """Anchors are coded against zero or the mean; one that names an anchor as its
+    reference has nothing to refer to: CodecError on every decode path."""
+    from kvstore.codec.sections import compress, decompress
+    from kvstore.codec.stream import pack_stream, unpack_stream
+
+    codec = get_codec("L1")
+    info = unpack_stream(STREAMS["L1"], LAYOUT, codec.codec_id)
+    side = bytearray(decompress(info.sections[0], _side_size(23), "side"))
+    planes, channels = LAYOUT.num_layers * 2, LAYOUT.num_kv_heads * LAYOUT.head_dim
+    side[planes * channels * 2 + planes * 23 * 2 + 10] = 2  # plane 0, token 10 (an anchor): REF_ANCHOR
+    crafted = pack_stream(codec.codec_id, LAYOUT, 23, 10, [compress(bytes(side)), *info.sections[1:]])
+    with pytest.raises(CodecError, match="anchor row that refers to an anchor"):
+        codec.decode(crafted, LAYOUT)
+
+
 def test_huge_declared_token_count_is_rejected_before_allocating():
     from kvstore.codec.stream import pack_stream, unpack_stream
 
