@@ -35,7 +35,6 @@ from kvstore.codec.hint import NO_HINT, EncodeHint
 from kvstore.codec.levels import LevelSpec
 from kvstore.codec.packing import check_widths, pack_groups, packed_size, unpack_groups
 from kvstore.codec.profile import profile_for
-from kvstore.codec.scratch import scratch
 from kvstore.codec.quantize import (
     MAX_EXP,
     MIN_EXP,
@@ -44,6 +43,7 @@ from kvstore.codec.quantize import (
     dequantize,
     quantize,
 )
+from kvstore.codec.scratch import scratch
 from kvstore.codec.sections import compress, decompress, read_tensor, tensor_section
 from kvstore.codec.stream import pack_stream, unpack_stream
 from kvstore.codec.transform import MATMUL_DTYPE, MAX_POSITION, KVTransform, column_groups

@@ -93,17 +93,18 @@ def dequantize(q: Quantized, group_size: int, dtype: torch.dtype, into_scratch: 
     ``q.symbols[rows[p * T + t]]`` (the stream's order, cachegen.py).
     """
     shape = (*q.step_exps.shape, q.symbols.shape[-1])
-    if rows is None:
-        rows = torch.arange(shape[0] * shape[1])
+    if bool((q.refs[:, ::group_size] == REF_ANCHOR).any()) or bool((q.refs > REF_ANCHOR).any()):
+        raise ValueError("refs hold an anchor row coded against an anchor, or an unknown kind")
     symbols = q.symbols.reshape(-1, shape[-1])
     steps = exp_steps(q.step_exps)
     if planes_lib.usable(shape[-1]):
         out = _output(shape, dtype, into_scratch)
-        if not planes_lib.dequantize(symbols.contiguous(), rows, q.mean.float(), steps,
-                                     q.refs.contiguous(), group_size, out):
-            raise ValueError("refs hold an anchor row that refers to an anchor, or an unknown kind")
+        where = torch.arange(shape[0] * shape[1]) if rows is None else rows
+        planes_lib.dequantize(symbols.contiguous(), where, q.mean.float(), steps, q.refs.contiguous(),
+                              group_size, out)
         return out
-    x = _dequantize_wide(symbols.index_select(0, rows).view(shape), q, steps, group_size)
+    in_planes = symbols if rows is None else symbols.index_select(0, rows)
+    x = _dequantize_wide(in_planes.view(shape), q, steps, group_size)
     if into_scratch and dtype == torch.float32:
         return x
     return _output(shape, dtype, into_scratch).copy_(x)

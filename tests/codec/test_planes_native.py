@@ -81,8 +81,12 @@ def test_dequantize_matches_torch(monkeypatch, kernels, dtype, shape, group):
     _assert_close(native, twin, dtype)
 
 
-def test_dequantize_refuses_an_anchor_coded_against_an_anchor():
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_dequantize_refuses_an_anchor_coded_against_an_anchor(monkeypatch, path):
+    if path == "torch":
+        _torch_path(monkeypatch)
     q = _quantized(2, 20, 8, 10, seed=0)
+    dequantize(q, 10, torch.float32)
     q.refs[1, 10] = REF_ANCHOR
     with pytest.raises(ValueError, match="anchor"):
         dequantize(q, 10, torch.float32)

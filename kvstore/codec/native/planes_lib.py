@@ -34,18 +34,18 @@ def usable(channels: int) -> bool:
 
 
 def dequantize(symbols: torch.Tensor, where: torch.Tensor, mean: torch.Tensor, steps: torch.Tensor,
-               refs: torch.Tensor, group_size: int, out: torch.Tensor) -> bool:
+               refs: torch.Tensor, group_size: int, out: torch.Tensor) -> None:
     """Rows of ``out [P, T, C]`` as quantize.dequantize builds them, from ``symbols [R, C]``
     int8 in stream order (row (p, t) is ``symbols[where[p * T + t]]``), ``mean [P, C]`` and
-    ``steps [P, T]`` float32, ``refs [P, T]`` uint8. False if a ref cannot be decoded (an
-    anchor row that refers to an anchor, or an unknown kind)."""
+    ``steps [P, T]`` float32, ``refs [P, T]`` uint8 (valid: the caller checked them)."""
     planes, tokens, channels = out.shape
     _check(out, symbols, where, mean, steps, refs)
     assert symbols.shape[1] == channels and where.numel() == planes * tokens
     status = _lib().kv_dequantize(symbols.data_ptr(), where.data_ptr(), mean.data_ptr(),
                                   steps.data_ptr(), refs.data_ptr(), planes, tokens, channels,
                                   group_size, out.data_ptr(), KINDS[out.dtype])
-    return status == 0
+    if status != 0:
+        raise ValueError("refs hold an anchor row coded against an anchor, or an unknown kind")
 
 
 def convert(src: torch.Tensor, out: torch.Tensor, head_dim: int,
