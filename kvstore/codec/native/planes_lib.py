@@ -41,6 +41,8 @@ def dequantize(symbols: torch.Tensor, where: torch.Tensor, mean: torch.Tensor, s
     planes, tokens, channels = out.shape
     _check(out, symbols, where, mean, steps, refs)
     assert symbols.shape[1] == channels and where.numel() == planes * tokens
+    assert where.dtype == torch.int64 and (where.numel() == 0 or (
+        int(where.min()) >= 0 and int(where.max()) < symbols.shape[0])), "rows out of range"
     status = _lib().kv_dequantize(symbols.data_ptr(), where.data_ptr(), mean.data_ptr(),
                                   steps.data_ptr(), refs.data_ptr(), planes, tokens, channels,
                                   group_size, out.data_ptr(), KINDS[out.dtype])
