@@ -38,7 +38,9 @@ class LevelSet:
     def from_factory(cls, names: Sequence[str] | None = None, transform: bool = True) -> "LevelSet":
         """Codecs from ``kvstore.codec.factory`` (all levels unless ``names``)."""
         from kvstore.codec.factory import default_level, get_codec, level_names
+        from kvstore.codec.native import load_all
 
+        load_all()  # compile the codec kernels at startup, not inside the first request
         chosen = list(names) if names is not None else level_names()
         return cls({name: get_codec(name, transform=transform) for name in chosen}, default_level())
 

@@ -19,7 +19,10 @@ the decoder undoes exactly the rotation the encoder applied.
 
 Rows are ``[T, C]`` per plane, planes layer-major with K before V; both
 directions are one batched matmul plus, for keys, the RoPE rotation
-(``rotate_half`` convention, the engine's).
+(``rotate_half`` convention, the engine's). With the codec kernels loaded
+(native/planes.c) the rotation and the casts on each side of the matmul are
+one pass over the rows (decode 42 vs 75 ms per 1024-token SmolLM2 chunk); the
+torch path gives the same tensors.
 """
 
 from __future__ import annotations

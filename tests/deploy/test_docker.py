@@ -236,3 +236,13 @@ def _make_pki(tmp_path: Path):
     client = write("client", issue("client", client_key, ca_cert.subject, ca_key), client_key)
     ca_path, _ = write("ca", ca_cert, ca_key)
     return ca_path, server, client
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_runtime_stage_has_a_c_compiler_for_the_native_kernels(name):
+    """The kernels (engine, kvstore, codec) compile on the machine that runs them; an image
+    without cc silently runs the ~2x slower torch/numpy fallbacks."""
+    steps = _instructions(name)
+    last_from = max(i for i, (k, _) in enumerate(steps) if k == "FROM")
+    runs = " ".join(v for k, v in steps[last_from:] if k == "RUN")
+    assert re.search(r"apt-get install[^&]*\bgcc\b[^&]*\blibc6-dev\b", runs), runs

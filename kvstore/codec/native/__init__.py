@@ -4,3 +4,11 @@ Each kernel has a torch/numpy twin that gives the same bytes and tensors; the
 twins run when no compiler is available, off x86-64, or with the kernel's
 environment switch set to 0.
 """
+
+
+def load_all() -> bool:
+    """Compile (once per machine) and load every codec kernel now, rather than on the
+    first chunk a worker encodes (~1-2 s per kernel file); True if all loaded."""
+    from kvstore.codec.native import packing_lib, planes_lib
+
+    return planes_lib.available() and packing_lib.available()
