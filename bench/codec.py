@@ -55,11 +55,19 @@ def synthetic_chunks(num_tokens: int):
     return [c.contiguous() for c in kv.split(CHUNK_TOKENS, dim=2)], layout, "SYNTHETIC KV"
 
 
-def time_best(fn, repeats: int) -> float:
+def time_best(fn, inputs, repeats: int) -> float:
+    """Best of ``repeats`` passes of ``fn`` over ``inputs``, each result dropped at once.
+
+    The system consumes a chunk before the next (the receiver writes decoded KV into
+    the paged cache and lets it go), so the results are not kept: a list of them
+    would time page faults on fresh 23.6 MB tensors instead (measured on 4 chunks,
+    transformed L0 decode: 487 MB/s kept vs 593 dropped, the same for every codec).
+    """
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        for item in inputs:
+            fn(*item)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -69,8 +77,8 @@ def measure_codec(name: str, chunks, layout, repeats: int, transform: bool = Tru
     hints = [EncodeHint(position=i * CHUNK_TOKENS) for i in range(len(chunks))]
     streams = [codec.encode(c, layout, h) for c, h in zip(chunks, hints)]  # warm-up, and the sizes
     mb = sum(c.numel() * 2 for c in chunks) / 1e6
-    enc = time_best(lambda: [codec.encode(c, layout, h) for c, h in zip(chunks, hints)], repeats)
-    dec = time_best(lambda: [codec.decode(s, layout) for s in streams], repeats)
+    enc = time_best(lambda c, h: codec.encode(c, layout, h), list(zip(chunks, hints)), repeats)
+    dec = time_best(lambda s: codec.decode(s, layout), [(s,) for s in streams], repeats)
     size = sum(len(s) for s in streams)
     return {"encode_mb_s": mb / enc, "decode_mb_s": mb / dec,
             "bits_per_element": size * 8 / sum(c.numel() for c in chunks),
@@ -82,8 +90,8 @@ def measure_zstd(chunks, repeats: int) -> dict:
     raw = [c.numpy().tobytes() for c in chunks]
     frames = [comp.compress(r) for r in raw]
     mb = sum(len(r) for r in raw) / 1e6
-    enc = time_best(lambda: [comp.compress(r) for r in raw], repeats)
-    dec = time_best(lambda: [decomp.decompress(f) for f in frames], repeats)
+    enc = time_best(comp.compress, [(r,) for r in raw], repeats)
+    dec = time_best(decomp.decompress, [(f,) for f in frames], repeats)
     return {"zstd_mb_s": mb / enc, "zstd_decompress_mb_s": mb / dec,
             "zstd_ratio_vs_fp16": mb * 1e6 / sum(len(f) for f in frames)}
 
