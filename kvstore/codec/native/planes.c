@@ -1,10 +1,12 @@
 /* Row passes of the level codecs over planes [P, T, C], one pass each, in C.
  *
- * The torch twins (quantize.dequantize, transform.KVTransform) make several
- * passes over ~12M elements per 1024-token chunk: int8 -> float32, the
- * reference fix-ups, RoPE through a swapped copy, and dtype conversions on each
- * side of the basis matmul. Here each row is built in a small float buffer that
- * stays in L1 and is written once, in the dtype the next stage wants.
+ * The torch twins (quantize.py, transform.KVTransform) make several passes
+ * over ~12M elements per 1024-token chunk: int8 -> float32, the reference
+ * fix-ups, RoPE through a swapped copy, dtype conversions on each side of the
+ * basis matmul, and amax / amin / divide / round / clamp / cast to quantize.
+ * Here each row is built in a small float buffer that stays in L1 and is
+ * written once, in the dtype the next stage wants (decode of a transformed
+ * SmolLM2 chunk: 75 -> 42 ms with packing.c; encode 136 -> 95 ms).
  *
  * Results match the torch twins bit for bit on the torch build we pin: the same
  * float32 operations in the same order, fused where torch's vectorised addcmul
