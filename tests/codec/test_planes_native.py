@@ -93,7 +93,8 @@ def test_dequantize_refuses_an_anchor_coded_against_an_anchor(monkeypatch, path)
 
 
 @pytest.mark.parametrize("src,dst", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16),
-                                     (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+                                     (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                     (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("inverse", [False, True])
 def test_convert_with_rope_matches_torch(kernels, src, dst, inverse):
     gen = torch.Generator().manual_seed(2)
@@ -136,15 +137,17 @@ def test_convert_refuses_a_head_dim_that_does_not_fit():
 
 @pytest.mark.parametrize("name", ["L0", "L5", "int8"])
 @pytest.mark.parametrize("transform", [True, False])
-def test_streams_and_decodes_match_the_torch_path(monkeypatch, name, transform):
-    kv = structured_kv(SMOLLM2, num_tokens=45, seed=4)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_streams_and_decodes_match_the_torch_path(monkeypatch, name, transform, dtype):
+    layout = SMOLLM2.with_dtype(dtype)
+    kv = structured_kv(layout, num_tokens=45, seed=4)
     codec = get_codec(name, transform=transform)
     hint = EncodeHint(position=1000)
-    stream = codec.encode(kv, SMOLLM2, hint)
-    decoded = codec.decode(stream, SMOLLM2)
+    stream = codec.encode(kv, layout, hint)
+    decoded = codec.decode(stream, layout)
     _torch_path(monkeypatch)
-    assert codec.encode(kv, SMOLLM2, hint) == stream
-    _assert_close(decoded, codec.decode(stream, SMOLLM2), kv.dtype)
+    assert codec.encode(kv, layout, hint) == stream
+    _assert_close(decoded, codec.decode(stream, layout), kv.dtype)
 
 
 def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
