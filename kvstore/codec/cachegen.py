@@ -38,10 +38,10 @@ from kvstore.codec.profile import profile_for
 from kvstore.codec.quantize import (
     MAX_EXP,
     MIN_EXP,
-    REF_ANCHOR,
     Quantized,
     dequantize,
     quantize,
+    refs_problem,
 )
 from kvstore.codec.scratch import scratch
 from kvstore.codec.sections import compress, decompress, read_tensor, tensor_section
@@ -183,10 +183,9 @@ def _read_symbols(packed_section, escape_section, num_rows: int, bounds: tuple[i
 
 def _check_side_info(mean, exps, refs, group_size: int) -> None:
     """A stream that passed its checksum can still be hand-made: refuse nonsense values."""
-    if bool((refs > REF_ANCHOR).any()):
-        raise CodecError("refs section holds an unknown reference kind")
-    if bool((refs[:, ::group_size] == REF_ANCHOR).any()):
-        raise CodecError("refs section has an anchor row that refers to an anchor")
+    problem = refs_problem(refs, group_size)
+    if problem is not None:
+        raise CodecError(problem)
     if not bool(torch.isfinite(mean).all()):
         raise CodecError("side info holds non-finite means")
     if bool(((exps < MIN_EXP) | (exps > MAX_EXP)).any()):

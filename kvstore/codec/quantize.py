@@ -93,8 +93,9 @@ def dequantize(q: Quantized, group_size: int, dtype: torch.dtype, into_scratch: 
     ``q.symbols[rows[p * T + t]]`` (the stream's order, cachegen.py).
     """
     shape = (*q.step_exps.shape, q.symbols.shape[-1])
-    if bool((q.refs[:, ::group_size] == REF_ANCHOR).any()) or bool((q.refs > REF_ANCHOR).any()):
-        raise ValueError("refs hold an anchor row coded against an anchor, or an unknown kind")
+    problem = refs_problem(q.refs, group_size)
+    if problem is not None:
+        raise ValueError(problem)
     symbols = q.symbols.reshape(-1, shape[-1])
     steps = exp_steps(q.step_exps)
     if planes_lib.usable(shape[-1]):
@@ -108,6 +109,16 @@ def dequantize(q: Quantized, group_size: int, dtype: torch.dtype, into_scratch: 
     if into_scratch and dtype == torch.float32:
         return x
     return _output(shape, dtype, into_scratch).copy_(x)
+
+
+def refs_problem(refs: torch.Tensor, group_size: int) -> str | None:
+    """Why references ``refs [P, T]`` cannot be decoded, or None. Anchors are coded
+    against zero or the mean; one naming an anchor has nothing to refer to."""
+    if bool((refs > REF_ANCHOR).any()):
+        return "refs section holds an unknown reference kind"
+    if bool((refs[:, ::group_size] == REF_ANCHOR).any()):
+        return "refs section has an anchor row that refers to an anchor"
+    return None
 
 
 def _output(shape, dtype: torch.dtype, into_scratch: bool) -> torch.Tensor:
