@@ -196,8 +196,8 @@ def _pack_numpy(symbols: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray
 
 def _unpack_groups_numpy(packed: np.ndarray, escapes: np.ndarray, widths: bytes, num_rows: int,
                          bounds: tuple[int, ...]) -> np.ndarray:
-    """:func:`unpack_groups` once the byte count is checked."""
-    if len(bounds) == 2:  # no copy at width 8
+    """:func:`unpack_groups` once the byte count is checked (and not one width-8 group)."""
+    if len(bounds) == 2:  # one group: its symbols are the rows, no copy into them
         symbols, used = _unpack_prefix(packed, num_rows * bounds[1], widths[0], escapes)
         _check_all_used(used, escapes)
         return symbols.reshape(num_rows, bounds[-1])

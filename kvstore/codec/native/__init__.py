@@ -1,9 +1,12 @@
 """C kernels of the level codecs, compiled once per machine (see :mod:`kvcluster.native`).
 
 Each kernel has a torch/numpy twin that gives the same bytes and tensors; the
-twins run when no compiler is available, off x86-64, or with the kernel's
-environment switch set to 0.
+twins run when no compiler is available, off x86-64, or with the switch
+below set to 0.
 """
+
+DISABLE_ENV = "KVSTORE_CODEC_NATIVE"
+"""``KVSTORE_CODEC_NATIVE=0`` keeps every codec kernel unloaded (the twins run)."""
 
 
 def load_all() -> bool:

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from kvcluster.native import load_library
+from kvstore.codec.native import DISABLE_ENV
 
 SOURCE = Path(__file__).with_name("packing.c")
 FLAGS = ("-O3", "-march=native")
-DISABLE_ENV = "KVSTORE_CODEC_NATIVE"
 ERR_ESCAPES, ERR_ARGS = -1, -2
 
 

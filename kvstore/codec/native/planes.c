@@ -29,6 +29,9 @@ enum { REF_ZERO = 0, REF_MEAN = 1, REF_ANCHOR = 2 };
 
 static const long ELEMENT_BYTES[3] = {4, 2, 2};
 
+/* The longest row (C = kv_heads * head_dim) the kernels' stack buffers hold. */
+long kv_max_channels(void) { return MAX_CHANNELS; }
+
 /* ------------------------------------------------------------ conversions */
 
 static inline float bf16_to_f32(uint16_t h) {

@@ -14,14 +14,12 @@ from pathlib import Path
 import torch
 
 from kvcluster.native import load_library
+from kvstore.codec.native import DISABLE_ENV
 
 SOURCE = Path(__file__).with_name("planes.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off")
 """No implicit FMA contraction: the kernels fuse (fmaf) exactly where torch's kernels do."""
-DISABLE_ENV = "KVSTORE_CODEC_NATIVE"
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-MAX_CHANNELS = 8192
-"""Row length the kernels' stack buffers hold (planes.c)."""
 
 
 def available() -> bool:
@@ -30,7 +28,7 @@ def available() -> bool:
 
 def usable(channels: int) -> bool:
     """The kernels can take rows of ``channels`` (C = kv_heads * head_dim) here."""
-    return channels <= MAX_CHANNELS and available()
+    return available() and channels <= _lib().kv_max_channels()
 
 
 def dequantize(symbols: torch.Tensor, where: torch.Tensor, mean: torch.Tensor, steps: torch.Tensor,
@@ -113,6 +111,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the kernels' signatures on a loaded planes.c (tests load other builds)."""
     p, n, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     for name, restype, argtypes in (
+            ("kv_max_channels", n, []),
             ("kv_dequantize", i, [p, p, p, p, p, n, n, n, n, p, i]),
             ("kv_convert_planes", i, [p, i, p, i, n, n, n, n, p, p]),
             ("kv_row_peaks", None, [p, n, n, n, n, p]),
