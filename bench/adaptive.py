@@ -397,10 +397,10 @@ def _source(data: dict, levels):
 
 def _levels(transform: bool = True):
     """The codec's levels; their encoders follow ``codec.transform`` (decoders read both)."""
-    from kvcluster.transfer.levels import LevelSet
+    from kvstore.codec.factory import level_set
 
     label = "kvstore.codec" + ("" if transform else " (transform off)")
-    return LevelSet.from_factory(transform=transform), label
+    return level_set(transform=transform), label
 
 
 def _runner(num_tokens: int):

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from bench.common import parse_args, print_table, write_json
 from kvcluster.common.config import ClusterConfig, from_dict
 from kvcluster.common.sampling import SamplingParams
+from kvstore.codec.factory import level_set
 
 
 def main() -> None:
@@ -65,9 +66,9 @@ def _conversation(tokenizer, num_tokens: int) -> list[int]:
 
 def bench_ttft(quick: bool) -> dict:
     from decode_worker.worker import DecodeWorker
+    from kvcluster.common.tasks import DecodeTask, PrefillTask
     from kvcluster.engine.models import resolve_model
     from kvcluster.engine.tokenizer import Tokenizer
-    from kvcluster.runtime.tasks import DecodeTask, PrefillTask
     from prefill_worker.worker import PrefillWorker
 
     tokenizer = Tokenizer.from_pretrained(resolve_model("smollm2"))
@@ -172,7 +173,6 @@ def bench_object_store(quick: bool) -> dict:
 
     from kvcluster.common.layout import KVLayout
     from kvcluster.runtime.pools import init_local_ray
-    from kvcluster.transfer.levels import LevelSet
     from kvcluster.transfer.receiver import KVReceiver
     from kvcluster.transfer.sender import KVSender
     from kvcluster.transfer.server import TransferServer
@@ -198,7 +198,7 @@ def bench_object_store(quick: bool) -> dict:
     ray_s = time.perf_counter() - began
     ray.shutdown()
 
-    levels = LevelSet.from_factory(["lossless"])
+    levels = level_set(["lossless"])
 
     async def via_grpc() -> float:
         receiver = KVReceiver(layout, levels, lambda header: TensorSink(layout, header.token_ids))

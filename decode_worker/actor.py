@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 
-from kvcluster.common.config import ClusterConfig, from_dict
-from kvcluster.runtime.pools import worker_config_digest
-from kvcluster.runtime.relay import drain
-from kvcluster.runtime.tasks import DecodeTask
-from kvcluster.server.log_tail import install_worker_logging
-from kvcluster.server.metrics import MetricsEndpoint, advertised
 from decode_worker.worker import DecodeWorker
+from kvcluster.common.config import ClusterConfig, from_dict, worker_config_digest
+from kvcluster.common.tasks import DecodeTask
+from kvcluster.observability.log_tail import install_worker_logging
+from kvcluster.observability.metrics import MetricsEndpoint, advertised
+from kvcluster.worker.relay import drain
 
 
 class DecodeActor:

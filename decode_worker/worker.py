@@ -22,20 +22,20 @@ from typing import AsyncIterator
 import torch
 
 from kvcluster.common.config import ClusterConfig
+from kvcluster.common.tasks import DecodeStep, DecodeTask, OverloadedError
 from kvcluster.engine.llm_engine import LLMEngine, StepOutput
 from kvcluster.engine.runner import ModelRunner
 from kvcluster.engine.sequence import Sequence
-from kvcluster.runtime.node import WorkerNode
-from kvcluster.runtime.tasks import DecodeStep, DecodeTask, OverloadedError
-from kvcluster.server.logs import request_context
-from kvcluster.server.metrics import WorkerMetrics
-from kvcluster.transfer.levels import LevelSet
+from kvcluster.observability.logs import request_context
+from kvcluster.observability.metrics import WorkerMetrics
 from kvcluster.transfer.messages import StreamHeader
 from kvcluster.transfer.paged_sink import PagedCacheSink
 from kvcluster.transfer.receiver import KVReceiver
 from kvcluster.transfer.security import ServerSecurity
 from kvcluster.transfer.server import TransferServer
 from kvcluster.transfer.sink import RecomputeSpeed
+from kvcluster.worker.node import WorkerNode
+from kvstore.codec.factory import level_set
 from router.event_bus import EventBus
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class DecodeWorker:
         self.node = WorkerNode(config, instance_id, "decode", runner, bus)
         self.engine = LLMEngine(self.node.runner)
         self.speed = RecomputeSpeed()
-        self.receiver = KVReceiver(self.node.layout, LevelSet.from_factory(), self._open_sink,
+        self.receiver = KVReceiver(self.node.layout, level_set(), self._open_sink,
                                    config.transfer, self.speed)
         self.server = TransferServer(self.receiver, config.transfer,
                                      ServerSecurity.from_config(config.security))

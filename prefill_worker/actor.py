@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 
-from kvcluster.common.config import ClusterConfig, from_dict
-from kvcluster.runtime.pools import worker_config_digest
-from kvcluster.runtime.relay import drain
-from kvcluster.runtime.tasks import PrefillResult, PrefillTask
-from kvcluster.server.log_tail import install_worker_logging
-from kvcluster.server.metrics import MetricsEndpoint, advertised
+from kvcluster.common.config import ClusterConfig, from_dict, worker_config_digest
+from kvcluster.common.tasks import PrefillResult, PrefillTask
+from kvcluster.observability.log_tail import install_worker_logging
+from kvcluster.observability.metrics import MetricsEndpoint, advertised
+from kvcluster.worker.relay import drain
 from prefill_worker.worker import PrefillWorker
 
 

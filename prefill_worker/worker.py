@@ -20,16 +20,16 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from kvcluster.common.config import ClusterConfig
+from kvcluster.common.tasks import OverloadedError, PrefillResult, PrefillTask
 from kvcluster.engine.attention_importance import prefill_with_importance
 from kvcluster.engine.runner import ModelRunner
 from kvcluster.engine.sequence import Sequence
-from kvcluster.runtime.node import WorkerNode
-from kvcluster.runtime.tasks import OverloadedError, PrefillResult, PrefillTask
-from kvcluster.server.logs import request_context
-from kvcluster.server.metrics import TransferMetrics, WorkerMetrics
-from kvcluster.transfer.levels import sender_levels
+from kvcluster.observability.logs import request_context
+from kvcluster.observability.metrics import TransferMetrics, WorkerMetrics
 from kvcluster.transfer.sender import KVSender
 from kvcluster.transfer.source import ChunkSource
+from kvcluster.worker.node import WorkerNode
+from kvstore.codec.factory import sender_levels
 from kvstore.codec.hint import chunk_hints
 from router.event_bus import EventBus
 

@@ -7,6 +7,8 @@ so ``kvcluster config check FILE`` can point at the line to fix.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -417,6 +419,16 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
 
 def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
+
+
+FRONT_END_SECTIONS = ("router", "limits")
+"""Config sections only front ends read: replicas may differ there (ports)."""
+
+
+def worker_config_digest(config: ClusterConfig) -> str:
+    """SHA-256 over every config section the workers read."""
+    sections = {k: v for k, v in to_dict(config).items() if k not in FRONT_END_SECTIONS}
+    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
 
 
 def _validate_tree(obj: Any, path: str) -> None:

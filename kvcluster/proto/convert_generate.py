@@ -1,6 +1,6 @@
 """The one place where ``generate_pb2`` messages meet our own request and event types.
 
-Both the front end (router/frontend*.py) and the client SDK (kvcluster/client)
+Both the front end (kvcluster/server/frontend*.py) and the client SDK (kvcluster/client)
 convert here; ``tests/frontend/test_convert_generate.py`` checks round trips.
 Functions named ``*_from_proto`` raise ``ValueError`` with a clear message for
 values no request may carry (the front end answers INVALID_ARGUMENT).

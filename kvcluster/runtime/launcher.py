@@ -19,11 +19,15 @@ from dataclasses import replace
 from kvcluster.common.config import ClusterConfig
 from kvcluster.engine.models import resolve_model
 from kvcluster.engine.tokenizer import Tokenizer
-from kvcluster.runtime.node import hash_settings
+from kvcluster.observability.metrics import (
+    FrontendMetrics,
+    MetricsEndpoint,
+    RouterMetrics,
+)
 from kvcluster.runtime.pools import WorkerPools, init_local_ray
-from kvcluster.server.metrics import FrontendMetrics, MetricsEndpoint, RouterMetrics
-from router.cluster_backend import RayClusterBackend
-from router.frontend import serve_frontend
+from kvcluster.server.cluster_backend import RayClusterBackend
+from kvcluster.server.frontend import serve_frontend
+from kvcluster.worker.node import hash_settings
 from router.router import Router, build_router
 
 log = logging.getLogger(__name__)

@@ -15,28 +15,16 @@ section the workers read) and refuses to start otherwise.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 
-from kvcluster.common.config import ClusterConfig, to_dict
+from kvcluster.common.config import ClusterConfig, to_dict, worker_config_digest
 
 log = logging.getLogger(__name__)
 
 PREFILL, DECODE = "prefill", "decode"
 NAMESPACE = "kvcluster"
-FRONT_END_SECTIONS = ("router", "limits")
-"""Config sections only front ends read: replicas may differ there (ports)."""
-
-
-def worker_config_digest(config: ClusterConfig) -> str:
-    """SHA-256 over every config section the workers read."""
-    sections = {k: v for k, v in to_dict(config).items() if k not in FRONT_END_SECTIONS}
-    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
-
-
 class PoolConfigMismatch(RuntimeError):
     """Running pools were started with another worker config."""
 

@@ -8,7 +8,7 @@ import os
 import signal
 
 from kvcluster.common.config import ClusterConfig, load_config
-from kvcluster.server.logs import configure_logging
+from kvcluster.observability.logs import configure_logging
 
 log = logging.getLogger(__name__)
 

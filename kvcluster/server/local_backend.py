@@ -27,8 +27,15 @@ from kvcluster.common.config import ClusterConfig
 from kvcluster.common.requests import FinalEvent, GenerateRequest, TokenEvent
 from kvcluster.engine.llm_engine import LLMEngine, StepOutput
 from kvcluster.engine.sequence import Sequence
-from router.backend import (FINISH, INTERNAL, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE,
-                            BackendError, GenerateBackend)
+from kvcluster.server.backend import (
+    FINISH,
+    INTERNAL,
+    INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    BackendError,
+    GenerateBackend,
+)
 
 log = logging.getLogger("kvcluster.local_backend")
 

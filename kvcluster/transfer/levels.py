@@ -11,21 +11,23 @@ that a codec change would make stale.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping
 
 from kvcluster.transfer.messages import TEXT_LEVEL
-
 
 SIZE_ALPHA = 0.2
 """Weight of the newest chunk in a level's bytes-per-token average."""
 
 
 class LevelSet:
-    def __init__(self, codecs: Mapping[str, object], default: str | None = None):
+    def __init__(self, codecs: Mapping[str, object], default: str | None = None,
+                 hint_at: Callable[[int], object] | None = None):
         """
         Args:
             codecs: level name -> ``KVCodec``, best quality first.
             default: the codec's default level (the probe level); None: the middle one.
+            hint_at: the codecs' encode hint for a chunk starting at a token position,
+                used when the sender has no hint of its own; None: no hint.
         """
         if not codecs:
             raise ValueError("LevelSet needs at least one codec")
@@ -33,16 +35,7 @@ class LevelSet:
         self.names: list[str] = list(codecs)
         self.default = default if default in self._codecs else self.names[len(self.names) // 2]
         self._bytes_per_token: dict[str, float] = {}
-
-    @classmethod
-    def from_factory(cls, names: Sequence[str] | None = None, transform: bool = True) -> "LevelSet":
-        """Codecs from ``kvstore.codec.factory`` (all levels unless ``names``)."""
-        from kvstore.codec.factory import default_level, get_codec, level_names
-        from kvstore.codec.native import load_all
-
-        load_all()  # compile the codec kernels at startup, not inside the first request
-        chosen = list(names) if names is not None else level_names()
-        return cls({name: get_codec(name, transform=transform) for name in chosen}, default_level())
+        self._hint_at = hint_at
 
     @property
     def best(self) -> str:
@@ -57,6 +50,10 @@ class LevelSet:
             return self._codecs[name]
         except KeyError:
             raise ValueError(f"unknown level {name!r}; known: {self.names}") from None
+
+    def hint_at(self, position: int):
+        """The default encode hint of a chunk whose first token is at ``position``."""
+        return self._hint_at(position) if self._hint_at is not None else None
 
     def observe_size(self, name: str, num_tokens: int, num_bytes: int) -> None:
         """A chunk of ``num_tokens`` tokens was encoded at level ``name`` in ``num_bytes``."""
@@ -83,25 +80,3 @@ class LevelSet:
 
     def __len__(self) -> int:
         return len(self.names)
-
-
-def sender_levels(best_level: str = "", policy: str = "", transform: bool = True) -> LevelSet:
-    """The codec levels a sender may choose from, capped at ``best_level``.
-
-    Args:
-        best_level: "" for every level, "default" for the codec's default level,
-            or a level name; levels better than it are left out.
-        policy: a fixed level named by the transfer policy stays available.
-        transform: ``codec.transform`` (kvstore/codec/transform.py).
-    """
-    from kvstore.codec.factory import default_level, level_names
-
-    names = level_names()
-    cap = default_level() if best_level == "default" else best_level
-    if cap:
-        if cap not in names:
-            raise ValueError(f"transfer.best_level {best_level!r}: not one of {names}")
-        names = names[names.index(cap):]
-    if policy in level_names() and policy not in names:
-        names = [policy, *names]
-    return LevelSet.from_factory(names, transform)

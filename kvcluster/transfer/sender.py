@@ -17,6 +17,7 @@ import itertools
 import grpc
 
 from kvcluster.common.config import TransferConfig
+from kvcluster.observability.metrics import TransferMetrics
 from kvcluster.proto import convert
 from kvcluster.transfer.bandwidth import BandwidthEstimator
 from kvcluster.transfer.heap import keep_heap_warm
@@ -27,9 +28,12 @@ from kvcluster.transfer.security import ChannelSecurity
 from kvcluster.transfer.server import INFO_METHOD, STREAM_METHOD, channel_options
 from kvcluster.transfer.shaper import Shaper
 from kvcluster.transfer.source import ChunkSource
-from kvcluster.server.metrics import TransferMetrics
 from kvcluster.transfer.stream_writer import (
-    BeforeChunk, PayloadFilter, SendResult, StreamOptions, StreamWriter,
+    BeforeChunk,
+    PayloadFilter,
+    SendResult,
+    StreamOptions,
+    StreamWriter,
 )
 
 

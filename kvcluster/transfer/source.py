@@ -14,7 +14,6 @@ from typing import Mapping, Sequence
 from kvcluster.common.layout import KVLayout
 from kvcluster.transfer.levels import LevelSet
 from kvcluster.transfer.messages import TEXT_LEVEL
-from kvstore.codec.hint import EncodeHint
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class ChunkSpec:
 class ChunkSource:
     def __init__(self, token_ids: Sequence[int], layout: KVLayout, levels: LevelSet,
                  chunk_tokens: int, kv=None, chunk_keys: Sequence[bytes] = (),
-                 hints: Sequence[EncodeHint] = ()):
+                 hints: Sequence[object] = ()):
         """
         Args:
             token_ids: every token of the request.
@@ -127,7 +126,7 @@ class ChunkSource:
             raise KeyError(f"chunk {index} at level {level!r} was not handed over encoded")
         spec = self.specs[index]
         chunk = self.kv[:, :, spec.token_start:spec.token_end].contiguous()
-        hint = self.hints[index] if self.hints else EncodeHint(position=spec.token_start)
+        hint = self.hints[index] if self.hints else self.levels.hint_at(spec.token_start)
         return self.levels.codec(level).encode(chunk, self.layout, hint)
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from kvcluster.common.config import CodecConfig
+from kvcluster.transfer.levels import LevelSet
 from kvstore.codec.base import KVCodec
 from kvstore.codec.cachegen import CacheGenCodec
+from kvstore.codec.hint import EncodeHint
 from kvstore.codec.int8 import Int8Codec
 from kvstore.codec.levels import LEVELS
 from kvstore.codec.lossless import LosslessCodec
@@ -46,3 +50,35 @@ def level_names() -> list[str]:
 def default_level() -> str:
     """The measured default level (see docs/codec.md)."""
     return DEFAULT_LEVEL
+
+
+def level_set(names: Sequence[str] | None = None, transform: bool = True) -> LevelSet:
+    """The transfer's :class:`LevelSet` of these codecs (every level unless ``names``),
+    with the default level as its probe level; the codec kernels are compiled here, at
+    startup, not inside the first request."""
+    from kvstore.codec.native import load_all
+
+    load_all()
+    chosen = list(names) if names is not None else level_names()
+    return LevelSet({name: get_codec(name, transform=transform) for name in chosen},
+                    default_level(), hint_at=lambda position: EncodeHint(position=position))
+
+
+def sender_levels(best_level: str = "", policy: str = "", transform: bool = True) -> LevelSet:
+    """The codec levels a sender may choose from, capped at ``best_level``.
+
+    Args:
+        best_level: "" for every level, "default" for the codec's default level,
+            or a level name; levels better than it are left out.
+        policy: a fixed level named by the transfer policy stays available.
+        transform: ``codec.transform`` (kvstore/codec/transform.py).
+    """
+    names = level_names()
+    cap = default_level() if best_level == "default" else best_level
+    if cap:
+        if cap not in names:
+            raise ValueError(f"transfer.best_level {best_level!r}: not one of {names}")
+        names = names[names.index(cap):]
+    if policy in level_names() and policy not in names:
+        names = [policy, *names]
+    return level_set(names, transform)

@@ -33,7 +33,7 @@ _RUNNERS: dict = {}
 def reference_tokens(config, prompt, params, stop_on_eos: bool = False) -> list[int]:
     """Greedy tokens of the same tiny model computed locally in one engine."""
     from kvcluster.engine.llm_engine import LLMEngine
-    from kvcluster.runtime.node import build_runner
+    from kvcluster.worker.node import build_runner
 
     key = (config.model.path, config.model.dtype, config.engine.block_size)
     if key not in _RUNNERS:  # one runner per model: the engine frees its blocks after each run

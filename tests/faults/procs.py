@@ -24,7 +24,7 @@ import time
 
 from kvcluster.common.config import ClusterConfig, from_dict
 from kvcluster.common.sampling import SamplingParams
-from kvcluster.runtime.tasks import DecodeTask, PrefillTask
+from kvcluster.common.tasks import DecodeTask, PrefillTask
 from kvcluster.transfer.sender import KVSender
 from kvcluster.transfer.token_bucket import TokenBucketShaper
 

@@ -15,13 +15,18 @@ from dataclasses import replace
 
 import pytest
 
-from kvcluster.common.config import ClusterConfig, EngineConfig, LimitsConfig, SecurityConfig
+from kvcluster.common.config import (
+    ClusterConfig,
+    EngineConfig,
+    LimitsConfig,
+    SecurityConfig,
+)
 from kvcluster.engine.llm_engine import LLMEngine
 from kvcluster.engine.runner import ModelRunner
 from kvcluster.engine.tiny import write_tiny_model
 from kvcluster.engine.tokenizer import Tokenizer
+from kvcluster.server.frontend import serve_frontend
 from kvcluster.server.local_backend import LocalBackend
-from router.frontend import serve_frontend
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 256

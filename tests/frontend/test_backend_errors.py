@@ -11,10 +11,10 @@ import grpc
 import pytest
 
 from kvcluster.common.requests import FinalEvent, GenerateRequest, TokenEvent
+from kvcluster.observability.logs import JsonFormatter
 from kvcluster.proto.kvcluster.v1 import generate_pb2 as pb
-from kvcluster.server.logs import JsonFormatter
-from router.backend import BackendError, GenerateBackend
-from router.frontend import serve_frontend
+from kvcluster.server.backend import BackendError, GenerateBackend
+from kvcluster.server.frontend import serve_frontend
 from tests.frontend.conftest import make_config
 from tests.frontend.helpers import call, status_of
 

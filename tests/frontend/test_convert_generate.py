@@ -9,8 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcluster.common.requests import (CHAT_ROLES, ChatMessage, FinalEvent, GenerateRequest,
-                                       TokenEvent)
+from kvcluster.common.requests import (
+    CHAT_ROLES,
+    ChatMessage,
+    FinalEvent,
+    GenerateRequest,
+    TokenEvent,
+)
 from kvcluster.common.sampling import SamplingParams
 from kvcluster.proto import convert_generate as convert
 from kvcluster.proto.kvcluster.v1 import generate_pb2 as pb
@@ -87,6 +92,6 @@ def test_request_types_validate():
 
 
 def test_router_side_imports_no_torch():
-    code = ("import sys; import router.frontend, router.backend, kvcluster.proto.convert_generate;"
+    code = ("import sys; import kvcluster.server.frontend, kvcluster.server.backend, kvcluster.proto.convert_generate;"
             " import kvcluster.client; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

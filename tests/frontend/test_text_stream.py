@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from router.frontend_text import TextStream
+from kvcluster.server.frontend_text import TextStream
 
 
 def _ids(tokenizer, text: str) -> list[int]:

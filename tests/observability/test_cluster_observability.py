@@ -9,7 +9,7 @@ import pytest
 
 from kvcluster.client import KVClusterClient
 from kvcluster.common.sampling import SamplingParams
-from kvcluster.server.log_tail import RequestIdFilter
+from kvcluster.observability.log_tail import RequestIdFilter
 from tests.observability.conftest import by_label, ray, scrape, value
 
 DOC = "The quick brown fox jumps over the lazy dog. " * 3  # ~135 byte tokens: 8 chunks of 16

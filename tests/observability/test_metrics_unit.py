@@ -7,10 +7,14 @@ import logging
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from kvcluster.server.log_tail import RecentLogs, RequestIdFilter
-from kvcluster.server.logs import JsonFormatter, request_context
-from kvcluster.server.metrics import (
-    FrontendMetrics, MetricsEndpoint, RouterMetrics, TransferMetrics, WorkerMetrics,
+from kvcluster.observability.log_tail import RecentLogs, RequestIdFilter
+from kvcluster.observability.logs import JsonFormatter, request_context
+from kvcluster.observability.metrics import (
+    FrontendMetrics,
+    MetricsEndpoint,
+    RouterMetrics,
+    TransferMetrics,
+    WorkerMetrics,
 )
 from router.decision import RouteDecision
 from tests.observability.conftest import scrape, value

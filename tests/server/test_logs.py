@@ -2,7 +2,7 @@ import asyncio
 import json
 import logging
 
-from kvcluster.server.logs import JsonFormatter, request_context
+from kvcluster.observability.logs import JsonFormatter, request_context
 
 
 def _capture():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import uvloop
@@ -12,6 +11,7 @@ from kvcluster.engine.runner import ModelRunner
 from kvcluster.engine.sequence import Sequence
 from kvcluster.engine.tiny import write_tiny_model
 from kvcluster.transfer.levels import LevelSet
+from kvstore.codec.factory import level_set
 
 BLOCK_SIZE = 4
 
@@ -48,7 +48,7 @@ def levels():
 
 
 def load_levels() -> LevelSet:
-    return LevelSet.from_factory()
+    return level_set()
 
 
 def prompt(length: int, seed: int, vocab: int = 320) -> list[int]:

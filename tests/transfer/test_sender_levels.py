@@ -1,7 +1,6 @@
 import pytest
 
-from kvcluster.transfer.levels import sender_levels
-from kvstore.codec.factory import default_level, level_names
+from kvstore.codec.factory import default_level, level_names, sender_levels
 
 
 def test_default_caps_at_the_codec_default_level():

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from kvcluster.transfer.levels import LevelSet
 from kvcluster.transfer.source import ChunkSource
+from kvstore.codec.factory import level_set
 from tests.transfer.conftest import prefill_kv, prompt
 
 
 def test_sizes_are_measured_once_then_estimated_for_every_request(sender_runner):
-    levels = LevelSet.from_factory(["int8", "L0", "L6"])
+    levels = level_set(["int8", "L0", "L6"])
     tokens = prompt(64, seed=3)
     kv = prefill_kv(sender_runner, tokens)
     first = ChunkSource(tokens, sender_runner.layout, levels, 16, kv=kv)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kvcluster.engine.dtypes import torch_dtype
-from kvcluster.transfer.levels import LevelSet
 from kvcluster.transfer.source import ChunkSource
+from kvstore.codec.factory import level_set
 from kvstore.codec.hint import EncodeHint
 from tests.workers.conftest import running_workers, tiny_config
 from tests.workers.test_disaggregated import _request
@@ -32,11 +32,11 @@ def test_hinted_transfer_is_coded_differently_and_still_decodes(tiny_model):
 
 
 def test_chunk_source_hands_each_chunk_its_hint_and_checks_their_number(tiny_model):
-    from kvcluster.runtime.node import build_runner
+    from kvcluster.worker.node import build_runner
 
     runner = build_runner(tiny_config(tiny_model))
     kv = torch.randn(runner.layout.shape(64)).to(torch_dtype(runner.layout.dtype))
-    levels = LevelSet.from_factory(["L0"])
+    levels = level_set(["L0"])
     plain = ChunkSource(range(64), runner.layout, levels, 32, kv=kv)
     weights = torch.ones(runner.layout.num_layers, 32)
     weights[:, :16] = 50.0  # half the tokens matter far more: coded finer, more bytes

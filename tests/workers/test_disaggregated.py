@@ -8,9 +8,9 @@ import pytest
 
 from decode_worker.worker import DecodeWorker
 from kvcluster.common.sampling import SamplingParams
+from kvcluster.common.tasks import DecodeTask, OverloadedError, PrefillTask
 from kvcluster.engine.llm_engine import LLMEngine
-from kvcluster.runtime.node import build_runner
-from kvcluster.runtime.tasks import DecodeTask, OverloadedError, PrefillTask
+from kvcluster.worker.node import build_runner
 from tests.workers.conftest import running_workers, tiny_config
 
 PROMPT = tuple((7 * i + 3) % 300 + 10 for i in range(70))  # 4 full chunks of 16 + 6 tokens

@@ -16,7 +16,7 @@ from kvcluster.common.sampling import SamplingParams
 from kvcluster.engine.llm_engine import LLMEngine
 from kvcluster.engine.tokenizer import Tokenizer
 from kvcluster.runtime.launcher import ClusterThread
-from kvcluster.runtime.node import build_runner
+from kvcluster.worker.node import build_runner
 from tests.workers.conftest import tiny_config
 
 ray = pytest.importorskip("ray")

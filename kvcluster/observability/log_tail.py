@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 
-from kvcluster.server.logs import JsonFormatter, current_request_id
+from kvcluster.observability.logs import JsonFormatter, current_request_id
 
 WORKER_LOGGERS = ("prefill_worker", "decode_worker", "kvcluster", "router")
 

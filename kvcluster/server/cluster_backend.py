@@ -27,11 +27,11 @@ from typing import AsyncIterator
 from kvcluster.common.config import ClusterConfig
 from kvcluster.common.hashing import ExtraKeys
 from kvcluster.common.requests import FinalEvent, GenerateRequest, TokenEvent
+from kvcluster.common.tasks import DecodeStep, DecodeTask, PrefillTask
+from kvcluster.observability.metrics import RouterMetrics
 from kvcluster.runtime.pools import WorkerHandle, WorkerPools
-from kvcluster.runtime.relay import forward
-from kvcluster.runtime.tasks import DecodeStep, DecodeTask, PrefillTask
-from kvcluster.server.metrics import RouterMetrics
-from router.backend import BackendError, GenerateBackend
+from kvcluster.server.backend import BackendError, GenerateBackend
+from kvcluster.worker.relay import forward
 from router.decision import RouteRequest
 from router.router import NoInstanceError, Router
 

@@ -29,15 +29,15 @@ from grpc_reflection.v1alpha import reflection
 from kvcluster.common.config import ClusterConfig
 from kvcluster.common.requests import FinalEvent, TokenEvent
 from kvcluster.engine.tokenizer import Tokenizer
+from kvcluster.observability.logs import request_context
+from kvcluster.observability.metrics import FrontendMetrics
 from kvcluster.proto.convert_generate import event_to_proto
 from kvcluster.proto.kvcluster.v1 import generate_pb2 as pb
+from kvcluster.server.backend import FINISH, INTERNAL, BackendError, GenerateBackend
+from kvcluster.server.frontend_input import ParsedRequest, build_request, parse_wire
+from kvcluster.server.frontend_text import TextStream
 from kvcluster.server.limits import INVALID_ARGUMENT, LimitError, TenantRateLimiter
-from kvcluster.server.logs import request_context
-from kvcluster.server.metrics import FrontendMetrics
 from kvcluster.transfer.security import ServerSecurity
-from router.backend import FINISH, INTERNAL, BackendError, GenerateBackend
-from router.frontend_input import ParsedRequest, build_request, parse_wire
-from router.frontend_text import TextStream
 
 log = logging.getLogger("kvcluster.frontend")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generate"].full_name  # kvcluster.v1.Generate
