@@ -67,6 +67,19 @@ class FinalEvent:
     """Prompt tokens whose KV came from a cache instead of being computed."""
     num_output_tokens: int = 0
     request_id: str = ""
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    """``num_cached_tokens`` by source: a kvstore tier ("device", "host", "disk",
+    "redis"), "transfer" (from a prefill worker) or "prefix_cache" (the engine's blocks)."""
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    """Milliseconds per serving stage (STAGES names them; a backend reports what it has)."""
+
+
+STAGES = ("queue", "route", "prefix_load", "prefill", "kv_transfer", "first_decode_step",
+          "token_relay")
+"""The serving stages a request's time is split into (FinalEvent.stage_ms keys):
+waiting to be admitted, picking instances, loading a stored prefix, computing the
+uncached prompt, streaming KV to the decoder, the first decode step, and getting
+the first token from the engine to the front end."""
 
 
 StreamEvent = TokenEvent | FinalEvent

@@ -110,7 +110,8 @@ def event_to_proto(event: StreamEvent) -> pb.GenerateResponse:
         finish_reason=event.finish_reason, ttft_ms=event.ttft_ms,
         prefill_instance=event.prefill_instance, decode_instance=event.decode_instance,
         num_prompt_tokens=event.num_prompt_tokens, num_cached_tokens=event.num_cached_tokens,
-        num_output_tokens=event.num_output_tokens, request_id=event.request_id))
+        num_output_tokens=event.num_output_tokens, request_id=event.request_id,
+        cached_tokens_by_tier=event.cached_tokens_by_tier, stage_ms=event.stage_ms))
 
 
 def event_from_proto(msg: pb.GenerateResponse) -> StreamEvent:
@@ -121,5 +122,5 @@ def event_from_proto(msg: pb.GenerateResponse) -> StreamEvent:
         f = msg.final
         return FinalEvent(f.finish_reason, f.ttft_ms, f.prefill_instance, f.decode_instance,
                           f.num_prompt_tokens, f.num_cached_tokens, f.num_output_tokens,
-                          f.request_id)
+                          f.request_id, dict(f.cached_tokens_by_tier), dict(f.stage_ms))
     raise ValueError("GenerateResponse has neither chunk nor final")

@@ -58,7 +58,10 @@ def test_request_round_trip(prompt, params, stop, tenant, slo_ms, request_id):
               ttft_ms=st.floats(0, 1e9, allow_subnormal=False), prefill_instance=text,
               decode_instance=text, num_prompt_tokens=st.integers(0, 2**32 - 1),
               num_cached_tokens=st.integers(0, 2**32 - 1),
-              num_output_tokens=st.integers(0, 2**32 - 1), request_id=text)))
+              num_output_tokens=st.integers(0, 2**32 - 1), request_id=text,
+              cached_tokens_by_tier=st.dictionaries(text, st.integers(0, 2**32 - 1), max_size=4),
+              stage_ms=st.dictionaries(text, st.floats(0, 1e9, allow_subnormal=False),
+                                       max_size=7))))
 def test_event_round_trip(event):
     wire = pb.GenerateResponse.FromString(convert.event_to_proto(event).SerializeToString())
     assert convert.event_from_proto(wire) == event

@@ -79,7 +79,21 @@ class TokenChunk(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class GenerateFinal(_message.Message):
-    __slots__ = ("finish_reason", "ttft_ms", "prefill_instance", "decode_instance", "num_prompt_tokens", "num_cached_tokens", "num_output_tokens", "request_id")
+    __slots__ = ("finish_reason", "ttft_ms", "prefill_instance", "decode_instance", "num_prompt_tokens", "num_cached_tokens", "num_output_tokens", "request_id", "cached_tokens_by_tier", "stage_ms")
+    class CachedTokensByTierEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class StageMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_INSTANCE_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +102,8 @@ class GenerateFinal(_message.Message):
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_BY_TIER_FIELD_NUMBER: _ClassVar[int]
+    STAGE_MS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     ttft_ms: float
     prefill_instance: str
@@ -96,4 +112,6 @@ class GenerateFinal(_message.Message):
     num_cached_tokens: int
     num_output_tokens: int
     request_id: str
-    def __init__(self, finish_reason: _Optional[str] = ..., ttft_ms: _Optional[float] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    cached_tokens_by_tier: _containers.ScalarMap[str, int]
+    stage_ms: _containers.ScalarMap[str, float]
+    def __init__(self, finish_reason: _Optional[str] = ..., ttft_ms: _Optional[float] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., request_id: _Optional[str] = ..., cached_tokens_by_tier: _Optional[_Mapping[str, int]] = ..., stage_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
