@@ -33,9 +33,9 @@ from kvcluster.observability.logs import request_context
 from kvcluster.observability.metrics import FrontendMetrics
 from kvcluster.proto.convert_generate import event_to_proto
 from kvcluster.proto.kvcluster.v1 import generate_pb2 as pb
-from kvcluster.server.backend import FINISH, INTERNAL, BackendError, GenerateBackend
+from kvcluster.server.backend import BackendError, GenerateBackend
+from kvcluster.server.events import text_events
 from kvcluster.server.frontend_input import ParsedRequest, build_request, parse_wire
-from kvcluster.server.frontend_text import TextStream
 from kvcluster.server.limits import INVALID_ARGUMENT, LimitError, TenantRateLimiter
 from kvcluster.transfer.security import ServerSecurity
 
@@ -48,13 +48,14 @@ class GenerateServicer:
     """Serves ``/kvcluster.v1.Generate/Generate`` (registered by :func:`add_to_server`)."""
 
     def __init__(self, backend: GenerateBackend, tokenizer: Tokenizer, config: ClusterConfig,
-                 metrics: FrontendMetrics | None = None):
+                 metrics: FrontendMetrics | None = None,
+                 rate_limiter: TenantRateLimiter | None = None):
         self.backend = backend
         self.metrics = metrics or FrontendMetrics()
         self.tokenizer = tokenizer
         self.limits = config.limits
         self.security = ServerSecurity.from_config(config.security)
-        self.rate_limiter = TenantRateLimiter(self.limits.requests_per_s, self.limits.burst)
+        self.rate_limiter = rate_limiter or TenantRateLimiter.from_config(self.limits)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the method with raw-bytes input, so bad bytes get INVALID_ARGUMENT."""
@@ -141,45 +142,21 @@ class GenerateServicer:
             await context.abort(grpc.StatusCode.INTERNAL,
                                 f"internal error (request id {request.request_id})")
 
-    async def _events(self, parsed: ParsedRequest):
+    def _events(self, parsed: ParsedRequest):
         """The backend's stream with text deltas and stop strings applied."""
-        request = parsed.request
-        text = TextStream(self.tokenizer, parsed.stop)
-        num_sent = 0
-        command = None
-        stream = self.backend.generate(request)
-        event = None
-        try:
-            while True:
-                try:
-                    event = await _next(stream, command, request.deadline)
-                except StopAsyncIteration:
-                    break
-                command = None
-                if isinstance(event, FinalEvent):
-                    break
-                if text.stopped:
-                    continue  # a backend that ignored FINISH: drop what follows the stop
-                delta = text.push(event.token_ids)
-                num_sent += len(event.token_ids)
-                yield TokenEvent(tuple(event.token_ids), delta)
-                command = FINISH if text.stopped else None
-        finally:
-            await stream.aclose()
-        tail = text.flush()
-        if tail:
-            yield TokenEvent((), tail)
-        yield _final(event, request.request_id, num_sent if text.stopped else None)
+        return text_events(self.backend, self.tokenizer, parsed)
 
 
 async def serve_frontend(backend: GenerateBackend, tokenizer: Tokenizer, config: ClusterConfig,
                          host: str = "127.0.0.1", port: int = 0,
-                         health_interval_s: float = 1.0, metrics: FrontendMetrics | None = None
+                         health_interval_s: float = 1.0, metrics: FrontendMetrics | None = None,
+                         rate_limiter: TenantRateLimiter | None = None
                          ) -> tuple["FrontendServer", int]:
     """Start the Generate, health and reflection services.
 
     Args:
         metrics: where calls are recorded (default: a fresh, private registry).
+        rate_limiter: per-tenant buckets, shared with the HTTP front end (default: own).
 
     Returns:
         The started server (``await server.stop(grace)`` to end it) and its port.
@@ -187,7 +164,7 @@ async def serve_frontend(backend: GenerateBackend, tokenizer: Tokenizer, config:
     options = [("grpc.max_receive_message_length", config.limits.max_message_bytes),
                ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options)
-    GenerateServicer(backend, tokenizer, config, metrics).add_to_server(server)
+    GenerateServicer(backend, tokenizer, config, metrics, rate_limiter).add_to_server(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -226,25 +203,6 @@ class FrontendServer:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-async def _next(stream, command, deadline: float | None):
-    """The stream's next event; TimeoutError past the deadline."""
-    if deadline is None:
-        return await stream.asend(command)
-    try:
-        return await asyncio.wait_for(stream.asend(command), max(deadline - time.time(), 0.0))
-    except asyncio.TimeoutError as exc:
-        raise TimeoutError("deadline exceeded") from exc
-
-
-def _final(event, request_id: str, num_sent_if_stopped: int | None) -> FinalEvent:
-    if not isinstance(event, FinalEvent):
-        raise BackendError(INTERNAL, "backend ended the stream without a final event")
-    fields = dict(event.__dict__, request_id=request_id)
-    if num_sent_if_stopped is not None:  # a stop string ended the text
-        fields.update(finish_reason="stop", num_output_tokens=num_sent_if_stopped)
-    return FinalEvent(**fields)
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str:

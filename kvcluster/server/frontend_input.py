@@ -1,5 +1,8 @@
 """Turn a wire ``GenerateRequest`` into a checked :class:`GenerateRequest` of token ids.
 
+:func:`build_request` reads the gRPC message; :func:`admit_prompt` does the rest
+(tokenize, chat template, sampling and size checks) and is shared with the HTTP
+front end, which builds the same inputs from its JSON body.
 Everything a request can get wrong is answered here, before any backend work,
 with a :class:`LimitError` carrying the gRPC status name: INVALID_ARGUMENT for
 requests that can never succeed (bad bytes, bad sampling values, empty or
@@ -56,18 +59,40 @@ def build_request(msg: pb.GenerateRequest, *, tenant: str, tokenizer: Tokenizer,
     """
     try:
         default_max = min(convert.DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens)
-        params = _greedy_if_tiny_temperature(convert.sampling_from_proto(msg, default_max))
-        stop = _checked_stop(convert.stop_strings_from_proto(msg))
-        prompt_ids = _prompt_ids(convert.prompt_from_proto(msg), tokenizer)
-        if not msg.slo_ms >= 0:  # also rejects NaN
-            raise ValueError(f"slo_ms must be >= 0, got {msg.slo_ms}")
+        params = convert.sampling_from_proto(msg, default_max)
+        stop = convert.stop_strings_from_proto(msg)
+        prompt = convert.prompt_from_proto(msg)
+    except ValueError as exc:
+        raise LimitError(INVALID_ARGUMENT, str(exc)) from exc
+    return admit_prompt(prompt, params, stop, tenant=tenant, tokenizer=tokenizer, limits=limits,
+                        slo_ms=msg.slo_ms, request_id=msg.request_id,
+                        time_remaining_s=time_remaining_s)
+
+
+def admit_prompt(prompt: convert.PromptInput, params: SamplingParams, stop: tuple[str, ...], *,
+                 tenant: str, tokenizer: Tokenizer, limits: LimitsConfig, slo_ms: float = 0.0,
+                 request_id: str = "", time_remaining_s: float | None = None) -> ParsedRequest:
+    """Tokenize and check a request given as our own types (both front ends end here).
+
+    Args:
+        prompt: text, chat messages (rendered with the model's chat template) or token ids.
+        request_id: the caller's id ("" or absent: a fresh one).
+    Raises:
+        LimitError: INVALID_ARGUMENT with a message naming the bad field.
+    """
+    try:
+        params = _greedy_if_tiny_temperature(params)
+        stop = _checked_stop(stop)
+        prompt_ids = _prompt_ids(prompt, tokenizer)
+        if not slo_ms >= 0:  # also rejects NaN
+            raise ValueError(f"slo_ms must be >= 0, got {slo_ms}")
     except ValueError as exc:
         raise LimitError(INVALID_ARGUMENT, str(exc)) from exc
     check_request_size(limits, num_prompt_tokens=len(prompt_ids),
                        max_new_tokens=params.max_new_tokens)
     deadline = None if time_remaining_s is None else time.time() + time_remaining_s
-    request = GenerateRequest(_request_id(msg.request_id), tenant, prompt_ids, params,
-                              float(msg.slo_ms), deadline)
+    request = GenerateRequest(_request_id(request_id), tenant, prompt_ids, params,
+                              float(slo_ms), deadline)
     return ParsedRequest(request, stop)
 
 

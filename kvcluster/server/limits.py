@@ -60,6 +60,10 @@ class TenantRateLimiter:
         self._refill_s = self._burst / self._rate
         self._last_sweep = clock()
 
+    @classmethod
+    def from_config(cls, limits: LimitsConfig) -> "TenantRateLimiter":
+        return cls(limits.requests_per_s, limits.burst)
+
     @property
     def num_tenants(self) -> int:
         """Tenants with a bucket that is not known to be full."""
