@@ -220,7 +220,7 @@ def _receiver_role(args) -> None:
 
     from kvcluster.common.config import TransferConfig
     from kvcluster.engine.sequence import Sequence
-    from kvcluster.transfer.paged_sink import PagedCacheSink
+    from decode_worker.paged_sink import PagedCacheSink
     from kvcluster.transfer.receiver import KVReceiver
     from kvcluster.transfer.server import TransferServer
 

@@ -115,7 +115,7 @@ class ContextProbe:
         from kvcluster.engine.sequence import Sequence
 
         seq = Sequence("probe", self.ctx.context_ids + list(tokens))
-        self.runner.cache.allocator.share(self.blocks)
+        self.runner.blocks.share(self.blocks)
         seq.attach_cached(self.blocks, len(self.ctx.context_ids))
         return seq
 

@@ -4,10 +4,11 @@
     DecodeTask (Ray) -> wait for that stream's result -> LLMEngine.add_request
                         with those blocks as the cached prefix -> tokens
 
-One engine thread steps the batch; every engine and allocator call holds
-``_lock`` (the receiver's sinks too), so requests join and leave between
-steps. Received chunks also go into this worker's kvstore, so the next turn of
-a conversation can start here without a transfer.
+One engine thread steps the batch; every engine and block call holds ``_lock``
+(the receiver's sinks too), so requests join and leave between steps. Every block
+comes from the runner's one BlockManager, whichever path fills it (the engine, a
+received stream, the local kvstore). Received chunks also go into this worker's
+kvstore, so the next turn of a conversation can start here without a transfer.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 
-import torch
-
+from decode_worker.paged_sink import PagedCacheSink
 from kvcluster.common.config import ClusterConfig
 from kvcluster.common.tasks import DecodeStep, DecodeTask, OverloadedError
 from kvcluster.engine.llm_engine import LLMEngine, StepOutput
@@ -29,7 +29,6 @@ from kvcluster.engine.sequence import Sequence
 from kvcluster.observability.logs import request_context
 from kvcluster.observability.metrics import WorkerMetrics
 from kvcluster.transfer.messages import StreamHeader
-from kvcluster.transfer.paged_sink import PagedCacheSink
 from kvcluster.transfer.receiver import KVReceiver
 from kvcluster.transfer.security import ServerSecurity
 from kvcluster.transfer.server import TransferServer
@@ -49,10 +48,6 @@ class _Active:
     first_token_s: float = 0.0
     kv_source: str = "none"
     tenant: str = ""
-    extra_cached: int = 0
-    """Cached tokens the engine does not count (they came with the request)."""
-    done: bool = False
-    events: list = field(default_factory=list)
 
 
 class DecodeWorker:
@@ -151,7 +146,7 @@ class DecodeWorker:
         if keys:
             with self._lock:
                 self.metrics.lookup_chunks.inc(len(keys))
-                blocks, by_tier = self.node.load_prefix(keys)
+                blocks, _ = self.node.load_prefix(keys)
             if blocks:
                 active.kv_source = "local-store"
                 return blocks
@@ -193,8 +188,7 @@ class DecodeWorker:
     def _open_sink(self, header: StreamHeader) -> PagedCacheSink:
         """Receiver callback: allocate the request's blocks for the stream."""
         seq = Sequence(header.request_id, list(header.token_ids))
-        with self._lock:
-            return _LockedSink(self._lock, self.node.runner, seq, self.speed)
+        return PagedCacheSink(self.node.runner, seq, self.speed, self._lock)
 
     def _keep(self, task: DecodeTask, sink: PagedCacheSink) -> None:
         """Store the received chunks so the next turn can hit here."""
@@ -268,34 +262,9 @@ class DecodeWorker:
                 raise item
             yield item
             if item.finish_reason is not None:
-                active.done = True
                 return
 
     def _abort(self, request_id: str) -> None:
         self._active.pop(request_id, None)
         with self._lock:
             self.engine.abort(request_id)
-
-
-class _LockedSink(PagedCacheSink):
-    """PagedCacheSink whose cache and allocator calls hold the engine's lock."""
-
-    def __init__(self, lock: threading.RLock, runner: ModelRunner, seq: Sequence,
-                 speed: RecomputeSpeed):
-        self._lock = lock
-        super().__init__(runner, seq, speed)
-
-    def write_chunk(self, index, token_range, kv: torch.Tensor) -> None:
-        with self._lock:
-            super().write_chunk(index, token_range, kv)
-
-    def recompute_chunk(self, index, token_range, token_ids) -> None:
-        with self._lock:
-            super().recompute_chunk(index, token_range, token_ids)
-
-    def close(self, ok: bool) -> None:
-        super().close(ok)
-
-    def discard(self) -> None:
-        with self._lock:
-            super().discard()

@@ -91,16 +91,22 @@ def hash_block(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
 
 
 def hash_blocks(
-    token_ids: Sequence[int], block_size: int, extra: ExtraKeys
+    token_ids: Sequence[int], block_size: int, extra: ExtraKeys,
+    parent: BlockHash | None = None,
 ) -> list[BlockHash]:
     """Chained hashes of every *full* block of ``token_ids``.
 
     A trailing partial block has no hash: it can still change, so it is never
     cached or advertised.
+
+    Args:
+        parent: the hash of the block just before ``token_ids[0]``, to extend a chain
+            already hashed up to there; None: ``token_ids`` starts the sequence
+            (its chain starts at ``root_hash(extra)``).
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    parent = root_hash(extra)
+    parent = parent or root_hash(extra)
     hashes: list[BlockHash] = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         parent = hash_block(parent, token_ids[start : start + block_size])

@@ -4,10 +4,10 @@
     model.py          LlamaModel: the decoder over the paged KV cache (rope.py, cpu_linear.py)
     hf_loader.py      load_hf_checkpoint: config.json + *.safetensors -> (ModelArch, LlamaModel)
     paged_cache.py    PagedKVCache: the block pool, export_blocks / import_blocks
-    block_allocator.py  BlockAllocator: ref-counted block ids from a free list
+    block_manager.py  BlockManager: the one owner of the pool's blocks (free list,
+                      reference counts, hash registry for prefix reuse)
     runner.py         ModelRunner: prefill() and decode_step() (sequence.py: Sequence)
     sampling.py       greedy / seeded sampling, stop conditions
-    prefix_cache.py   PrefixCache: block hash -> block id, for in-process prefix reuse
     llm_engine.py     LLMEngine: the continuous-batching loop
     tiny.py           write_tiny_model: deterministic random tiny models for tests
 """

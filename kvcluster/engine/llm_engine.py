@@ -3,21 +3,22 @@
 Each :meth:`LLMEngine.step` either prefills the waiting requests that fit
 (one at a time, each producing its first token) or, when none waits, decodes
 every running request by one token in a single ragged batch. Requests join and
-leave between steps. Full blocks are shared across requests through a
-:class:`PrefixCache`; when the pool runs dry the newest running request is
-preempted (its blocks freed, recomputed later, usually from the prefix cache).
+leave between steps. Full blocks are shared across requests by their chained
+hashes, registered with the runner's :class:`BlockManager` (the one owner of the
+pool's blocks); when the pool runs dry the newest running request is preempted
+(its blocks freed, recomputed later, usually from those registered blocks).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from typing import NamedTuple, Sequence as SequenceT
+from typing import NamedTuple
+from typing import Sequence as SequenceT
 
-from kvcluster.common.hashing import BlockHash, ExtraKeys, root_hash
+from kvcluster.common.hashing import BlockHash, ExtraKeys, hash_blocks, root_hash
 from kvcluster.common.sampling import SamplingParams
-from kvcluster.engine.block_allocator import OutOfBlocksError
-from kvcluster.engine.prefix_cache import PrefixCache
+from kvcluster.engine.block_manager import OutOfBlocksError
 from kvcluster.engine.runner import ModelRunner
 from kvcluster.engine.sampling import Sampler, finish_reason
 from kvcluster.engine.sequence import Sequence
@@ -38,9 +39,8 @@ class LLMEngine:
         """
         self.runner = runner
         self.block_size = runner.block_size
-        self.prefix_cache = PrefixCache(
-            runner.cache.allocator, self.block_size, ExtraKeys(runner.model_id, tenant_salt)
-        )
+        self.blocks = runner.blocks
+        self.extra = ExtraKeys(runner.model_id, tenant_salt)
         self.sampler = Sampler()
         self.eos_ids = frozenset(runner.arch.eos_token_ids if stop_on_eos else ())
         self.capacity = min(runner.max_model_len, runner.cache.num_blocks * self.block_size)
@@ -48,6 +48,7 @@ class LLMEngine:
         self.running: list[Sequence] = []
         self.sequences: dict[str, Sequence] = {}
         self._hashes: dict[str, list[BlockHash]] = {}
+        """Per request: the hashes of its first full blocks, registered so far."""
         self._roots: dict[str, BlockHash] = {}
         """Per-request hash-chain root (requests added with their own tenant_salt)."""
         self.num_preemptions = 0
@@ -158,27 +159,28 @@ class LLMEngine:
 
     def _reserve_prefill_blocks(self, seq: Sequence) -> bool:
         """Attach the cached prefix and allocate the rest; False if the pool lacks room."""
+        num_blocks = -(-seq.num_tokens // self.block_size)
         if not seq.block_table:
-            hashes = self.prefix_cache.block_hashes(seq.token_ids[: seq.num_tokens - 1],
-                                                    parent=self._roots.get(seq.request_id))
-            cached = self.prefix_cache.match(hashes)
-            needed = -(-seq.num_tokens // self.block_size) - len(cached)
-            if self.prefix_cache.num_free_after_sharing(cached) < needed:
+            hashes = hash_blocks(seq.token_ids[: seq.num_tokens - 1], self.block_size,
+                                 self.extra, self._roots.get(seq.request_id))
+            cached = self.blocks.match(hashes)
+            if not self.blocks.can_share(cached, num_blocks - len(cached)):
                 return False
-            self.prefix_cache.allocator.share(cached)
+            self.blocks.share(cached)
             seq.attach_cached(cached, len(cached) * self.block_size)
-        missing = -(-seq.num_tokens // self.block_size) - len(seq.block_table)
-        if not self.prefix_cache.allocator.can_allocate(missing):
+            self._hashes[seq.request_id] = hashes[: len(cached)]
+        missing = max(num_blocks - len(seq.block_table), 0)
+        if not self.blocks.can_allocate(missing):
             return False
-        seq.block_table += self.prefix_cache.allocate(max(missing, 0))
+        seq.block_table += self.blocks.allocate(missing)
         return True
 
     def _reserve_decode_blocks(self) -> None:
         """Give each running request room for one more token, preempting the newest if full."""
         for seq in list(self.running):
             while seq in self.running and seq.num_tokens > len(seq.block_table) * self.block_size:
-                if self.prefix_cache.allocator.can_allocate(1):
-                    seq.block_table += self.prefix_cache.allocate(1)
+                if self.blocks.can_allocate(1):
+                    seq.block_table += self.blocks.allocate(1)
                 else:
                     self._preempt(self.running[-1])
 
@@ -193,8 +195,7 @@ class LLMEngine:
     def _emit(self, seqs: list[Sequence], token_ids: list[int]) -> list[StepOutput]:
         outputs = []
         for seq, token_id in zip(seqs, token_ids):
-            self.prefix_cache.register(seq, self._hashes[seq.request_id],
-                                       self._roots.get(seq.request_id))
+            self._cache_full_blocks(seq)
             seq.append_token(token_id)
             stop_ids = self.eos_ids.union(seq.params.stop_token_ids)
             seq.finish_reason = finish_reason(seq, self.capacity, stop_ids)
@@ -202,6 +203,18 @@ class LLMEngine:
                 self._finish(seq)
             outputs.append(StepOutput(seq.request_id, token_id, seq.finished))
         return outputs
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Register ``seq``'s newly computed full blocks, chaining on from the last one."""
+        hashes = self._hashes[seq.request_id]
+        num_full = seq.num_computed_tokens // self.block_size
+        if num_full <= len(hashes):
+            return
+        parent = hashes[-1] if hashes else self._roots.get(seq.request_id)
+        new = hash_blocks(seq.token_ids[len(hashes) * self.block_size : num_full * self.block_size],
+                          self.block_size, self.extra, parent)
+        self.blocks.cache_full_blocks(new, seq.block_table[len(hashes) : num_full])
+        hashes += new
 
     def _finish(self, seq: Sequence) -> None:
         self.running.remove(seq)

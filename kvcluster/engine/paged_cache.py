@@ -21,7 +21,6 @@ from typing import Sequence
 import torch
 
 from kvcluster.common.layout import KVLayout
-from kvcluster.engine.block_allocator import BlockAllocator
 from kvcluster.engine.dtypes import torch_dtype
 
 
@@ -31,7 +30,6 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.device = torch.device(device)
         self.dtype = torch_dtype(layout.dtype)
-        self.allocator = BlockAllocator(num_blocks)
         # [L, 2, num_blocks, block_size, H_kv, D]
         self.pool = torch.zeros(
             (layout.num_layers, 2, num_blocks, layout.block_size, layout.num_kv_heads,

@@ -1,10 +1,12 @@
 """The model runner: ``prefill()`` and ``decode_step()`` over the paged KV cache.
 
-It owns the model and the cache pool. It computes; it does not schedule (see
-:mod:`kvcluster.engine.llm_engine`). Both workers use it: the prefill worker
-calls ``prefill`` then ``cache.export_blocks``; the decode worker calls
-``cache.import_blocks``, ``Sequence.attach_cached`` and ``prefill`` (which then
-computes only the uncached suffix) and ``decode_step``.
+It owns the model, the cache pool and the pool's one :class:`BlockManager`
+(``runner.blocks``: every block is got and freed there). It computes; it does not
+schedule (see :mod:`kvcluster.engine.llm_engine`). Both workers use it: the prefill
+worker calls ``prefill`` then ``cache.export_blocks``; the decode worker allocates
+blocks through ``blocks``, fills them with ``cache.import_blocks``, then
+``Sequence.attach_cached`` and ``prefill`` (which computes only the uncached suffix)
+and ``decode_step``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from kvcluster.common.config import EngineConfig
 from kvcluster.common.layout import KVLayout
 from kvcluster.engine.arch import ModelArch
+from kvcluster.engine.block_manager import BlockManager
 from kvcluster.engine.decode_kv import DecodeKVMirror
 from kvcluster.engine.dtypes import dtype_name
 from kvcluster.engine.hf_loader import load_hf_checkpoint
@@ -47,6 +50,7 @@ class ModelRunner:
             dtype=dtype_name(model.dtype),
         )
         self.cache = PagedKVCache(self.layout, self.config.num_blocks, self.device)
+        self.blocks = BlockManager(self.config.num_blocks)
         self.decode_kv = (DecodeKVMirror(self.cache, self.max_model_len)
                           if self.config.decode_kv_mirror else None)
         if self.config.cpu_packed_weights:
@@ -144,12 +148,12 @@ class ModelRunner:
         """Grow ``seq.block_table`` to hold ``num_tokens`` tokens (OutOfBlocksError if full)."""
         missing = self._num_blocks(num_tokens) - len(seq.block_table)
         if missing > 0:
-            seq.block_table.extend(self.cache.allocator.allocate(missing))
+            seq.block_table.extend(self.blocks.allocate(missing))
 
     def free(self, seq: Sequence) -> None:
         """Drop ``seq``'s reference to each of its blocks."""
         self._forget_decode_kv(seq)
-        self.cache.allocator.free(seq.block_table)
+        self.blocks.free(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0
 

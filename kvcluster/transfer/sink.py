@@ -4,8 +4,8 @@ The receiver calls, in chunk order, either ``write_chunk`` (decoded KV) or
 ``recompute_chunk`` (tokens only: the sink recomputes the chunk, e.g. with the
 engine's prefill over the prefix already written). Implementations:
 :class:`~kvcluster.transfer.tensor_sink.TensorSink` (one tensor; tests and
-benchmarks) and :class:`~kvcluster.transfer.paged_sink.PagedCacheSink` (the
-engine's paged blocks, and optionally the kvstore).
+benchmarks) and the decode worker's ``decode_worker.paged_sink.PagedCacheSink``
+(the engine's paged blocks).
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ class WorkerNode:
                 return [], {}
             kv = self.store.get(keys[: found.num_chunks])  # [L, 2, n * C, H, D]
         num_chunks = kv.shape[2] // self.chunk_tokens
-        block_ids = self.runner.cache.allocator.allocate(num_chunks * self.blocks_per_chunk)
+        block_ids = self.runner.blocks.allocate(num_chunks * self.blocks_per_chunk)
         self.runner.cache.import_blocks(block_ids, kv.to(self.runner.cache.dtype))
         by_tier = Counter(Tier(t).name.lower() for t in found.tiers[:num_chunks])
         return block_ids, {tier: n * self.chunk_tokens for tier, n in by_tier.items()}
@@ -114,10 +114,10 @@ class WorkerNode:
 
     def load(self, queued_prefill_tokens: int = 0, active_decode_requests: int = 0
              ) -> InstanceLoad:
-        cache = self.runner.cache
-        used = (cache.num_blocks - cache.allocator.num_free) * self.layout.bytes_per_block
-        return InstanceLoad(queued_prefill_tokens, active_decode_requests, used,
-                            cache.num_blocks * self.layout.bytes_per_block)
+        blocks = self.runner.blocks
+        return InstanceLoad(queued_prefill_tokens, active_decode_requests,
+                            blocks.num_used * self.layout.bytes_per_block,
+                            blocks.num_blocks * self.layout.bytes_per_block)
 
     def stats(self) -> dict:
         """Per-tier usage and hits, for ``kvcluster status``."""

@@ -64,7 +64,7 @@ def test_tiny_model_float32_layout_round_trips(runner):
 def _next_logits(runner, blocks, kv: torch.Tensor) -> torch.Tensor:
     runner.cache.import_blocks(blocks, kv)
     seq = Sequence("probe", PROMPT + NEXT)
-    runner.cache.allocator.share(blocks)
+    runner.blocks.share(blocks)
     seq.attach_cached(blocks, len(PROMPT))
     try:
         return runner.prefill(seq, all_logits=True)  # [len(NEXT), vocab]

@@ -72,7 +72,7 @@ def test_prompt_longer_than_context_or_pool(tiny_dirs):
     small = make_runner(tiny_dirs["llama"], num_blocks=4)  # 16 tokens
     with pytest.raises(ValueError, match="20 tokens need 5 KV blocks, the pool has 4"):
         small.prefill(Sequence("big", list(range(20))))
-    assert small.cache.allocator.num_free == 4  # nothing leaked
+    assert small.blocks.num_free == 4  # nothing leaked
 
 
 def test_context_capped_by_max_position_embeddings(tiny_dirs, tmp_path):
@@ -96,6 +96,6 @@ def test_decode_step_needs_one_new_token(tiny_dirs):
 def test_cached_tokens_must_be_covered_by_attached_blocks(tiny_dirs):
     runner = make_runner(tiny_dirs["llama"])
     seq = Sequence("a", list(range(12)))
-    seq.attach_cached(runner.cache.allocator.allocate(1), num_tokens=8)  # 1 block = 4 tokens
+    seq.attach_cached(runner.blocks.allocate(1), num_tokens=8)  # 1 block = 4 tokens
     with pytest.raises(ValueError, match="8 cached tokens but only 1 blocks of 4 attached"):
         runner.prefill(seq)

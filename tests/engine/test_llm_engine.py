@@ -51,7 +51,7 @@ def test_requests_join_a_running_batch(tiny_dirs):
 
 def test_shared_prefix_blocks_are_reused(tiny_dirs):
     engine = _engine(tiny_dirs)
-    allocator = engine.runner.cache.allocator
+    blocks = engine.runner.blocks
     system = prompt(13, seed=60)  # 3 full blocks of 4 + 1 token
     a, b = system + prompt(6, seed=61), system + prompt(3, seed=62)
     engine.add_request("a", a, GREEDY)
@@ -63,7 +63,7 @@ def test_shared_prefix_blocks_are_reused(tiny_dirs):
     seq_b = engine.sequences["b"]
     assert seq_b.num_cached_tokens == 12
     assert seq_b.block_table[:3] == seq_a.block_table[:3]
-    assert [allocator.ref_count(i) for i in seq_a.block_table[:4]] == [2, 2, 2, 1]
+    assert [blocks.ref_count(i) for i in seq_a.block_table[:4]] == [2, 2, 2, 1]
     while engine.has_unfinished():
         engine.step()
     assert engine.pop("b").output_ids == _reference(tiny_dirs, b)
@@ -71,7 +71,7 @@ def test_shared_prefix_blocks_are_reused(tiny_dirs):
     engine.add_request("c", a, GREEDY)
     engine.step()
     assert engine.sequences["c"].num_cached_tokens == 16  # all full blocks but the last token's
-    assert allocator.num_free + len(engine.sequences["c"].block_table) == 64
+    assert blocks.num_free + len(engine.sequences["c"].block_table) == 64
 
 
 def test_prefix_cache_is_keyed_by_tenant(tiny_dirs):
@@ -102,14 +102,14 @@ def test_per_request_tenant_salt(tiny_dirs):
 
 def test_abort_frees_blocks_wherever_the_request_is(tiny_dirs):
     engine = _engine(tiny_dirs)
-    allocator = engine.runner.cache.allocator
+    blocks = engine.runner.blocks
     engine.add_request("running", prompt(9, seed=65), GREEDY)
     engine.step()
-    blocks = allocator.allocate(2)
-    engine.add_request("waiting", prompt(10, seed=66), GREEDY, cached_blocks=blocks)
+    cached = blocks.allocate(2)
+    engine.add_request("waiting", prompt(10, seed=66), GREEDY, cached_blocks=cached)
     assert engine.abort("running") and engine.abort("waiting")
     assert not engine.abort("never-added")
-    assert allocator.num_free == 64 and not engine.has_unfinished() and not engine.sequences
+    assert blocks.num_free == 64 and not engine.has_unfinished() and not engine.sequences
     tokens = prompt(5, seed=67)
     assert engine.generate([tokens], GREEDY) == [_reference(tiny_dirs, tokens)]
 
@@ -121,7 +121,7 @@ def test_cached_blocks_from_outside_are_used(tiny_dirs):
     donor.step()
     kv = donor.runner.cache.export_blocks(donor.sequences["d"].block_table[:2])
     engine = _engine(tiny_dirs)
-    blocks = engine.runner.cache.allocator.allocate(2)
+    blocks = engine.runner.blocks.allocate(2)
     engine.runner.cache.import_blocks(blocks, kv)
     seq = engine.add_request("x", tokens, GREEDY, cached_blocks=blocks)
     while engine.has_unfinished():
@@ -137,7 +137,7 @@ def test_preemption_when_the_pool_runs_dry_keeps_outputs_exact(tiny_dirs):
     outputs = engine.generate(prompts, params)
     assert engine.num_preemptions > 0
     assert outputs == [_reference(tiny_dirs, p, 12) for p in prompts]
-    assert engine.runner.cache.allocator.num_free == 12
+    assert engine.runner.blocks.num_free == 12
 
 
 def test_add_request_rejects_oversized_prompt_and_duplicate_id(tiny_dirs):

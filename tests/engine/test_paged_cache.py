@@ -1,4 +1,4 @@
-"""The block allocator's exact ids and the byte-exact export/import of block KV."""
+"""The byte-exact export/import of block KV."""
 
 from __future__ import annotations
 
@@ -6,38 +6,9 @@ import pytest
 import torch
 
 from kvcluster.common.layout import KVLayout
-from kvcluster.engine.block_allocator import BlockAllocator, OutOfBlocksError
 from kvcluster.engine.paged_cache import PagedKVCache
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=8, block_size=4, dtype="float32")
-
-
-def test_allocator_hands_out_exact_ids_in_free_list_order():
-    allocator = BlockAllocator(4)
-    assert allocator.allocate(2) == [0, 1]
-    assert allocator.allocate(1) == [2]
-    allocator.free([1, 0])
-    assert allocator.free_block_ids() == [3, 1, 0]
-    assert allocator.allocate(2) == [3, 1]
-    assert not allocator.can_allocate(2) and allocator.can_allocate(1)
-    with pytest.raises(OutOfBlocksError, match="need 2 KV blocks, only 1 of 4 free"):
-        allocator.allocate(2)
-
-
-def test_allocator_reference_counts_and_revival():
-    allocator = BlockAllocator(3)
-    block_ids = allocator.allocate(2)  # [0, 1]
-    allocator.share([0])
-    allocator.free(block_ids)
-    assert allocator.ref_count(0) == 1 and allocator.ref_count(1) == 0
-    assert allocator.free_block_ids() == [2, 1]
-    allocator.share([1])  # revive a free block: it leaves the free list
-    assert allocator.free_block_ids() == [2] and allocator.ref_count(1) == 1
-    allocator.free([0, 1])
-    with pytest.raises(ValueError, match="block 0 is already free"):
-        allocator.free([0])
-    with pytest.raises(ValueError, match="out of range"):
-        allocator.share([7])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

@@ -65,7 +65,7 @@ def test_prefill_with_half_the_prompt_from_imported_blocks(arch, tiny_dirs, hf_m
     donor = Sequence("donor", tokens[:12])
     runner.prefill(donor)
     kv = runner.cache.export_blocks(donor.block_table)  # [L, 2, 12, H_kv, D]
-    fresh = runner.cache.allocator.allocate(3)
+    fresh = runner.blocks.allocate(3)
     assert not set(fresh) & set(donor.block_table)
     runner.cache.import_blocks(fresh, kv)
     donor_blocks = list(donor.block_table)
@@ -88,11 +88,11 @@ def test_prefill_with_prefix_not_block_aligned_and_fully_cached(tiny_dirs, hf_mo
     donor = Sequence("donor", tokens)
     runner.prefill(donor)
     seq = Sequence("b", tokens)  # 10 of 15 tokens cached: mid-block boundary
-    runner.cache.allocator.share(donor.block_table[:3])
+    runner.blocks.share(donor.block_table[:3])
     seq.attach_cached(donor.block_table[:3], num_tokens=10)
     assert (runner.prefill(seq, all_logits=True) - expected[10:]).abs().max().item() <= ATOL
     whole = Sequence("c", tokens)  # everything cached: the last token is recomputed
-    runner.cache.allocator.share(donor.block_table)
+    runner.blocks.share(donor.block_table)
     whole.attach_cached(donor.block_table, num_tokens=15)
     assert (runner.prefill(whole) - expected[-1]).abs().max().item() <= ATOL
 

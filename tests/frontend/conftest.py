@@ -72,16 +72,16 @@ class ServerThread:
 
     def wait_freed(self, timeout_s: float = 10.0) -> None:
         """Wait until the engine holds no request and every KV block is free again."""
-        allocator = self.backend.engine.prefix_cache.allocator
+        blocks = self.backend.engine.blocks
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             if (self.backend.num_in_flight == 0 and self.backend.num_engine_requests == 0
-                    and allocator.num_free == NUM_BLOCKS):
+                    and blocks.num_free == NUM_BLOCKS):
                 return
             time.sleep(0.02)
         raise AssertionError(f"request not freed: in_flight={self.backend.num_in_flight} "
                              f"engine={self.backend.num_engine_requests} "
-                             f"free_blocks={allocator.num_free}/{NUM_BLOCKS}")
+                             f"free_blocks={blocks.num_free}/{NUM_BLOCKS}")
 
     def stop(self) -> None:
         self.call(self.server.stop(None))

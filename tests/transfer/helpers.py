@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
+from decode_worker.paged_sink import PagedCacheSink
 from kvcluster.engine.sequence import Sequence
-from kvcluster.transfer.paged_sink import PagedCacheSink
 from kvcluster.transfer.receiver import KVReceiver
 from kvcluster.transfer.security import ServerSecurity
 from kvcluster.transfer.server import TransferServer
@@ -30,8 +30,10 @@ class ReceiverNode:
         return sink
 
     def kv(self, request_id: str):
-        sink = self.sinks[request_id]
-        return sink.export(0, sink.seq.num_tokens)
+        seq = self.sinks[request_id].seq
+        block_size = self.runner.block_size
+        kv = self.runner.cache.export_blocks(seq.block_table[:-(-seq.num_tokens // block_size)])
+        return kv[:, :, :seq.num_tokens]
 
     def free(self, request_id: str) -> None:
         self.runner.free(self.sinks.pop(request_id).seq)

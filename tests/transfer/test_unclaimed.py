@@ -37,7 +37,7 @@ def test_unclaimed_result_is_discarded_after_its_ttl(
     tokens = prompt(40, seed=5)
     kv = prefill_kv(sender_runner, tokens)
     config = small_config(unclaimed_result_s=0.3)
-    free = receiver_runner.cache.allocator
+    free = receiver_runner.blocks
 
     async def main():
         async with receiver_node(receiver_runner, levels, config) as node:
@@ -57,7 +57,7 @@ def test_claimed_result_keeps_its_blocks_past_the_ttl(
     tokens = prompt(40, seed=6)
     kv = prefill_kv(sender_runner, tokens)
     config = small_config(unclaimed_result_s=0.2)
-    free = receiver_runner.cache.allocator
+    free = receiver_runner.blocks
 
     async def main():
         async with receiver_node(receiver_runner, levels, config) as node:
@@ -79,7 +79,7 @@ def test_result_given_up_on_is_discarded_when_it_arrives(
     tokens = prompt(40, seed=7)
     kv = prefill_kv(sender_runner, tokens)
     config = small_config(unclaimed_result_s=60.0)
-    free = receiver_runner.cache.allocator
+    free = receiver_runner.blocks
 
     async def main():
         async with receiver_node(receiver_runner, levels, config) as node:
