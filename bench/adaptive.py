@@ -397,10 +397,11 @@ def _source(data: dict, levels):
 
 def _levels(transform: bool = True):
     """The codec's levels; their encoders follow ``codec.transform`` (decoders read both)."""
+    from kvcluster.common.config import CodecConfig
     from kvstore.codec.factory import level_set
 
     label = "kvstore.codec" + ("" if transform else " (transform off)")
-    return level_set(transform=transform), label
+    return level_set(config=CodecConfig(transform=transform)), label
 
 
 def _runner(num_tokens: int):

@@ -57,8 +57,8 @@ class DecodeWorker:
         self.node = WorkerNode(config, instance_id, "decode", runner, bus)
         self.engine = LLMEngine(self.node.runner)
         self.speed = RecomputeSpeed()
-        self.receiver = KVReceiver(self.node.layout, level_set(), self._open_sink,
-                                   config.transfer, self.speed)
+        self.receiver = KVReceiver(self.node.layout, level_set(config=config.codec),
+                                   self._open_sink, config.transfer, self.speed)
         self.server = TransferServer(self.receiver, config.transfer,
                                      ServerSecurity.from_config(config.security))
         self._lock = threading.RLock()

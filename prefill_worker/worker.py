@@ -42,7 +42,7 @@ class PrefillWorker:
         self.config = config
         self.node = WorkerNode(config, instance_id, "prefill", runner, bus)
         self.levels = sender_levels(config.transfer.best_level, config.transfer.policy,
-                                    config.codec.transform)
+                                    config.codec)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"prefill-{instance_id}")
         self._senders: dict[str, KVSender] = {}
         self._queued_tokens = 0

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kvcluster.common import names
+from kvcluster.common.layout import DTYPE_SIZES
+
 T = TypeVar("T")
 
 
@@ -41,7 +44,7 @@ class ModelConfig:
     """"auto" picks cuda when present, else cpu."""
 
     def validate(self, path: str) -> None:
-        _check_choice(path + ".dtype", self.dtype, ("float32", "float16", "bfloat16"))
+        _check_choice(path + ".dtype", self.dtype, tuple(DTYPE_SIZES))
 
 
 @dataclass
@@ -73,7 +76,7 @@ class TierConfig:
 
     def validate(self, path: str) -> None:
         _check_positive(path + ".capacity_bytes", self.capacity_bytes)
-        _check_choice(path + ".policy", self.policy, ("lru", "s3fifo"))
+        _check_choice(path + ".policy", self.policy, names.EVICTION_POLICIES)
 
 
 @dataclass
@@ -96,7 +99,7 @@ class DiskTierConfig(TierConfig):
 
     def validate(self, path: str) -> None:
         super().validate(path)
-        _check_choice(path + ".compression", self.compression, ("none", "zstd"))
+        _check_choice(path + ".compression", self.compression, names.DISK_COMPRESSIONS)
         _check_positive(path + ".max_pending_writes", self.max_pending_writes)
         _check_positive(path + ".writer_threads", self.writer_threads)
         _check_positive(path + ".reader_threads", self.reader_threads)
@@ -138,28 +141,32 @@ class StoreConfig:
 @dataclass
 class CodecConfig:
     group_size: int = 10
-    """Tokens per anchor group (1..255)."""
+    """Tokens per anchor group (1..255) of the L0..L6 streams a prefill worker encodes.
+    Each stream records its own, so a receiver decodes any group size."""
     level: str = ""
-    """Level name (lossless, int8, L0..L6); empty: kvstore.codec.factory.default_level()."""
+    """The codec's default level (lossless, int8, L0..L6): the best level a sender
+    picks when ``transfer.best_level`` is "default" (lower levels stay available to
+    meet the SLO) and the level of every link's probe chunk unless
+    ``transfer.probe_level`` is set. Empty: the measured default
+    (kvstore.codec.factory.DEFAULT_LEVEL, docs/codec.md). To send every chunk at one
+    level, set ``transfer.policy`` to it."""
     attention_hint: bool = True
     """Prefill workers measure each token's attention from the prompt's last queries
-    and hand it to the level encoders (kvstore/codec/hint.py): with the transform, L0
-    1.98 instead of 2.61 bits/element (4.08x vs 3.10x smaller than int8) at top-1
-    98.7 % vs 97.9 % (docs/codec.md), for 1-3 % more prefill CPU. Off: fewer bytes
-    saved, but greedy continuations stay identical more often (5 vs 2 of 6 contexts)."""
+    and hand it to the level encoders (kvstore/codec/hint.py): fewer bits at equal
+    quality for a little more prefill CPU. Off: fewer bytes saved, but greedy
+    continuations stay identical more often (measured in docs/codec.md)."""
     transform: bool = True
     """Level encoders code in the model profile's transform coordinates (pre-RoPE
     keys, a KLT per plane; kvstore/codec/transform.py) when the profile has them:
-    ~0.5 bits/element smaller at equal quality, but slower on a CPU: one core
-    decodes ~590 vs ~1700 MB/s of fp16 and encodes ~250 vs ~320 (one 192x192 bf16
-    matmul per token and plane; docs/codec.md). Decoders read either."""
+    fewer bits at equal quality, but slower on a CPU (one 192x192 bf16 matmul per
+    token and plane; figures in docs/benchmarks.md). Decoders read either."""
 
     def validate(self, path: str) -> None:
         _check_positive(path + ".group_size", self.group_size)
         if self.group_size > 255:
             raise ConfigError(path + ".group_size", f"must be at most 255, got {self.group_size}")
-        if self.level and not (self.level in ("lossless", "int8") or self.level[:1] == "L"):
-            raise ConfigError(path + ".level", f"unknown codec level {self.level!r}")
+        if self.level:
+            _check_choice(path + ".level", self.level, names.CODEC_LEVELS)
 
 
 @dataclass
@@ -191,12 +198,12 @@ class TransferConfig:
     policy: str = "adaptive"
     """adaptive, recompute, lowest, best or a codec level name (always that level)."""
     best_level: str = "default"
-    """Best level the sender may pick: "default" (the codec's quality-checked default
-    level, so ample bandwidth never buys raw bytes), "" (every level, lossless first)
-    or a level name. A fixed ``policy`` level is always allowed."""
+    """Best level the sender may pick: "default" (``codec.level``, else the codec's
+    quality-checked default level, so ample bandwidth never buys raw bytes), "" (every
+    level, lossless first) or a level name. A fixed ``policy`` level is always allowed."""
     probe_level: str = ""
-    """Level of the first (probe) chunk on a link; empty: the codec's default level
-    (kvstore.codec.factory.default_level())."""
+    """Level of the first (probe) chunk on a link; empty: ``codec.level`` (else the
+    codec's measured default, kvstore.codec.factory.DEFAULT_LEVEL)."""
     bandwidth_alpha: float = 0.3
     """EWMA weight of the newest bandwidth sample."""
     bandwidth_safety: float = 0.8
@@ -255,6 +262,12 @@ class TransferConfig:
         _check_positive(path + ".bandwidth_window", self.bandwidth_window)
         if self.max_resends < 0:
             raise ConfigError(path + ".max_resends", "must be >= 0")
+        _check_choice(path + ".policy", self.policy,
+                      names.TRANSFER_POLICIES + names.CODEC_LEVELS)
+        _check_choice(path + ".best_level", self.best_level,
+                      ("default", "") + names.CODEC_LEVELS)
+        if self.probe_level:
+            _check_choice(path + ".probe_level", self.probe_level, names.CODEC_LEVELS)
 
 
 @dataclass
@@ -299,8 +312,7 @@ class RouterConfig:
     """How often a Redis-backed registry re-reads instance keys."""
 
     def validate(self, path: str) -> None:
-        _check_choice(path + ".policy", self.policy,
-                      ("kv_aware", "round_robin", "least_loaded", "prefix_only"))
+        _check_choice(path + ".policy", self.policy, names.ROUTING_POLICIES)
         _check_positive(path + ".heartbeat_ttl_s", self.heartbeat_ttl_s)
         _check_positive(path + ".prefill_tokens_per_s", self.prefill_tokens_per_s)
         _check_positive(path + ".silent_window_s", self.silent_window_s)
@@ -382,6 +394,11 @@ class ClusterConfig:
         if self.store.chunk_tokens % self.engine.block_size:
             raise ConfigError("store.chunk_tokens",
                               f"must be a multiple of engine.block_size ({self.engine.block_size})")
+        best = self.transfer.best_level
+        if self.codec.level and best not in ("", "default") and \
+                names.CODEC_LEVELS.index(self.codec.level) < names.CODEC_LEVELS.index(best):
+            raise ConfigError("codec.level", f"{self.codec.level} is better than "
+                              f"transfer.best_level {best}: the sender could never pick it")
         if self.workers.detached and not self.redis_url:
             raise ConfigError("workers.detached", "needs redis_url: in the embedded default one "
                               "front end drains each worker's events, so replicas cannot share")

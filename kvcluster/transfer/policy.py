@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
+from kvcluster.common.names import TRANSFER_POLICIES, check_registry
 from kvcluster.transfer.messages import TEXT_LEVEL
 
 
@@ -68,9 +69,18 @@ def make_policy(name: str, level_names: Sequence[str], probe_level: str | None =
         return AdaptivePolicy(level_names, probe_level=probe_level,
                               bandwidth_safety=bandwidth_safety,
                               slo_risk=DEFAULT_SLO_RISK if slo_risk is None else slo_risk)
-    aliases = {"recompute": TEXT_LEVEL, "lowest": level_names[-1], "best": level_names[0]}
-    level = aliases.get(name, name)
+    alias = _ALIASES.get(name)
+    level = alias(level_names) if alias is not None else name
     if level != TEXT_LEVEL and level not in level_names:
-        raise ValueError(f"unknown policy {name!r}: use adaptive, recompute, lowest, best "
-                         f"or one of {list(level_names)}")
+        raise ValueError(f"unknown policy {name!r}: use one of {list(TRANSFER_POLICIES)} "
+                         f"or of {list(level_names)}")
     return FixedLevelPolicy(level)
+
+
+_ALIASES: dict[str, Callable[[Sequence[str]], str]] = {
+    "recompute": lambda names: TEXT_LEVEL,
+    "lowest": lambda names: names[-1],
+    "best": lambda names: names[0],
+}
+"""Fixed-level policies named for a place in the level list (best quality first)."""
+check_registry("transfer policies", ("adaptive", *_ALIASES), TRANSFER_POLICIES)

@@ -1,10 +1,12 @@
 """Eviction policies behind one interface, chosen by name."""
 
+from kvcluster.common.names import EVICTION_POLICIES, check_registry
 from kvstore.policy.base import EvictionPolicy, IsPinned
 from kvstore.policy.lru import LRUPolicy
 from kvstore.policy.s3fifo import S3FIFOPolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "s3fifo": S3FIFOPolicy}
+check_registry("eviction policies", POLICIES, EVICTION_POLICIES)
 
 
 def make_policy(name: str, capacity_entries: int) -> EvictionPolicy:

@@ -37,6 +37,7 @@ import torch
 import zstandard
 
 from kvcluster.common.events import Tier
+from kvcluster.common.names import DISK_COMPRESSIONS
 from kvstore.chunk_spec import ChunkSpec
 from kvstore.copy import copy_kv
 from kvstore.policy import EvictionPolicy
@@ -76,8 +77,9 @@ class DiskTier(StorageTier):
         verify_on_start: bool = False,
     ):
         super().__init__(spec, capacity_bytes, policy, lock)
-        if compression not in ("none", "zstd"):
-            raise ValueError(f"disk compression must be none or zstd, got {compression!r}")
+        if compression not in DISK_COMPRESSIONS:
+            raise ValueError(f"disk compression must be one of {list(DISK_COMPRESSIONS)}, "
+                             f"got {compression!r}")
         self.root = Path(directory) / f"{spec.layout.identity}-T{spec.chunk_tokens}"
         self.root.mkdir(parents=True, exist_ok=True)
         self._dir_lock = lock_directory(self.root)
