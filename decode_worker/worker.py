@@ -22,7 +22,8 @@ from typing import AsyncIterator
 
 from decode_worker.paged_sink import PagedCacheSink
 from kvcluster.common.config import ClusterConfig
-from kvcluster.common.tasks import DecodeStep, DecodeTask, OverloadedError
+from kvcluster.common.errors import InvalidRequestError, OverloadedError
+from kvcluster.common.tasks import DecodeStep, DecodeTask
 from kvcluster.engine.llm_engine import LLMEngine, StepOutput
 from kvcluster.engine.runner import ModelRunner
 from kvcluster.engine.sequence import Sequence
@@ -86,6 +87,7 @@ class DecodeWorker:
 
         Raises:
             OverloadedError: ``workers.max_queue`` requests are already active.
+            InvalidRequestError: the prompt does not fit this worker's engine.
         """
         if len(self._active) >= self.config.workers.max_queue:
             self.metrics.count("overloaded")
@@ -97,9 +99,7 @@ class DecodeWorker:
         try:
             with request_context(task.request_id):  # not across yields: the consumer's context
                 blocks = await self._prefix_blocks(task, active)
-                with self._lock:
-                    self.engine.add_request(task.request_id, task.token_ids, task.params,
-                                            cached_blocks=blocks, tenant_salt=task.tenant)
+                self._add_request(task, blocks)
             self._wake.set()
             num_tokens = 0
             async for step in self._drain(active):
@@ -115,6 +115,15 @@ class DecodeWorker:
 
     def load(self):
         return self.node.load(active_decode_requests=len(self._active))
+
+    def _add_request(self, task: DecodeTask, blocks: list[int]) -> None:
+        with self._lock:
+            try:
+                self.engine.add_request(task.request_id, task.token_ids, task.params,
+                                        cached_blocks=blocks, tenant_salt=task.tenant)
+            except ValueError as exc:  # too long for this engine: the request's fault
+                self.node.runner.blocks.free(blocks)  # the engine did not take them
+                raise InvalidRequestError(str(exc)) from exc
 
     def _observe_done(self, active: _Active, num_tokens: int) -> None:
         elapsed_s = time.perf_counter() - active.arrived_s

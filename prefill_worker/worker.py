@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from kvcluster.common.config import ClusterConfig
-from kvcluster.common.tasks import OverloadedError, PrefillResult, PrefillTask
+from kvcluster.common.errors import OverloadedError
+from kvcluster.common.tasks import PrefillResult, PrefillTask
 from kvcluster.engine.attention_importance import prefill_with_importance
 from kvcluster.engine.runner import ModelRunner
 from kvcluster.engine.sequence import Sequence

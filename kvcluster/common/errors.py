@@ -60,5 +60,11 @@ class OverloadedError(KVClusterError):
     code = RESOURCE_EXHAUSTED
 
 
+class RateLimitedError(KVClusterError):
+    """A tenant is over its request rate: may succeed later."""
+
+    code = RESOURCE_EXHAUSTED
+
+
 class UnavailableError(KVClusterError):
     code = UNAVAILABLE

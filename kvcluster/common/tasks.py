@@ -11,10 +11,6 @@ from dataclasses import dataclass, field
 from kvcluster.common.sampling import SamplingParams
 
 
-class OverloadedError(RuntimeError):
-    """The worker's bounded queue is full: answer RESOURCE_EXHAUSTED, don't queue."""
-
-
 @dataclass(frozen=True)
 class PrefillTask:
     request_id: str

@@ -56,7 +56,6 @@ class LocalCluster:
         settings = hash_settings(info["model_id"], info["block_size"])
         routers = [self._router(role, settings) for role in ("prefill", "decode")]
         self.backend = RayClusterBackend(self.config, self.pools, info["model_id"], *routers,
-                                         block_size=info["block_size"],
                                          metrics=self.router_metrics)
         await self.backend.start()
         tokenizer = Tokenizer.from_pretrained(resolve_model(self.config.model.path))

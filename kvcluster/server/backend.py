@@ -22,29 +22,8 @@ from typing import AsyncIterator
 
 from kvcluster.common.requests import FinalEvent, GenerateRequest, TokenEvent
 
-RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
-UNAVAILABLE = "UNAVAILABLE"
-INTERNAL = "INTERNAL"
-INVALID_ARGUMENT = "INVALID_ARGUMENT"
-DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
-BACKEND_CODES = (RESOURCE_EXHAUSTED, UNAVAILABLE, INTERNAL, INVALID_ARGUMENT, DEADLINE_EXCEEDED)
-
 FINISH = "finish"
 """Sent into a backend's generator (``asend``) to end the request now with a FinalEvent."""
-
-
-class BackendError(Exception):
-    """A request the backend cannot serve; ``code`` is a gRPC status name."""
-
-    def __init__(self, code: str, message: str):
-        if code not in BACKEND_CODES:
-            raise ValueError(f"unknown backend error code {code!r} (known: {BACKEND_CODES})")
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __reduce__(self):  # picklable across processes (Ray)
-        return (BackendError, (self.code, self.message))
 
 
 class GenerateBackend(abc.ABC):
@@ -55,7 +34,10 @@ class GenerateBackend(abc.ABC):
         Implemented as ``async def generate(...)`` containing ``yield``.
 
         Raises:
-            BackendError: RESOURCE_EXHAUSTED (overloaded), UNAVAILABLE, INTERNAL, ...
+            kvcluster.common.errors.KVClusterError: a request the backend cannot serve, with
+                its code (OverloadedError: RESOURCE_EXHAUSTED, UnavailableError, ...),
+                a worker's included. Any other exception is a bug (the front end answers
+                INTERNAL).
         """
 
     @abc.abstractmethod

@@ -14,6 +14,12 @@ conversation is routed with the blocks this one stored). A decode
 actor that dies mid-generation is replaced: the request resumes on another
 decode instance from its prompt plus the tokens already streamed (greedy
 output is therefore identical), or fails with a clear error.
+
+A worker's :class:`~kvcluster.common.errors.KVClusterError` (a full queue, a
+prompt its engine cannot hold) comes out of Ray wrapped in ``RayTaskError``; it
+is unwrapped here and raised with its own code, so the client sees
+RESOURCE_EXHAUSTED or INVALID_ARGUMENT as in the embedded backend. A full
+prefill queue only costs the transfer: the decode worker computes the prompt.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ from collections import deque
 from typing import AsyncIterator
 
 from kvcluster.common.config import ClusterConfig
+from kvcluster.common.errors import KVClusterError, UnavailableError
 from kvcluster.common.hashing import ExtraKeys
 from kvcluster.common.requests import FinalEvent, GenerateRequest, TokenEvent
 from kvcluster.common.tasks import DecodeStep, DecodeTask, PrefillTask
 from kvcluster.observability.metrics import RouterMetrics
 from kvcluster.runtime.pools import WorkerHandle, WorkerPools
-from kvcluster.server.backend import BackendError, GenerateBackend
+from kvcluster.server.backend import GenerateBackend
 from kvcluster.worker.relay import forward
 from router.decision import RouteRequest
 from router.router import NoInstanceError, Router
@@ -42,12 +49,11 @@ MAX_DECODE_ATTEMPTS = 3
 
 class RayClusterBackend(GenerateBackend):
     def __init__(self, config: ClusterConfig, pools: WorkerPools, model_id: str,
-                 prefill_router: Router, decode_router: Router, block_size: int,
+                 prefill_router: Router, decode_router: Router,
                  poll_interval_s: float = 0.5, metrics: RouterMetrics | None = None):
         self.config = config
         self.pools = pools
         self.model_id = model_id
-        self.block_size = block_size
         self.routers = {"prefill": prefill_router, "decode": decode_router}
         self.poll_interval_s = poll_interval_s
         self.stats = {"prefill_results": deque(maxlen=10_000), "decode_retries": 0}
@@ -91,7 +97,7 @@ class RayClusterBackend(GenerateBackend):
                 log.warning("request %s: decode %s died after %d tokens (%s); resuming",
                             request.request_id, decode.instance_id, len(outputs), exc)
                 if attempt + 1 == MAX_DECODE_ATTEMPTS:
-                    raise BackendError("UNAVAILABLE", f"decode workers kept failing: {exc}")
+                    raise UnavailableError(f"decode workers kept failing: {exc}")
                 self.routers["decode"].registry.deregister(decode.instance_id)
                 decode = self._pick("decode", route)
         await self._relay_events_of(decode, served_by.get("prefill"))
@@ -119,7 +125,7 @@ class RayClusterBackend(GenerateBackend):
         try:
             decision = self.routers[role].route(route)
         except NoInstanceError as exc:
-            raise BackendError("UNAVAILABLE", f"no live {role} worker: {exc}") from exc
+            raise UnavailableError(f"no live {role} worker: {exc}") from exc
         self.metrics.observe_decision(role, decision)
         return self.pools.by_id(decision.instance_id)
 
@@ -145,7 +151,7 @@ class RayClusterBackend(GenerateBackend):
         """A prefill instance, or None (the decoder computes) when none is alive."""
         try:
             return self._pick("prefill", route)
-        except BackendError as exc:
+        except UnavailableError as exc:
             log.warning("request %s: %s; the decode worker computes the prompt",
                         route.request_id, exc.message)
             return None
@@ -168,31 +174,42 @@ class RayClusterBackend(GenerateBackend):
         import ray
 
         stream = decode.actor.generate.options(num_returns="streaming").remote(task)
-        prefill_done = None
+        prefill_ref = prefill_done = None
         if prefill is not None:
-            ref = prefill.actor.prefill.remote(PrefillTask(
+            prefill_ref = prefill.actor.prefill.remote(PrefillTask(
                 task.request_id, task.token_ids, request.tenant, decode.address,
                 request.slo_ms))
             prefill_done = asyncio.ensure_future(
-                self._collect_prefill(ref, prefill, decode, task, served_by))
+                self._collect_prefill(prefill_ref, prefill, decode, task, served_by))
         try:
             async for ref in stream:
                 yield await ref
         except ray.exceptions.RayActorError as exc:
             raise _ActorDied(str(exc)) from exc
+        except ray.exceptions.RayTaskError as exc:  # D raised: no one will take P's KV
+            if prefill_ref is not None:
+                ray.cancel(prefill_ref)
+            raise worker_error(exc) from None
         finally:
             if prefill_done is not None:
                 await prefill_done
 
     async def _collect_prefill(self, ref, prefill: WorkerHandle, decode: WorkerHandle,
                                task: DecodeTask, served_by: dict[str, str]) -> None:
+        import ray
+
         try:
             result = await ref
             self.stats["prefill_results"].append(result)
             if result.transfer_ok:
                 served_by["prefill"] = prefill.instance_id
+        except ray.exceptions.TaskCancelledError:  # the decoder failed first (see _decode)
+            return
         except Exception as exc:  # tell the decoder not to wait: it recomputes instead
-            log.warning("request %s: prefill failed (%s)", task.request_id, exc)
+            error = worker_error(exc)
+            log.warning("request %s: prefill on %s failed (%s: %s); the decode worker "
+                        "computes the prompt", task.request_id, prefill.instance_id,
+                        getattr(error, "code", type(error).__name__), error)
             try:
                 await decode.actor.abandon_kv.remote(task.request_id)
             except Exception:
@@ -255,6 +272,13 @@ class RayClusterBackend(GenerateBackend):
                 handle.actor.poll.remote(resync), self.poll_interval_s * 4)
             forward(router.bus, batches)
         return load, address
+
+
+def worker_error(exc) -> BaseException:
+    """What a worker raised, out of Ray's ``RayTaskError``: its own KVClusterError (code
+    and message intact, it pickles with them), else ``exc`` itself (a bug: INTERNAL)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, KVClusterError) else exc
 
 
 class _ActorDied(RuntimeError):

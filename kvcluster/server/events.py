@@ -18,9 +18,10 @@ import asyncio
 import time
 from typing import AsyncIterator
 
+from kvcluster.common.errors import KVClusterError
 from kvcluster.common.requests import FinalEvent, TokenEvent
 from kvcluster.engine.tokenizer import Tokenizer
-from kvcluster.server.backend import FINISH, INTERNAL, BackendError, GenerateBackend
+from kvcluster.server.backend import FINISH, GenerateBackend
 from kvcluster.server.frontend_input import ParsedRequest
 from kvcluster.server.frontend_text import TextStream
 
@@ -30,7 +31,7 @@ async def text_events(backend: GenerateBackend, tokenizer: Tokenizer,
     """The backend's stream for ``parsed`` with text deltas and stop strings applied.
 
     Raises:
-        BackendError (or any error with a ``code``): what the backend raised.
+        KVClusterError: what the backend raised (its ``code`` says the status).
         TimeoutError: the request's deadline passed.
     """
     request = parsed.request
@@ -77,7 +78,7 @@ async def _next(stream, command, deadline: float | None):
 
 def _final(event, request_id: str, num_sent_if_stopped: int | None) -> FinalEvent:
     if not isinstance(event, FinalEvent):
-        raise BackendError(INTERNAL, "backend ended the stream without a final event")
+        raise KVClusterError("backend ended the stream without a final event")  # INTERNAL
     fields = dict(event.__dict__, request_id=request_id)
     if num_sent_if_stopped is not None:  # a stop string ended the text
         fields.update(finish_reason="stop", num_output_tokens=num_sent_if_stopped)

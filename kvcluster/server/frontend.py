@@ -7,7 +7,8 @@ Per call::
     tenant rate limit             (RESOURCE_EXHAUSTED)
     tokenize + size/sampling checks (INVALID_ARGUMENT)
     backend.generate(request)     TokenEvent* FinalEvent -> chunk* final
-                                  (BackendError -> its status; deadline -> DEADLINE_EXCEEDED)
+                                  (KVClusterError -> status.grpc_status(code);
+                                   deadline -> DEADLINE_EXCEEDED; a bug -> INTERNAL)
 
 A client cancel or an expired deadline cancels the handler; the backend's
 generator is then closed, which frees the request in the engine. Also served:
@@ -27,16 +28,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvcluster.common.config import ClusterConfig
+from kvcluster.common.errors import InvalidRequestError, KVClusterError
 from kvcluster.common.requests import FinalEvent, TokenEvent
 from kvcluster.engine.tokenizer import Tokenizer
 from kvcluster.observability.logs import request_context
 from kvcluster.observability.metrics import FrontendMetrics
 from kvcluster.proto.convert_generate import event_to_proto
 from kvcluster.proto.kvcluster.v1 import generate_pb2 as pb
-from kvcluster.server.backend import BackendError, GenerateBackend
+from kvcluster.server import status
+from kvcluster.server.backend import GenerateBackend
 from kvcluster.server.events import text_events
 from kvcluster.server.frontend_input import ParsedRequest, build_request, parse_wire
-from kvcluster.server.limits import INVALID_ARGUMENT, LimitError, TenantRateLimiter
+from kvcluster.server.limits import TenantRateLimiter
 from kvcluster.transfer.security import ServerSecurity
 
 log = logging.getLogger("kvcluster.frontend")
@@ -93,9 +96,9 @@ class GenerateServicer:
                                 "Bearer <token>)")
         try:
             parsed = self._admit(data, tenant, context.time_remaining())
-        except LimitError as exc:
-            log.info("rejected: %s", exc.message)
-            await context.abort(grpc.StatusCode[exc.code], exc.message)
+        except KVClusterError as exc:
+            log.info("rejected (%s): %s", exc.code, exc.message)
+            await context.abort(status.grpc_status(exc.code), exc.message)
         with request_context(parsed.request.request_id):
             async for response in self._serve(parsed, context):
                 yield response
@@ -105,7 +108,7 @@ class GenerateServicer:
         if not self.security.tokens:
             tenant = msg.tenant  # auth off (embedded default): the request names its tenant
         if len(tenant) > MAX_TENANT_CHARS:
-            raise LimitError(INVALID_ARGUMENT, f"tenant is longer than {MAX_TENANT_CHARS} chars")
+            raise InvalidRequestError(f"tenant is longer than {MAX_TENANT_CHARS} chars")
         self.rate_limiter.acquire(tenant)
         return build_request(msg, tenant=tenant, tokenizer=self.tokenizer, limits=self.limits,
                              time_remaining_s=time_remaining_s)
@@ -128,9 +131,9 @@ class GenerateServicer:
                              event.finish_reason, event.ttft_ms, event.num_cached_tokens,
                              event.num_prompt_tokens, event.num_output_tokens,
                              time.perf_counter() - began)
-        except BackendError as exc:
-            log.warning("backend error %s: %s", exc.code, exc.message)
-            await context.abort(grpc.StatusCode[exc.code], exc.message)
+        except KVClusterError as exc:  # a worker's or backend's, whichever process raised it
+            log.warning("request failed %s: %s", exc.code, exc.message)
+            await context.abort(status.grpc_status(exc.code), exc.message)
         except TimeoutError:
             log.info("deadline exceeded after %.3f s", time.perf_counter() - began)
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")

@@ -4,7 +4,7 @@
 (tokenize, chat template, sampling and size checks) and is shared with the HTTP
 front end, which builds the same inputs from its JSON body.
 Everything a request can get wrong is answered here, before any backend work,
-with a :class:`LimitError` carrying the gRPC status name: INVALID_ARGUMENT for
+with an :class:`~kvcluster.common.errors.InvalidRequestError` (INVALID_ARGUMENT) for
 requests that can never succeed (bad bytes, bad sampling values, empty or
 too-long prompts, unknown token ids).
 """
@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from kvcluster.common.config import LimitsConfig
+from kvcluster.common.errors import InvalidRequestError
 from kvcluster.common.requests import GenerateRequest
 from kvcluster.common.sampling import SamplingParams
 from kvcluster.engine.tokenizer import Tokenizer
 from kvcluster.proto import convert_generate as convert
 from kvcluster.proto.kvcluster.v1 import generate_pb2 as pb
-from kvcluster.server.limits import INVALID_ARGUMENT, LimitError, check_request_size
+from kvcluster.server.limits import check_request_size
 
 MIN_TEMPERATURE = 1e-5
 """Smaller positive temperatures overflow the logits; they are treated as greedy (0)."""
@@ -44,7 +45,7 @@ def parse_wire(data: bytes) -> pb.GenerateRequest:
     try:
         return pb.GenerateRequest.FromString(data)
     except (DecodeError, ValueError, RuntimeError) as exc:
-        raise LimitError(INVALID_ARGUMENT, f"request is not a valid GenerateRequest: {exc}") from exc
+        raise InvalidRequestError(f"request is not a valid GenerateRequest: {exc}") from exc
 
 
 def build_request(msg: pb.GenerateRequest, *, tenant: str, tokenizer: Tokenizer,
@@ -55,7 +56,7 @@ def build_request(msg: pb.GenerateRequest, *, tenant: str, tokenizer: Tokenizer,
         tenant: the authenticated tenant (or the request's own when auth is off).
         time_remaining_s: the call's deadline, seconds from now (None: no deadline).
     Raises:
-        LimitError: INVALID_ARGUMENT with a message naming the bad field.
+        InvalidRequestError: a message naming the bad field.
     """
     try:
         default_max = min(convert.DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens)
@@ -63,7 +64,7 @@ def build_request(msg: pb.GenerateRequest, *, tenant: str, tokenizer: Tokenizer,
         stop = convert.stop_strings_from_proto(msg)
         prompt = convert.prompt_from_proto(msg)
     except ValueError as exc:
-        raise LimitError(INVALID_ARGUMENT, str(exc)) from exc
+        raise InvalidRequestError(str(exc)) from exc
     return admit_prompt(prompt, params, stop, tenant=tenant, tokenizer=tokenizer, limits=limits,
                         slo_ms=msg.slo_ms, request_id=msg.request_id,
                         time_remaining_s=time_remaining_s)
@@ -78,7 +79,7 @@ def admit_prompt(prompt: convert.PromptInput, params: SamplingParams, stop: tupl
         prompt: text, chat messages (rendered with the model's chat template) or token ids.
         request_id: the caller's id ("" or absent: a fresh one).
     Raises:
-        LimitError: INVALID_ARGUMENT with a message naming the bad field.
+        InvalidRequestError: a message naming the bad field.
     """
     try:
         params = _greedy_if_tiny_temperature(params)
@@ -87,7 +88,7 @@ def admit_prompt(prompt: convert.PromptInput, params: SamplingParams, stop: tupl
         if not slo_ms >= 0:  # also rejects NaN
             raise ValueError(f"slo_ms must be >= 0, got {slo_ms}")
     except ValueError as exc:
-        raise LimitError(INVALID_ARGUMENT, str(exc)) from exc
+        raise InvalidRequestError(str(exc)) from exc
     check_request_size(limits, num_prompt_tokens=len(prompt_ids),
                        max_new_tokens=params.max_new_tokens)
     deadline = None if time_remaining_s is None else time.time() + time_remaining_s
@@ -131,5 +132,5 @@ def _checked_stop(stop: tuple[str, ...]) -> tuple[str, ...]:
 
 def _request_id(given: str) -> str:
     if len(given) > 128 or not given.isprintable():
-        raise LimitError(INVALID_ARGUMENT, "request_id must be at most 128 printable characters")
+        raise InvalidRequestError("request_id must be at most 128 printable characters")
     return given or uuid.uuid4().hex

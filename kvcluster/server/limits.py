@@ -1,8 +1,8 @@
 """Per-tenant request limits: sizes checked up front, rates by token bucket.
 
-Every violation becomes a :class:`LimitError` carrying the gRPC status a
-front end should answer with (INVALID_ARGUMENT for a request that can never
-succeed, RESOURCE_EXHAUSTED for one that may succeed later).
+Every violation is a :class:`kvcluster.common.errors.KVClusterError`:
+:class:`InvalidRequestError` (INVALID_ARGUMENT) for a request that can never
+succeed, :class:`RateLimitedError` (RESOURCE_EXHAUSTED) for one that may succeed later.
 """
 
 from __future__ import annotations
@@ -12,29 +12,20 @@ import time
 from dataclasses import dataclass
 
 from kvcluster.common.config import LimitsConfig
-
-INVALID_ARGUMENT = "INVALID_ARGUMENT"
-RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
-
-
-class LimitError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+from kvcluster.common.errors import InvalidRequestError, RateLimitedError
 
 
 def check_request_size(limits: LimitsConfig, *, num_prompt_tokens: int,
                        max_new_tokens: int) -> None:
-    """Raise INVALID_ARGUMENT when a request exceeds the configured sizes."""
+    """Raise InvalidRequestError when a request exceeds the configured sizes."""
     if num_prompt_tokens <= 0:
-        raise LimitError(INVALID_ARGUMENT, "prompt is empty")
+        raise InvalidRequestError("prompt is empty")
     if num_prompt_tokens > limits.max_prompt_tokens:
-        raise LimitError(INVALID_ARGUMENT, f"prompt has {num_prompt_tokens} tokens; "
-                         f"the limit is {limits.max_prompt_tokens}")
+        raise InvalidRequestError(f"prompt has {num_prompt_tokens} tokens; "
+                                  f"the limit is {limits.max_prompt_tokens}")
     if not 1 <= max_new_tokens <= limits.max_new_tokens:
-        raise LimitError(INVALID_ARGUMENT, f"max_new_tokens={max_new_tokens} must be in "
-                         f"[1, {limits.max_new_tokens}]")
+        raise InvalidRequestError(f"max_new_tokens={max_new_tokens} must be in "
+                                  f"[1, {limits.max_new_tokens}]")
 
 
 @dataclass
@@ -70,13 +61,13 @@ class TenantRateLimiter:
         return len(self._buckets)
 
     def acquire(self, tenant: str) -> None:
-        """Take one request's token or raise RESOURCE_EXHAUSTED."""
+        """Take one request's token or raise RateLimitedError."""
         with self._lock:
             bucket = self._refill(tenant)
             if bucket.tokens < 1.0:
                 wait_s = (1.0 - bucket.tokens) / self._rate
-                raise LimitError(RESOURCE_EXHAUSTED, f"tenant {tenant!r} is over its rate "
-                                 f"limit of {self._rate:g} requests/s; retry in {wait_s:.2f} s")
+                raise RateLimitedError(f"tenant {tenant!r} is over its rate limit of "
+                                       f"{self._rate:g} requests/s; retry in {wait_s:.2f} s")
             bucket.tokens -= 1.0
 
     def _refill(self, tenant: str) -> _Bucket:

@@ -24,18 +24,16 @@ import time
 from dataclasses import dataclass, field
 
 from kvcluster.common.config import ClusterConfig
+from kvcluster.common.errors import (
+    InvalidRequestError,
+    KVClusterError,
+    OverloadedError,
+    UnavailableError,
+)
 from kvcluster.common.requests import FinalEvent, GenerateRequest, TokenEvent
 from kvcluster.engine.llm_engine import LLMEngine, StepOutput
 from kvcluster.engine.sequence import Sequence
-from kvcluster.server.backend import (
-    FINISH,
-    INTERNAL,
-    INVALID_ARGUMENT,
-    RESOURCE_EXHAUSTED,
-    UNAVAILABLE,
-    BackendError,
-    GenerateBackend,
-)
+from kvcluster.server.backend import FINISH, GenerateBackend
 
 log = logging.getLogger("kvcluster.local_backend")
 
@@ -93,7 +91,7 @@ class LocalBackend(GenerateBackend):
         try:
             while True:
                 item = await entry.queue.get()
-                if isinstance(item, BackendError):
+                if isinstance(item, KVClusterError):
                     finished = True
                     raise item
                 command = yield item
@@ -128,13 +126,13 @@ class LocalBackend(GenerateBackend):
 
     def _admit(self, request: GenerateRequest) -> _Entry:
         if self._closed:
-            raise BackendError(UNAVAILABLE, "backend is shut down")
+            raise UnavailableError("backend is shut down")
         engine_id = f"{request.request_id}#{next(self._ids)}"  # unique even if ids repeat
         entry = _Entry(request, engine_id, asyncio.get_running_loop())
         with self._lock:
             if len(self._entries) >= self.max_queue:
-                raise BackendError(RESOURCE_EXHAUSTED, f"overloaded: {len(self._entries)} "
-                                   f"requests in flight (limit {self.max_queue}); retry later")
+                raise OverloadedError(f"overloaded: {len(self._entries)} requests in flight "
+                                      f"(limit {self.max_queue}); retry later")
             self._entries[engine_id] = entry
         self._send("add", engine_id)
         return entry
@@ -157,13 +155,13 @@ class LocalBackend(GenerateBackend):
                 outputs = self.engine.step()
             except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
                 log.exception("engine step failed")
-                self._fail_all(BackendError(INTERNAL, f"engine step failed: {exc}"))
+                self._fail_all(KVClusterError(f"engine step failed: {exc}"))  # INTERNAL
                 continue
             self._deliver(outputs)
             rest = self.min_step_interval_s - (time.perf_counter() - began)
             if rest > 0:
                 time.sleep(rest)
-        self._fail_all(BackendError(UNAVAILABLE, "backend is shut down"))
+        self._fail_all(UnavailableError("backend is shut down"))
 
     def _apply_commands(self) -> None:
         while True:
@@ -188,7 +186,7 @@ class LocalBackend(GenerateBackend):
             self.engine.add_request(engine_id, request.prompt_token_ids, request.params,
                                     tenant_salt=request.tenant)
         except ValueError as exc:
-            self._post(entry, BackendError(INVALID_ARGUMENT, str(exc)))
+            self._post(entry, InvalidRequestError(str(exc)))
             self._forget(engine_id)
 
     def _finish_early(self, engine_id: str) -> None:
@@ -218,7 +216,7 @@ class LocalBackend(GenerateBackend):
                           seq.num_prompt_tokens, seq.num_cached_tokens, len(seq.output_ids),
                           entry.request.request_id)
 
-    def _fail_all(self, error: BackendError) -> None:
+    def _fail_all(self, error: KVClusterError) -> None:
         for engine_id, entry in list(self._entries.items()):
             self.engine.abort(engine_id)
             self._post(entry, error)

@@ -1,4 +1,5 @@
-"""Backend failures reach the client as their gRPC status; logs carry the request id."""
+"""Backend failures reach the client as their gRPC status (any KVClusterError, through
+kvcluster.server.status); bugs as INTERNAL without details; logs carry the request id."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import threading
 import grpc
 import pytest
 
+from kvcluster.common import errors
 from kvcluster.common.requests import FinalEvent, GenerateRequest, TokenEvent
 from kvcluster.observability.logs import JsonFormatter
 from kvcluster.proto.kvcluster.v1 import generate_pb2 as pb
-from kvcluster.server.backend import BackendError, GenerateBackend
+from kvcluster.server.backend import GenerateBackend
 from kvcluster.server.frontend import serve_frontend
 from tests.frontend.conftest import make_config
 from tests.frontend.helpers import call, status_of
@@ -27,11 +29,17 @@ class ScriptedBackend(GenerateBackend):
         yield TokenEvent((2,))
         action = request.prompt_token_ids[0]
         if action == 1:
-            raise BackendError("UNAVAILABLE", "decode instance lost")
+            raise errors.UnavailableError("decode instance lost")
         if action == 2:
             raise RuntimeError("secret internal detail")
         if action == 3:
             return  # ends without the final event: a protocol violation
+        if action == 4:
+            raise errors.OverloadedError("decode worker decode-0 has 8 active requests")
+        if action == 5:
+            raise errors.InvalidRequestError("prompt too long for max_model_len=512")
+        if action == 6:
+            raise errors.KVClusterError("no such model", errors.NOT_FOUND)
         yield FinalEvent("length", 1.0, "p", "d", len(request.prompt_token_ids), 0, 2)
 
     async def healthy(self) -> bool:
@@ -63,6 +71,9 @@ def _request(action: int, request_id: str = "") -> pb.GenerateRequest:
     (1, grpc.StatusCode.UNAVAILABLE, "decode instance lost"),
     (2, grpc.StatusCode.INTERNAL, "internal error (request id act-2)"),
     (3, grpc.StatusCode.INTERNAL, "backend ended the stream without a final event"),
+    (4, grpc.StatusCode.RESOURCE_EXHAUSTED, "decode worker decode-0 has 8 active requests"),
+    (5, grpc.StatusCode.INVALID_ARGUMENT, "prompt too long for max_model_len=512"),
+    (6, grpc.StatusCode.NOT_FOUND, "no such model"),
 ])
 def test_backend_failures_map_to_statuses(scripted, action, code, message):
     got_code, details = status_of(scripted, _request(action, f"act-{action}"))

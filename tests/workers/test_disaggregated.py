@@ -8,7 +8,8 @@ import pytest
 
 from decode_worker.worker import DecodeWorker
 from kvcluster.common.sampling import SamplingParams
-from kvcluster.common.tasks import DecodeTask, OverloadedError, PrefillTask
+from kvcluster.common.errors import OverloadedError
+from kvcluster.common.tasks import DecodeTask, PrefillTask
 from kvcluster.engine.llm_engine import LLMEngine
 from kvcluster.worker.node import build_runner
 from tests.workers.conftest import running_workers, tiny_config

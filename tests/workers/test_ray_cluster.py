@@ -7,12 +7,17 @@ the later ones kill actors.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent import futures
 
+import grpc
 import pytest
 
 from kvcluster.client import KVClusterClient, TokenEvent
+from kvcluster.client.sync_client import GenerateError
 from kvcluster.common.sampling import SamplingParams
+from kvcluster.common.tasks import DecodeTask, PrefillTask
 from kvcluster.engine.llm_engine import LLMEngine
 from kvcluster.engine.tokenizer import Tokenizer
 from kvcluster.runtime.launcher import ClusterThread
@@ -57,6 +62,56 @@ def test_request_goes_through_prefill_and_decode_pools(cluster, tiny_model):
     assert second.final.num_cached_tokens >= 128
     assert second.final.decode_instance == first.final.decode_instance
     assert second.final.prefill_instance == ""  # no transfer needed
+
+
+def test_full_decode_queues_answer_resource_exhausted(cluster):
+    """Every decode actor at ``workers.max_queue``: the actor's OverloadedError
+    reaches the client as RESOURCE_EXHAUSTED through Ray, not as INTERNAL."""
+    pools = cluster.cluster.pools
+    held = _hold_decode_slots(pools.decode, cluster.cluster.config.workers.max_queue)
+    try:
+        with KVClusterClient(cluster.address) as client, pytest.raises(GenerateError) as info:
+            client.generate("Overloaded? " + DOC, params=SamplingParams(max_new_tokens=3),
+                            timeout_s=60)
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+        assert "active requests" in info.value.details
+    finally:
+        _release_decode_slots(held)
+
+
+def test_prompt_too_long_for_the_workers_engine_is_invalid_argument(cluster):
+    """Within the front end's limits but over the engine's ``max_model_len``: the
+    decode worker's InvalidRequestError keeps its code across Ray."""
+    max_model_len = cluster.cluster.config.engine.max_model_len
+    prompt = "Too long. " + DOC * 4
+    with KVClusterClient(cluster.address) as client, pytest.raises(GenerateError) as info:
+        client.generate(prompt, params=SamplingParams(max_new_tokens=3), timeout_s=60)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert f"max_model_len={max_model_len}" in info.value.details
+
+
+def test_full_prefill_queue_leaves_the_prompt_to_the_decoder(cluster, tiny_model):
+    """The prefill actor at ``workers.max_queue`` answers OverloadedError at once;
+    the request is still served, the decode worker computing the prompt."""
+    pools = cluster.cluster.pools
+    max_queue = cluster.cluster.config.workers.max_queue
+    with _stalling_receiver() as (stall_address, release):
+        refs = [pools.prefill[0].actor.prefill.remote(PrefillTask(
+            f"hold-p{i}", tuple(range(1, 40)), "", stall_address)) for i in range(max_queue)]
+        _wait_for(lambda: _load(pools.prefill[0]).queued_prefill_tokens >= max_queue * 39)
+        prompt = "Prefill is full. " + DOC
+        with KVClusterClient(cluster.address) as client:
+            result = client.generate(prompt, params=SamplingParams(max_new_tokens=4),
+                                     timeout_s=60)
+        release()
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=60)
+        assert len(done) == len(refs)  # the held tasks end (their receiver went away)
+    assert result.final.prefill_instance == ""
+    assert result.final.num_output_tokens == 4
+    prompt_ids = Tokenizer.from_pretrained(tiny_model).encode(prompt)
+    assert list(result.token_ids) == _expected(tiny_model, prompt_ids, 4)
+    stats = ray.get(pools.prefill[0].actor.stats.remote(), timeout=10)
+    assert stats["pid"]  # the actor survived its full queue
 
 
 def test_decode_actor_killed_mid_generation_resumes(cluster, tiny_model):
@@ -119,3 +174,67 @@ def _busy_decode_actor(cluster):
         if load.active_decode_requests:
             return handle
     return pools.decode[0]
+
+
+def _load(handle):
+    load, _, _ = ray.get(handle.actor.poll.remote(False), timeout=10)
+    return load
+
+
+def _wait_for(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert time.time() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def _hold_decode_slots(handles, max_queue: int) -> list:
+    """Fill every decode actor's queue with tasks that wait for KV no one sends
+    (no compute); returns (handle, request id, stream) per task."""
+    held = []
+    for handle in handles:
+        for i in range(max_queue):
+            request_id = f"hold-{handle.instance_id}-{i}"
+            task = DecodeTask(request_id, (1, 2, 3, 4, 5), SamplingParams(max_new_tokens=1),
+                              expect_kv=True, kv_timeout_s=60.0)
+            held.append((handle, request_id,
+                         handle.actor.generate.options(num_returns="streaming").remote(task)))
+    for handle in handles:
+        _wait_for(lambda h=handle: _load(h).active_decode_requests >= max_queue)
+    return held
+
+
+def _release_decode_slots(held: list) -> None:
+    """Tell each held task its KV is not coming: it computes its one token and ends."""
+    ray.get([handle.actor.abandon_kv.remote(request_id) for handle, request_id, _ in held],
+            timeout=30)
+    for _, _, stream in held:
+        for ref in stream:
+            ray.get(ref, timeout=60)
+
+
+class _stalling_receiver:
+    """A gRPC server on 127.0.0.1 whose KV-transfer methods hang until released
+    (then answer UNAVAILABLE): senders to it hold their prefill slot meanwhile."""
+
+    def __enter__(self):
+        from kvcluster.transfer.server import SERVICE
+
+        self._released = threading.Event()
+
+        def stall(request, context):
+            self._released.wait(60)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "stalling receiver released")
+
+        handlers = {"GetReceiverInfo": grpc.unary_unary_rpc_method_handler(stall),
+                    "StreamKV": grpc.stream_stream_rpc_method_handler(stall)}
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+        return f"127.0.0.1:{port}", self._released.set
+
+    def __exit__(self, *exc):
+        self._released.set()
+        self._server.stop(0)
