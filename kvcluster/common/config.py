@@ -38,13 +38,19 @@ class ModelConfig:
     """A Hugging Face folder, a .gguf file, or "smollm2" for the packaged default."""
     model_id: str = ""
     """Identity used in block hashes; defaults to the checkpoint's name."""
-    dtype: str = "float32"
-    """Compute and KV dtype: float32, float16 or bfloat16."""
+    dtype: str = "auto"
+    """Compute and KV dtype: auto, float32, float16 or bfloat16. auto: bfloat16 on CUDA
+    and on CPUs with native bf16 (AVX512-BF16 or AMX), float32 on other CPUs; float16 on a
+    CPU runs many times slower (no fast fp16 matmul) and warns (kvcluster/engine/placement.py)."""
     device: str = "auto"
     """"auto" picks cuda when present, else cpu."""
 
     def validate(self, path: str) -> None:
-        _check_choice(path + ".dtype", self.dtype, tuple(DTYPE_SIZES))
+        _check_choice(path + ".dtype", self.dtype, ("auto", *DTYPE_SIZES))
+
+
+ENGINE_KINDS = ("native", "vllm")
+"""engine.kind choices."""
 
 
 @dataclass

@@ -25,6 +25,7 @@ from kvcluster.engine.hf_loader import load_hf_checkpoint
 from kvcluster.engine.model import ForwardBatch, LlamaModel, QueryTap
 from kvcluster.engine.models import default_model_id, resolve_model
 from kvcluster.engine.paged_cache import PagedKVCache
+from kvcluster.engine.placement import resolve_device, resolve_dtype
 from kvcluster.engine.sequence import Sequence
 
 
@@ -66,11 +67,13 @@ class ModelRunner:
         engine_config: EngineConfig | None = None,
         model_id: str | None = None,
     ) -> "ModelRunner":
-        """Load a Hugging Face folder (or a name ``kvcluster.engine.models`` resolves)."""
+        """Load a Hugging Face folder (or a name ``kvcluster.engine.models`` resolves).
+
+        ``dtype`` and ``device`` may be "auto" (kvcluster/engine/placement.py)."""
         config = engine_config or EngineConfig()
         folder = _resolve_folder(path)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
         arch, model = load_hf_checkpoint(folder, dtype, device, config.max_model_len)
         return cls(arch, model, config, model_id or default_model_id(folder))
 

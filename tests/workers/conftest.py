@@ -19,7 +19,8 @@ def tiny_model(tmp_path_factory):
 def tiny_config(model_path, **overrides) -> ClusterConfig:
     """Block 4 tokens, store chunks of 16, transfer chunks of 32, small tiers."""
     data = {
-        "model": {"path": str(model_path), "model_id": "tiny-llama", "device": "cpu"},
+        "model": {"path": str(model_path), "model_id": "tiny-llama", "device": "cpu",
+                  "dtype": "float32"},  # exact parity with the fp32 references
         "engine": {"block_size": 4, "num_blocks": 256, "max_model_len": 512},
         "store": {"chunk_tokens": 16,
                   "device": {"capacity_bytes": 1 << 20},
