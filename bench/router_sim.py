@@ -21,7 +21,7 @@ from kvcluster.common.events import BlockRemoved, BlockStored, HashSettings, Tie
 from router import InProcessEventBus, InstanceLoad, KVEventPublisher, RouteRequest, Router
 
 TRACE_BLOCK_TOKENS = 512
-SETTINGS = HashSettings("mooncake-trace", TRACE_BLOCK_TOKENS)
+SETTINGS = HashSettings("mooncake-trace", TRACE_BLOCK_TOKENS, TRACE_BLOCK_TOKENS)
 _M64 = (1 << 64) - 1
 
 

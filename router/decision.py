@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Sequence
 
-from kvcluster.common.hashing import ExtraKeys, chunk_hashes, hash_blocks
+from kvcluster.common.events import HashSettings
+from kvcluster.common.hashing import ExtraKeys, chunk_hashes
 from router.index import NUM_TIERS, PrefixMatch
 from router.load import InstanceLoad
 
@@ -14,25 +15,19 @@ from router.load import InstanceLoad
 @dataclass(frozen=True)
 class RouteRequest:
     block_hashes: Sequence[int]
-    """The prompt's chained 64-bit block hashes (``hash_blocks(...)[i].u64``), in order."""
+    """The prompt's chained 64-bit hashes, one per ``tokens_per_hash`` tokens, in order
+    (``chunk_hashes(...)[i].u64``)."""
     num_tokens: int
-    """Prompt length in tokens (>= len(block_hashes) * block_size)."""
+    """Prompt length in tokens (>= len(block_hashes) * tokens_per_hash)."""
     request_id: str = ""
 
     @classmethod
-    def from_tokens(cls, token_ids: Sequence[int], block_size: int, extra: ExtraKeys,
-                    request_id: str = "", chunk_tokens: int | None = None) -> "RouteRequest":
-        """Hash a prompt the way workers announce it.
-
-        Args:
-            block_size: the engine's block size (the hash chain's step).
-            chunk_tokens: when workers announce one key per chunk (the kvstore),
-                the chunk size: keys are then the chained hash of each chunk's last block.
-        """
-        if chunk_tokens and chunk_tokens != block_size:
-            chain = chunk_hashes(token_ids, block_size, chunk_tokens, extra)
-        else:
-            chain = hash_blocks(token_ids, block_size, extra)
+    def from_tokens(cls, token_ids: Sequence[int], settings: HashSettings, extra: ExtraKeys,
+                    request_id: str = "") -> "RouteRequest":
+        """Hash a prompt the way workers announce it: the chained hash of every
+        ``settings.tokens_per_hash`` tokens' last block (every block when it equals
+        ``settings.block_size``)."""
+        chain = chunk_hashes(token_ids, settings.block_size, settings.tokens_per_hash, extra)
         return cls(tuple(h.u64 for h in chain), len(token_ids), request_id)
 
 
@@ -61,20 +56,21 @@ class Candidates:
     lives as long as they do (policies cache per-instance terms in it).
     """
 
-    __slots__ = ("instance_ids", "loads", "slots", "block_size", "memo", "match")
+    __slots__ = ("instance_ids", "loads", "slots", "tokens_per_hash", "memo", "match")
 
     def __init__(self, instance_ids: list[str], loads: list[InstanceLoad], slots: list[int],
-                 block_size: int, memo: dict | None = None, match: PrefixMatch | None = None):
+                 tokens_per_hash: int, memo: dict | None = None,
+                 match: PrefixMatch | None = None):
         self.instance_ids = instance_ids
         self.loads = loads
         self.slots = slots
-        self.block_size = block_size
+        self.tokens_per_hash = tokens_per_hash
         self.memo = {} if memo is None else memo
         self.match = match
 
     def with_match(self, match: PrefixMatch) -> "Candidates":
         """The same candidates (sharing ``memo``) with one request's prefix match."""
-        return Candidates(self.instance_ids, self.loads, self.slots, self.block_size,
+        return Candidates(self.instance_ids, self.loads, self.slots, self.tokens_per_hash,
                           self.memo, match)
 
     def __len__(self) -> int:

@@ -10,8 +10,11 @@ A batch with a smaller seq is a duplicate (e.g. a replay) and is skipped. A
 larger one is a *gap*: the instance's view turns RESYNCING (excluded from
 prefix scoring), a snapshot is requested through the bus, and batches are
 dropped until the reset batch arrives; the request is repeated every
-``resync_timeout_s``. A batch whose HashSettings differ from the router's is
-never applied and flags the instance HASH_MISMATCH. A registered instance that
+``resync_timeout_s``. A batch whose HashSettings differ from the router's (model
+id, block size, tokens per hash, hash version) is never applied: the instance is
+flagged HASH_MISMATCH (logged as an error, named in every decision's ``excluded``,
+counted in ``refused_batches``) until a batch with matching settings arrives,
+which must be a reset batch (its snapshot). A registered instance that
 sends no batch within ``silent_window_s`` is flagged SILENT.
 """
 
@@ -42,6 +45,8 @@ class EventIngestor:
         self.version = 0
         """Bumped whenever any instance's view state changes."""
         self.block_events = 0
+        self.refused_batches = 0
+        """Batches never applied because their hash settings differ from the router's."""
 
     # ------------------------------------------------------------ public API
 
@@ -59,9 +64,7 @@ class EventIngestor:
         view.last_batch_at = self.clock()
         view.settings = batch.settings
         if batch.settings != self.settings:
-            self._set(view, ViewState.HASH_MISMATCH,
-                      f"worker hashes with {batch.settings}, router expects {self.settings}; "
-                      "its blocks can never match, batches ignored")
+            self._refuse(view, batch)
             return False
         if self._in_order(view, batch):
             self._apply_in_order(view, batch)
@@ -137,6 +140,15 @@ class EventIngestor:
     def _request_resync(self, view: InstanceView) -> None:
         view.resync_requested_at = self.clock()
         self.bus.request_resync(view.instance_id)
+
+    def _refuse(self, view: InstanceView, batch: KVEventBatch) -> None:
+        view.refused_batches += 1
+        self.refused_batches += 1
+        differ = "; ".join(batch.settings.differences(self.settings))
+        self._set(view, ViewState.HASH_MISMATCH,
+                  f"hash settings differ (worker vs router: {differ}): worker hashes with "
+                  f"{batch.settings}, router expects {self.settings}; its blocks can never "
+                  "match, batches refused")
 
     def _set(self, view: InstanceView, state: ViewState, reason: str) -> None:
         if view.state is not state or view.reason != reason:

@@ -24,7 +24,8 @@ class ViewState(enum.Enum):
     SILENT = "silent"
     """Registered for longer than the silent window without one event batch."""
     HASH_MISMATCH = "hash_mismatch"
-    """Its hash settings (model id, block size, hash version) differ from the router's."""
+    """Its hash settings (model id, block size, tokens per hash, hash version) differ
+    from the router's: its batches are refused."""
     RESYNCING = "resyncing"
     """A sequence gap was seen; waiting for the worker's snapshot."""
 
@@ -41,6 +42,8 @@ class InstanceView:
     batches: int = 0
     block_events: int = 0
     gaps: int = 0
+    refused_batches: int = 0
+    """Batches refused for their hash settings."""
     resync_requested_at: float | None = None
     last_batch_at: float | None = None
     settings: HashSettings | None = None

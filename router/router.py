@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
 from typing import Callable, Sequence
 
 from kvcluster.common.config import ClusterConfig, RouterConfig
@@ -23,7 +22,7 @@ from router.decision import Candidates, RouteDecision, RouteRequest
 from router.event_bus import EventBus, make_event_bus
 from router.index import KVIndex
 from router.ingestor import EventIngestor
-from router.kv_view import InstanceView
+from router.kv_view import InstanceView, ViewState
 from router.load import InstanceInfo
 from router.policies import RoutingPolicy, make_policy
 from router.registry import InMemoryRegistry, InstanceRegistry
@@ -40,13 +39,24 @@ class Router:
                  bus: EventBus | None = None, registry: InstanceRegistry | None = None,
                  policy: RoutingPolicy | None = None, clock: Callable[[], float] = time.time,
                  max_instances: int = 256):
+        """
+        Args:
+            settings: what the workers announce; ``settings.tokens_per_hash`` is what
+                one indexed hash stands for (a batch announcing other settings is refused).
+
+        Raises:
+            ValueError: ``settings.tokens_per_hash`` is 0.
+        """
+        if settings.tokens_per_hash <= 0:
+            raise ValueError(f"the router needs settings.tokens_per_hash > 0 (the tokens one "
+                             f"announced hash stands for), got {settings}")
         self.config = config
         self.settings = settings
         self.clock = clock
         self.bus = bus or make_event_bus()
         self.registry = registry or InMemoryRegistry(config.heartbeat_ttl_s, clock)
         self.policy = policy or make_policy(config)
-        self.tokens_per_hash = config.tokens_per_hash or settings.block_size
+        self.tokens_per_hash = settings.tokens_per_hash
         """Tokens one indexed hash stands for (matched_tokens = matched_blocks * this)."""
         self.index = KVIndex(max_instances)
         self.ingestor = EventIngestor(self.index, settings, self.bus,
@@ -71,8 +81,7 @@ class Router:
     def request_for(self, token_ids: Sequence[int], extra: ExtraKeys,
                     request_id: str = "") -> RouteRequest:
         """A RouteRequest hashed exactly as the workers announce their KV."""
-        return RouteRequest.from_tokens(token_ids, self.settings.block_size, extra, request_id,
-                                        chunk_tokens=self.tokens_per_hash)
+        return RouteRequest.from_tokens(token_ids, self.settings, extra, request_id)
 
     def pump_events(self, max_batches: int = 1024, timeout_s: float = 0.0) -> int:
         """Apply one round of event batches from the bus. Returns batches read."""
@@ -87,6 +96,13 @@ class Router:
         """Every known instance's KV-view state and reason (runs :meth:`tick` first)."""
         self.tick()
         return dict(self.ingestor.views)
+
+    def view_counts(self) -> dict[str, int]:
+        """Instances per KV-view state (every state, zeros included), for a metric."""
+        counts = {state.value: 0 for state in ViewState}
+        for view in list(self.ingestor.views.values()):
+            counts[view.state.value] += 1
+        return counts
 
     def start(self, poll_timeout_s: float = 0.05) -> None:
         """Pump events and run :meth:`tick` in a daemon thread."""
@@ -156,12 +172,10 @@ def build_router(config: ClusterConfig, settings: HashSettings,
                  clock: Callable[[], float] = time.time) -> Router:
     """Embedded (in-process bus and registry) or cluster mode (``config.redis_url``).
 
-    Unless ``router.tokens_per_hash`` is set, one indexed hash stands for one
-    kvstore chunk (``store.chunk_tokens``), as the workers' stores announce.
+    ``settings`` are what the workers announce: kvstore-backed workers hash per store
+    chunk (``tokens_per_hash = store.chunk_tokens``, kvcluster.worker.node.hash_settings).
     """
     rc = config.router
-    if not rc.tokens_per_hash:  # workers announce kvstore chunk keys
-        rc = replace(rc, tokens_per_hash=config.store.chunk_tokens)
     if not config.redis_url:
         return Router(rc, settings, clock=clock)
     import redis

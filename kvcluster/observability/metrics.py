@@ -22,6 +22,8 @@ Names (units in the name, counters end in ``_total`` on the wire):
     kvcluster_router_matched_tokens{pool}            prefix tokens the chosen instance holds
     kvcluster_router_excluded_instances{pool}        live instances left out of the last decision
     kvcluster_router_live_instances{pool}            instances with a fresh heartbeat
+    kvcluster_router_instance_views{pool,state}      instances per KV-view state (ok, pending,
+                                                     silent, resyncing, hash_mismatch: refused)
     kvcluster_decode_retries_total                   decode attempts resumed on another instance
     kvcluster_worker_info{instance_id,role}          always 1 (names the process)
     kvcluster_worker_queued_prefill_tokens           prompt tokens waiting for or in prefill
@@ -42,7 +44,7 @@ Names (units in the name, counters end in ``_total`` on the wire):
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import start_http_server
@@ -96,6 +98,10 @@ class RouterMetrics:
                               registry=r)
         self.live = Gauge("kvcluster_router_live_instances", "Instances with a fresh heartbeat",
                           ["pool"], registry=r)
+        self.views = Gauge("kvcluster_router_instance_views",
+                           "Instances by the state of the router's view of their KV "
+                           "(hash_mismatch: their event batches are refused)",
+                           ["pool", "state"], registry=r)
         self.decode_retries = Counter("kvcluster_decode_retries",
                                       "Decode attempts resumed on another instance", registry=r)
 
@@ -108,6 +114,12 @@ class RouterMetrics:
     def watch_live(self, pool: str, count: Callable[[], int]) -> None:
         """Read the live-instance count at scrape time."""
         self.live.labels(pool).set_function(lambda: float(count()))
+
+    def watch_views(self, pool: str, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Read instances per KV-view state (``router.Router.view_counts``) at scrape time;
+        the states are the keys ``counts()`` returns now."""
+        for state in counts():
+            self.views.labels(pool, state).set_function(lambda s=state: float(counts()[s]))
 
 
 class WorkerMetrics:

@@ -53,7 +53,8 @@ class LocalCluster:
         init_local_ray(self.num_cpus)
         await asyncio.to_thread(self.pools.start)
         info = self.pools.decode[0].info
-        settings = hash_settings(info["model_id"], info["block_size"])
+        settings = hash_settings(info["model_id"], info["block_size"],
+                                 self.config.store.chunk_tokens)
         routers = [self._router(role, settings) for role in ("prefill", "decode")]
         self.backend = RayClusterBackend(self.config, self.pools, info["model_id"], *routers,
                                          metrics=self.router_metrics)
@@ -84,6 +85,7 @@ class LocalCluster:
         """One router per pool; in cluster mode each reads its own stream prefix."""
         rc = replace(self.config.router, redis_prefix=f"{self.config.router.redis_prefix}:{role}")
         router = build_router(replace(self.config, router=rc), settings)
+        self.router_metrics.watch_views(role, router.view_counts)
         router.start()
         return router
 

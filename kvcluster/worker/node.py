@@ -41,10 +41,10 @@ def build_runner(config: ClusterConfig) -> ModelRunner:
         engine_config=config.engine, model_id=config.model.model_id or None)
 
 
-def hash_settings(model_id: str, block_size: int) -> HashSettings:
-    """What the router must share with the workers (it hashes per store chunk,
-    ``router.tokens_per_hash`` = ``store.chunk_tokens``, as the stores announce)."""
-    return HashSettings(model_id, block_size)
+def hash_settings(model_id: str, block_size: int, chunk_tokens: int) -> HashSettings:
+    """What the router must share with the workers: their stores announce one key per
+    store chunk, so one hash stands for ``chunk_tokens`` (``store.chunk_tokens``)."""
+    return HashSettings(model_id, block_size, chunk_tokens)
 
 
 class WorkerNode:
@@ -69,7 +69,7 @@ class WorkerNode:
 
     @property
     def settings(self) -> HashSettings:
-        return hash_settings(self.runner.model_id, self.layout.block_size)
+        return hash_settings(self.runner.model_id, self.layout.block_size, self.chunk_tokens)
 
     @property
     def blocks_per_chunk(self) -> int:

@@ -36,5 +36,5 @@ class RoutingPolicy(ABC):
         if costs is not None and self.num_fallbacks:
             order = sorted(range(len(ids)), key=costs.__getitem__)[: self.num_fallbacks + 1]
             ranked += [ids[i] for i in order if i != chosen][: self.num_fallbacks]
-        return RouteDecision(ranked, matched_blocks, matched_blocks * candidates.block_size,
+        return RouteDecision(ranked, matched_blocks, matched_blocks * candidates.tokens_per_hash,
                              reason, self.name)

@@ -52,10 +52,10 @@ class KVAwarePolicy(RoutingPolicy):
                 + self.decode_request_ms * load.active_decode_requests
                 + self.kv_memory_ms * load.kv_usage)
 
-    def hit_saving_ms(self, tier_blocks: tuple[int, ...], block_size: int) -> float:
+    def hit_saving_ms(self, tier_blocks: tuple[int, ...], tokens_per_hash: int) -> float:
         """Weighted milliseconds a cached prefix saves: prefill avoided minus loading, per tier."""
         return self.overlap_weight * sum(
-            n * block_size * (self.ms_per_token - load_ms)
+            n * tokens_per_hash * (self.ms_per_token - load_ms)
             for n, load_ms in zip(tier_blocks, self.load_ms_per_token) if n)
 
     def choose(self, request: RouteRequest, candidates: Candidates) -> RouteDecision:
@@ -64,10 +64,10 @@ class KVAwarePolicy(RoutingPolicy):
             base = candidates.memo[self.name] = [self.load_cost_ms(l) for l in candidates.loads]
         full = self.ms_per_token * request.num_tokens
         costs = [full + b for b in base]
-        matched = candidates.matched_blocks()
+        matched, per_hash = candidates.matched_blocks(), candidates.tokens_per_hash
         for i, m in enumerate(matched):
             if m:
-                costs[i] -= self.hit_saving_ms(candidates.tier_blocks(i), candidates.block_size)
+                costs[i] -= self.hit_saving_ms(candidates.tier_blocks(i), per_hash)
         chosen = self._sample(costs) if self.temperature > 0 else self._argmin(costs)
         load = candidates.loads[chosen]
         reason = (f"kv_aware: score {costs[chosen]:.1f} ms; {matched[chosen]}/"

@@ -32,11 +32,27 @@ def test_bad_layout_names_field(kwargs, field):
 
 
 def test_event_batch_json_round_trip():
-    batch = KVEventBatch("prefill-0", 7, HashSettings("m", 16), [
+    batch = KVEventBatch("prefill-0", 7, HashSettings("m", 16, 64), [
         BlockStored((1, 2, 2**64 - 1), Tier.HOST, parent_hash=5),
         BlockRemoved((3,), Tier.DISK), AllCleared(), AllCleared(Tier.REDIS)])
     back = KVEventBatch.from_json(batch.to_json())
-    assert back == batch
+    assert back == batch and back.settings.tokens_per_hash == 64
+
+
+def test_hash_settings_carry_the_tokens_per_hash():
+    per_chunk, per_block = HashSettings("m", 16, 256), HashSettings("m", 16, 16)
+    assert per_chunk != per_block
+    assert per_chunk.differences(per_block) == ["tokens_per_hash 256 vs 16"]
+    for bad in (24, -16):
+        with pytest.raises(ValueError, match="tokens_per_hash"):
+            HashSettings("m", 16, bad)
+
+
+def test_batch_from_before_tokens_per_hash_reads_as_unannounced():
+    text = '{"instance_id":"a","seq":0,"settings":["m",16,1],"events":[["C",null]]}'
+    batch = KVEventBatch.from_json(text)
+    assert batch.settings == HashSettings("m", 16, 0, 1)
+    assert batch.settings != HashSettings("m", 16, 16)
 
 
 @pytest.mark.parametrize("text", ["", "{}", "[1]", '{"instance_id":"a","seq":1,"settings":["m",16,1],'

@@ -46,6 +46,9 @@ def test_frontend_metrics_count_every_request(cluster):
     assert value(after, "kvcluster_frontend_in_flight_requests") == 0
     assert delta("kvcluster_router_decisions_total", pool="decode", policy="kv_aware") == 3
     assert value(after, "kvcluster_router_live_instances", pool="decode") == 1
+    assert value(after, "kvcluster_router_instance_views", pool="decode", state="ok") == 1
+    assert value(after, "kvcluster_router_instance_views", pool="prefill",
+                 state="hash_mismatch") == 0
     # The 2nd and 3rd request share the document's 8 chunks: the routers saw the overlap.
     assert delta("kvcluster_router_matched_tokens_sum", pool="decode") + \
         delta("kvcluster_router_matched_tokens_sum", pool="prefill") >= 2 * 128

@@ -42,6 +42,21 @@ def test_endpoint_serves_the_union_of_registries():
     assert value(samples, "other_things_total") == 3
 
 
+def test_router_view_states_are_read_per_pool_at_scrape_time():
+    from kvcluster.common.config import RouterConfig
+    from kvcluster.common.events import HashSettings
+    from router import KVEventPublisher, Router
+
+    router, metrics = Router(RouterConfig(), HashSettings("m", 16, 64)), RouterMetrics()
+    metrics.watch_views("decode", router.view_counts)
+    KVEventPublisher("w", HashSettings("m", 16, 256), router.bus).announce()
+    get = lambda state: metrics.registry.get_sample_value(  # noqa: E731
+        "kvcluster_router_instance_views", {"pool": "decode", "state": state})
+    assert get("hash_mismatch") == 0
+    router.pump_events()
+    assert get("hash_mismatch") == 1 and get("ok") == 0
+
+
 def test_two_components_of_one_kind_do_not_clash():
     a, b = WorkerMetrics("p-0", "prefill"), WorkerMetrics("p-1", "prefill")
     a.count("ok")

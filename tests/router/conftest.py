@@ -12,7 +12,8 @@ import pytest
 from kvcluster.common.config import RouterConfig
 from kvcluster.common.events import HashSettings
 
-SETTINGS = HashSettings("test-model", 16)
+SETTINGS = HashSettings("test-model", 16, 16)
+"""One hash per 16-token block."""
 
 
 class FakeClock:

@@ -114,7 +114,7 @@ def test_hash_settings_mismatch_is_reported_and_never_scored(router_config, cloc
     bus = InProcessEventBus()
     router = _router(router_config, clock, bus)
     router.registry.register("bad")
-    bad = KVEventPublisher("bad", HashSettings("other-model", 16), bus)
+    bad = KVEventPublisher("bad", HashSettings("other-model", 16, 16), bus)
     bad.announce()
     bad.on_event(BlockStored((1, 2), Tier.DEVICE))
     bad.flush()
@@ -135,6 +135,44 @@ def test_hash_settings_mismatch_is_reported_and_never_scored(router_config, cloc
     router.pump_events()
     decision = router.route(RouteRequest((1, 2), 32))
     assert decision.instance_id == "good" and "hash_mismatch" in decision.excluded["bad"]
+
+
+def test_worker_announcing_another_chunk_size_is_refused_loudly(router_config, clock, caplog):
+    router = Router(router_config, HashSettings("test-model", 16, 64), clock=clock)
+    router.registry.register("w256")
+    router.registry.register("w64")
+    wrong = KVEventPublisher("w256", HashSettings("test-model", 16, 256), router.bus)
+    wrong.announce()
+    wrong.on_event(BlockStored((1, 2), Tier.DEVICE))
+    wrong.flush()
+    KVEventPublisher("w64", HashSettings("test-model", 16, 64), router.bus).announce()
+    with caplog.at_level(logging.ERROR, logger="router"):
+        router.pump_events()
+    view = router.status()["w256"]
+    assert view.state is ViewState.HASH_MISMATCH and view.refused_batches == 2
+    assert "tokens_per_hash 256 vs 64" in view.reason
+    assert any("w256" in r.getMessage() and "tokens_per_hash" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.ERROR)
+    assert router.index.num_blocks("w256") == 0
+    assert router.view_counts() == {"pending": 0, "ok": 1, "silent": 0, "hash_mismatch": 1,
+                                    "resyncing": 0}
+    decision = router.route(RouteRequest((1, 2), 128))
+    assert decision.instance_id == "w64" and "tokens_per_hash" in decision.excluded["w256"]
+
+
+def test_router_and_build_router_hash_as_the_settings_say():
+    from kvcluster.common.config import ClusterConfig, RouterConfig
+    from kvcluster.common.hashing import ExtraKeys, chunk_hashes
+    from router import build_router
+
+    settings = HashSettings("test-model", 16, 64)
+    tokens, extra = list(range(130)), ExtraKeys("test-model")
+    expected = tuple(k.u64 for k in chunk_hashes(tokens, 16, 64, extra))
+    for router in (Router(RouterConfig(), settings), build_router(ClusterConfig(), settings)):
+        assert router.tokens_per_hash == 64
+        assert router.request_for(tokens, extra).block_hashes == expected
+    with pytest.raises(ValueError, match="tokens_per_hash"):
+        Router(RouterConfig(), HashSettings("test-model", 16, 0))
 
 
 def test_silent_worker_is_flagged_after_the_window(router_config, clock, caplog):
@@ -182,14 +220,15 @@ def test_router_thread_pumps_events(router_config):
 def test_request_for_matches_kvstore_chunk_keys(router_config, clock):
     from kvcluster.common.hashing import ExtraKeys, chunk_hashes
 
-    router_config.tokens_per_hash = 64                      # 4 blocks of 16 per chunk
+    settings = HashSettings("test-model", 16, 64)           # 4 blocks of 16 per chunk
     bus = InProcessEventBus()
-    router = _router(router_config, clock, bus)
+    router = Router(router_config, settings, bus=bus, clock=clock)
+    assert router.tokens_per_hash == 64
     router.registry.register("w")
     extra = ExtraKeys("test-model", tenant_salt="t1")
     tokens = list(range(200))                               # 3 full chunks
     keys = [k.u64 for k in chunk_hashes(tokens[:128], 16, 64, extra)]
-    pub = KVEventPublisher("w", SETTINGS, bus)
+    pub = KVEventPublisher("w", settings, bus)
     pub.announce()
     pub.on_event(BlockStored(tuple(keys), Tier.HOST))
     pub.flush()

@@ -34,11 +34,11 @@ SCRIPT = textwrap.dedent("""
     from kvcluster.common.events import BlockStored, HashSettings, Tier
     from kvcluster.common.hashing import ExtraKeys
 
-    settings = HashSettings("m", 4)
+    settings = HashSettings("m", 4, 4)
     r = router.Router(RouterConfig(), settings)
     r.registry.register("w")
     pub = router.KVEventPublisher("w", settings, r.bus)
-    req = router.RouteRequest.from_tokens(list(range(10)), 4, ExtraKeys("m"))
+    req = router.RouteRequest.from_tokens(list(range(10)), settings, ExtraKeys("m"))
     pub.announce()
     pub.on_event(BlockStored(tuple(req.block_hashes), Tier.DEVICE))
     pub.flush()
