@@ -288,9 +288,6 @@ class RouterConfig:
     """Softmax temperature over scores; 0 picks the best."""
     seed: int = 0
     """Seed of the softmax sampler (temperature > 0)."""
-    tokens_per_hash: int = 0
-    """Tokens per hash in the workers' KV events: the kvstore announces one key per
-    chunk (store.chunk_tokens); 0 means that (build_router), or HashSettings.block_size."""
     prefill_tokens_per_s: float = 10000.0
     """Estimated prefill throughput of one instance: turns tokens into milliseconds."""
     kv_bytes_per_token: int = 0
