@@ -16,8 +16,7 @@ from typing import Sequence, Union
 import torch
 
 from kvcluster.common.layout import KVLayout
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from kvcluster.engine.dtypes import TORCH_DTYPES
 
 ChunkData = Union[torch.Tensor, bytes, bytearray, memoryview]
 KVInput = Union[torch.Tensor, Sequence[ChunkData]]

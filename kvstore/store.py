@@ -88,7 +88,7 @@ class TieredStore:
         """Store the chunks of ``kv`` under ``keys`` (prefix order).
 
         Args:
-            keys: one chunk key per chunk (see :func:`kvstore.chunk_keys`).
+            keys: one chunk key per chunk (see :func:`kvcluster.common.hashing.chunk_hashes`).
             kv: ``layout.shape(len(keys) * chunk_tokens)`` (the engine's
                 ``export_blocks`` order), ``(len(keys), *chunk shape)``, or a
                 list of per-chunk tensors / raw bytes.

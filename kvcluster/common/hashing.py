@@ -21,7 +21,7 @@ import struct
 import sys
 from array import array
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 HASH_VERSION = 1
 _DOMAIN = b"kvcluster/block-hash/v1\x00"
@@ -119,18 +119,19 @@ def chunk_hashes(
 ) -> list[BlockHash]:
     """Keys of every full chunk: the chained hash of each chunk's last block.
 
-    A chunk key therefore implies its whole prefix, and the router (which must
-    not import the store) computes exactly the keys the store announces.
+    A chunk key therefore implies its whole prefix (and the model, tenant and
+    adapter that seed the chain); a trailing partial chunk has no key. The one
+    chunk-key function: the kvstore keys its chunks with it and the router (which
+    must not import the store) computes exactly the keys the store announces.
+
+    Raises:
+        ValueError: ``chunk_tokens`` is not a positive multiple of ``block_size``.
     """
     if chunk_tokens <= 0 or chunk_tokens % block_size:
         raise ValueError(f"chunk_tokens ({chunk_tokens}) must be a positive multiple of "
                          f"block_size ({block_size})")
     step = chunk_tokens // block_size
     return hash_blocks(token_ids, block_size, extra)[step - 1 :: step]
-
-
-def hashes_u64(hashes: Iterable[BlockHash]) -> list[int]:
-    return [h.u64 for h in hashes]
 
 
 def _encode_tokens(token_ids: Sequence[int]) -> bytes:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from kvcluster.common.layout import DTYPE_SIZES
+
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_SIZES}
+"""The one map from dtype names (the layout's, the config's) to torch dtypes."""
 
 
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:

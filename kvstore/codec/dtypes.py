@@ -1,13 +1,12 @@
-"""Layout dtype names to torch dtypes, and the chunk shape checks every encoder runs."""
+"""A layout's torch dtype, and the chunk shape checks every encoder runs."""
 
 from __future__ import annotations
 
 import torch
 
 from kvcluster.common.layout import KVLayout
+from kvcluster.engine.dtypes import TORCH_DTYPES
 from kvstore.codec.hint import EncodeHint
-
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def torch_dtype(layout: KVLayout) -> torch.dtype:

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from kvcluster.common.hashing import (BlockHash, ExtraKeys, hash_block, hash_blocks,
-                                      root_hash, tokens_hash)
+from kvcluster.common.hashing import (BlockHash, ExtraKeys, chunk_hashes, hash_block,
+                                      hash_blocks, root_hash, tokens_hash)
 
 SMOL = ExtraKeys("SmolLM2-135M-Instruct")
 
@@ -68,3 +68,15 @@ def test_bad_input():
         hash_blocks([-1] * 16, 16, SMOL)
     with pytest.raises(ValueError, match="32 bytes"):
         BlockHash(b"short")
+
+
+def test_chunk_hashes_are_every_nth_block_hash():
+    tokens = list(range(37))  # 4 full chunks of 8 tokens (blocks of 4), 5 left over
+    extra = ExtraKeys("tiny", "tenant-a")
+    blocks = hash_blocks(tokens, 4, extra)
+    keys = chunk_hashes(tokens, 4, 8, extra)
+    assert keys == [blocks[1], blocks[3], blocks[5], blocks[7]]
+    assert chunk_hashes(tokens, 4, 8, ExtraKeys("tiny", "tenant-b"))[0] != keys[0]
+    assert chunk_hashes(tokens, 4, 4, extra) == blocks
+    with pytest.raises(ValueError, match="multiple"):
+        chunk_hashes(tokens, 4, 6, extra)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from kvcluster.common.hashing import BlockHash, ExtraKeys
+from kvcluster.common.hashing import BlockHash, ExtraKeys, chunk_hashes
 from kvcluster.common.layout import KVLayout
-from kvstore import ChunkSpec, TieredStore, chunk_keys
+from kvstore import ChunkSpec, TieredStore
 from kvstore.metrics import StoreMetrics
 from kvstore.policy import make_policy
 from kvstore.tiers import DeviceTier, DiskTier, HostTier, RedisTier
@@ -27,7 +27,7 @@ DISK_CHUNK = CHUNK + 128  # header + payload
 
 def make_keys(num: int, seed: int = 0, tenant: str = "") -> list[BlockHash]:
     tokens = [(seed * 1_000_003 + i) % 50_000 for i in range(num * SPEC.chunk_tokens)]
-    return chunk_keys(tokens, LAYOUT, ExtraKeys("tiny", tenant), SPEC.chunk_tokens)
+    return chunk_hashes(tokens, LAYOUT.block_size, SPEC.chunk_tokens, ExtraKeys("tiny", tenant))
 
 
 def make_kv(num: int, seed: int = 0) -> torch.Tensor:

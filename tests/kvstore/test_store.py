@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from kvcluster.common.events import AllCleared, BlockRemoved, BlockStored, Tier
-from kvcluster.common.hashing import ExtraKeys, hash_blocks
-from kvstore import chunk_keys
+from kvcluster.common.hashing import ExtraKeys, chunk_hashes
 from tests.kvstore.helpers import CHUNK, LAYOUT, SPEC, build, make_keys, make_kv
 
 
@@ -20,17 +19,6 @@ def chunk(kv, i):
 
 def u64s(keys):
     return tuple(k.u64 for k in keys)
-
-
-def test_chunk_keys_are_every_nth_block_hash():
-    tokens = list(range(37))  # 4 full chunks of 8 tokens, 5 left over
-    extra = ExtraKeys("tiny", "tenant-a")
-    blocks = hash_blocks(tokens, LAYOUT.block_size, extra)
-    keys = chunk_keys(tokens, LAYOUT, extra, chunk_tokens=8)
-    assert keys == [blocks[1], blocks[3], blocks[5], blocks[7]]
-    assert chunk_keys(tokens, LAYOUT, ExtraKeys("tiny", "tenant-b"), 8)[0] != keys[0]
-    with pytest.raises(ValueError, match="multiple"):
-        chunk_keys(tokens, LAYOUT, extra, chunk_tokens=6)
 
 
 def test_put_get_roundtrip_and_prefix_lookup():
@@ -324,7 +312,7 @@ def test_engine_paged_cache_export_put_get_import_roundtrip():
     block_ids = [5, 2, 7, 0]  # 16 tokens = 2 chunks of 8
     exported = cache.export_blocks(block_ids)
     tokens = list(range(100, 116))
-    keys = chunk_keys(tokens, LAYOUT, ExtraKeys("tiny"), SPEC.chunk_tokens)
+    keys = chunk_hashes(tokens, LAYOUT.block_size, SPEC.chunk_tokens, ExtraKeys("tiny"))
     store = build(device=1, host=2)
     store.put(keys, exported)
     other = PagedKVCache(LAYOUT, num_blocks=8)
