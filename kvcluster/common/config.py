@@ -240,6 +240,26 @@ class TransferConfig:
     """Sender: expected name in the receiver's certificate (default: the host)."""
     bearer_token: str = ""
     """Sender: sent as ``authorization: Bearer <token>``; receivers check security.tokens."""
+    data_plane: str = "auto"
+    """How chunk payloads travel beside the gRPC control stream (docs/transfer.md):
+    "auto" (shared memory when both ends are on one node, else our tcp channel),
+    "grpc" (inline in the stream), "tcp", "shm" or "mooncake" (the Mooncake Transfer
+    Engine, optional extra). Set on both ends: the sender offers, the receiver picks."""
+    data_plane_port: int = 0
+    """Receiver: port of the tcp data plane's listener on ``host``; 0 picks a free one."""
+    data_plane_connections: int = 4
+    """Connections a sender opens to each receiver's tcp data plane (a chunk is
+    striped over them); the receiver's value caps the sender's."""
+    data_plane_window_bytes: int = 64 << 20
+    """Receiver: most registered memory lent to one transfer (its chunks in flight and
+    waiting to be decoded are written there); larger chunks go inline."""
+    data_plane_buffer_bytes: int = 256 << 20
+    """Receiver: registered memory of all windows together; a transfer that finds
+    none free sends inline."""
+    mooncake_protocol: str = "tcp"
+    """data_plane "mooncake": the Transfer Engine's transport ("tcp", "rdma", ...)."""
+    mooncake_device: str = ""
+    """data_plane "mooncake": RDMA device names, comma separated; empty: auto-discovery."""
 
     def validate(self, path: str) -> None:
         _check_positive(path + ".slo_ms", self.slo_ms)
@@ -268,6 +288,13 @@ class TransferConfig:
         _check_positive(path + ".bandwidth_window", self.bandwidth_window)
         if self.max_resends < 0:
             raise ConfigError(path + ".max_resends", "must be >= 0")
+        _check_choice(path + ".data_plane", self.data_plane,
+                      ("auto", "grpc", "tcp", "shm", "mooncake"))
+        for name in ("data_plane_connections", "data_plane_window_bytes",
+                     "data_plane_buffer_bytes"):
+            _check_positive(f"{path}.{name}", getattr(self, name))
+        if not 0 <= self.data_plane_port < 1 << 16:
+            raise ConfigError(path + ".data_plane_port", "must be a port number or 0")
         _check_choice(path + ".policy", self.policy,
                       names.TRANSFER_POLICIES + names.CODEC_LEVELS)
         _check_choice(path + ".best_level", self.best_level,

@@ -10,7 +10,7 @@ so it is serialised last); ``tests/transfer/test_convert.py`` checks both ways.
 
     KVStreamMessage.chunk on the wire:
     +------+-----------+------------------------+------+-----------+---------+
-    | 0x12 | varint n  | KVChunk fields 1..12   | 0x7a | varint p  | payload |
+    | 0x12 | varint n  | KVChunk fields 1..13   | 0x7a | varint p  | payload |
     +------+-----------+------------------------+------+-----------+---------+
       tag 2             metadata (protobuf)      tag 15              p bytes
 """
@@ -22,6 +22,10 @@ from kvcluster.transfer.messages import (
     ChunkAck,
     ChunkFrame,
     ChunkNak,
+    ChunkReleased,
+    DataPlaneGrant,
+    DataPlaneOffer,
+    DataRef,
     ReceiverInfo,
     ReceiverMessage,
     SenderMessage,
@@ -80,7 +84,7 @@ def sender_to_proto(msg: SenderMessage) -> pb.KVStreamMessage:
             request_id=msg.request_id, layout_identity=msg.layout_identity,
             num_chunks=msg.num_chunks, num_tokens=msg.num_tokens,
             token_ids=msg.token_ids, chunk_tokens=msg.chunk_tokens, slo_ms=msg.slo_ms,
-            prefix_key=msg.prefix_key))
+            data_plane=_offer_to_proto(msg.data_plane)))
     if isinstance(msg, ChunkFrame):
         return pb.KVStreamMessage(chunk=_chunk_to_proto(msg, bytes(msg.payload)))
     if isinstance(msg, StreamEnd):
@@ -92,8 +96,10 @@ def sender_from_proto(message: pb.KVStreamMessage) -> SenderMessage:
     kind = message.WhichOneof("kind")
     if kind == "header":
         h = message.header
+        offer = (DataPlaneOffer(tuple(h.data_plane.planes), h.data_plane.node_id)
+                 if h.HasField("data_plane") else None)
         return StreamHeader(h.request_id, h.layout_identity, h.num_chunks, h.num_tokens,
-                            tuple(h.token_ids), h.chunk_tokens, h.slo_ms, h.prefix_key)
+                            tuple(h.token_ids), h.chunk_tokens, h.slo_ms, offer)
     if kind == "chunk":
         return _chunk_from_proto(message.chunk, message.chunk.payload)
     if kind == "end":
@@ -117,6 +123,13 @@ def receiver_to_proto(msg: ReceiverMessage) -> pb.KVStreamReply:
             decode_overlap_s=msg.decode_overlap_s, decode_total_s=msg.decode_total_s,
             decode_speeds=_speeds_to_proto(msg.decode_tokens_per_s),
             prefill_tokens_per_s=msg.prefill_tokens_per_s))
+    if isinstance(msg, DataPlaneGrant):
+        return pb.KVStreamReply(grant=pb.DataPlaneGrant(
+            plane=msg.plane, token=msg.token, window_bytes=msg.window_bytes,
+            address=msg.address, num_connections=msg.num_connections, segment=msg.segment,
+            remote_address=msg.remote_address, reason=msg.reason))
+    if isinstance(msg, ChunkReleased):
+        return pb.KVStreamReply(released=pb.ChunkReleased(index=msg.index, attempt=msg.attempt))
     raise TypeError(f"not a receiver message: {type(msg).__name__}")
 
 
@@ -133,7 +146,13 @@ def receiver_from_proto(reply: pb.KVStreamReply) -> ReceiverMessage:
                             s.num_chunks_recomputed, s.payload_bytes, s.elapsed_s,
                             s.decode_overlap_s, s.decode_total_s,
                             _speeds_from_proto(s.decode_speeds), s.prefill_tokens_per_s)
-    raise ValueError("KVStreamReply carries no ack, nak or status")
+    if kind == "grant":
+        g = reply.grant
+        return DataPlaneGrant(g.plane, g.token, g.window_bytes, g.address, g.num_connections,
+                              g.segment, g.remote_address, g.reason)
+    if kind == "released":
+        return ChunkReleased(reply.released.index, reply.released.attempt)
+    raise ValueError("KVStreamReply carries no ack, nak, status, grant or release")
 
 
 def info_to_proto(info: ReceiverInfo) -> pb.ReceiverInfo:
@@ -160,22 +179,33 @@ def _speeds_from_proto(speeds) -> tuple[tuple[str, float], ...]:
 # ---------------------------------------------------------------- chunk fast path
 
 
+def _offer_to_proto(offer: DataPlaneOffer | None) -> pb.DataPlaneOffer | None:
+    if offer is None:
+        return None
+    return pb.DataPlaneOffer(planes=offer.planes, node_id=offer.node_id)
+
+
 def _chunk_to_proto(frame: ChunkFrame, payload: bytes) -> pb.KVChunk:
+    data = frame.data
     return pb.KVChunk(
         request_id=frame.request_id, index=frame.index, token_start=frame.token_start,
-        token_end=frame.token_end, chunk_key=frame.chunk_key, level=frame.level,
+        token_end=frame.token_end, level=frame.level,
         token_ids=frame.token_ids, checksum=frame.checksum, attempt=frame.attempt,
         part=frame.part, num_parts=frame.num_parts, chunk_bytes=frame.chunk_bytes,
+        data=None if data is None else pb.DataRef(offset=data.offset, length=data.length,
+                                                  write_id=data.write_id),
         payload=payload)
 
 
 def _chunk_from_proto(chunk: pb.KVChunk, payload: bytes | memoryview) -> ChunkFrame:
+    data = (DataRef(chunk.data.offset, chunk.data.length, chunk.data.write_id)
+            if chunk.HasField("data") else None)
     return ChunkFrame(
         request_id=chunk.request_id, index=chunk.index, token_start=chunk.token_start,
-        token_end=chunk.token_end, level=chunk.level, chunk_key=chunk.chunk_key,
+        token_end=chunk.token_end, level=chunk.level,
         token_ids=tuple(chunk.token_ids), checksum=chunk.checksum, attempt=chunk.attempt,
         part=chunk.part, num_parts=chunk.num_parts, chunk_bytes=chunk.chunk_bytes,
-        payload=payload)
+        payload=payload, data=data)
 
 
 def _encode_chunk_frame(frame: ChunkFrame) -> bytes:

@@ -14,6 +14,8 @@ import xxhash
 
 TEXT_LEVEL = "text"
 """Level name of a chunk sent as token ids, to be recomputed by the receiver."""
+INLINE_PLANE = "grpc"
+"""Data plane name of payloads carried inline in the gRPC stream."""
 
 
 class ProtocolError(ValueError):
@@ -29,6 +31,25 @@ class StreamCode(enum.IntEnum):
 
 
 @dataclass(frozen=True)
+class DataPlaneOffer:
+    """The data planes a sender can write chunk payloads over, preferred first."""
+
+    planes: tuple[str, ...] = ()
+    node_id: str = ""
+    """The sender's node: equal on both ends means shared memory is possible."""
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """Where a chunk's payload lies in the window the receiver granted."""
+
+    offset: int
+    length: int
+    write_id: int = 0
+    """The sender's id of this write (tcp: names the data frames that carry it)."""
+
+
+@dataclass(frozen=True)
 class StreamHeader:
     request_id: str
     layout_identity: str
@@ -39,7 +60,8 @@ class StreamHeader:
     chunk_tokens: int
     """Chunk i covers tokens [i * chunk_tokens, min((i + 1) * chunk_tokens, num_tokens))."""
     slo_ms: float = 0.0
-    prefix_key: bytes = b""
+    data_plane: DataPlaneOffer | None = None
+    """None: the sender sends every payload inline."""
 
     def token_range(self, index: int) -> tuple[int, int]:
         start = index * self.chunk_tokens
@@ -55,7 +77,6 @@ class ChunkFrame:
     token_start: int
     token_end: int
     level: str
-    chunk_key: bytes = b""
     token_ids: tuple[int, ...] = ()
     """Only for ``level == TEXT_LEVEL``."""
     checksum: int = 0
@@ -64,6 +85,8 @@ class ChunkFrame:
     num_parts: int = 1
     chunk_bytes: int = 0
     payload: bytes | memoryview = b""
+    data: DataRef | None = None
+    """Set when the payload went over the data plane (``payload`` is then empty)."""
 
     @property
     def is_text(self) -> bool:
@@ -96,6 +119,39 @@ class ChunkNak:
     reason: str
     resend: bool
     """False: the receiver recomputes the chunk itself; do not send it again."""
+
+
+@dataclass(frozen=True)
+class DataPlaneGrant:
+    """The receiver's answer to a header's offer: how this transfer's payloads travel."""
+
+    plane: str
+    """"grpc": inline in the stream."""
+    token: bytes = b""
+    """One-time token of this transfer (tcp: every data frame carries it)."""
+    window_bytes: int = 0
+    """Registered bytes lent to this transfer; DataRef offsets lie in [0, window_bytes)."""
+    address: str = ""
+    """tcp: host:port of the data listener (empty host: the gRPC target's host);
+    mooncake: the receiver engine's session id."""
+    num_connections: int = 0
+    segment: str = ""
+    """shm: the shared-memory segment holding the window."""
+    remote_address: int = 0
+    """mooncake: the window's address in the receiver's registered memory."""
+    reason: str = ""
+
+    @property
+    def inline(self) -> bool:
+        return self.plane == INLINE_PLANE or self.window_bytes <= 0
+
+
+@dataclass(frozen=True)
+class ChunkReleased:
+    """The receiver will not read this attempt's bytes in the window again."""
+
+    index: int
+    attempt: int
 
 
 @dataclass(frozen=True)
@@ -136,7 +192,7 @@ class ReceiverInfo:
 
 
 SenderMessage = StreamHeader | ChunkFrame | StreamEnd
-ReceiverMessage = ChunkAck | ChunkNak | StreamStatus
+ReceiverMessage = ChunkAck | ChunkNak | StreamStatus | DataPlaneGrant | ChunkReleased
 
 
 def frame_checksum(payload: bytes | memoryview, token_ids: tuple[int, ...] = ()) -> int:

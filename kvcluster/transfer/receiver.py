@@ -2,7 +2,9 @@
 
 Transport-agnostic: :meth:`KVReceiver.run_stream` takes ``read`` (next
 message, None at the end of the stream) and ``write`` coroutines; the gRPC
-binding is in :mod:`kvcluster.transfer.server`.
+binding is in :mod:`kvcluster.transfer.server`, which also attaches the data
+planes (:mod:`kvcluster.transfer.data_plane`): a header's offer is answered
+with a grant (and a window lent for the transfer) before any chunk.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Awaitable, Callable
 from kvcluster.common.config import TransferConfig
 from kvcluster.common.layout import KVLayout
 from kvcluster.transfer.buffer_pool import BufferPool
+from kvcluster.transfer.data_plane.factory import ReceiverDataPlanes
+from kvcluster.transfer.data_plane.grpc_inline import inline_grant
 from kvcluster.transfer.levels import LevelSet
 from kvcluster.transfer.messages import (
     ChunkFrame, ProtocolError, ReceiverInfo, ReceiverMessage, SenderMessage, StreamCode, StreamEnd,
@@ -54,6 +58,9 @@ class KVReceiver:
         self.decode_speeds = DecodeSpeeds()
         self.buffers = BufferPool()
         self.executor = ThreadPoolExecutor(self.config.decode_threads, "kv-decode")
+        self.verify_executor = ThreadPoolExecutor(2, "kv-verify")
+        self.data_planes: ReceiverDataPlanes | None = None
+        """Set by the server that binds them; None: every payload inline."""
         self._results: dict[str, asyncio.Future] = {}
         self._forgotten: set[str] = set()
 
@@ -67,17 +74,31 @@ class KVReceiver:
         header = await self._read(read)
         if not isinstance(header, StreamHeader):
             raise ProtocolError("a stream must start with a header")
-        session = self._open(header)
+        self._check(header)
+        grant, window = (self.data_planes.open(header, self.layout) if self.data_planes
+                         else (inline_grant("no data plane here"), None))
+        replies = _Replies(write)
         try:
-            await self._pump(session, read, write)
+            session = self._open(header, window, replies.release)
+        except BaseException:
+            if window is not None:
+                window.close(clean=True)  # no grant went out: nothing was written there
+            raise
+        try:
+            if header.data_plane is not None:
+                await replies(grant)
+            await self._pump(session, read, replies)
         except asyncio.TimeoutError:
             session.close_input(f"sender silent for {self.config.chunk_timeout_s:g} s")
         finally:  # also on cancellation: the session task finishes on its own
             session.close_input("stream ended before all chunks arrived")
+            if window is not None:  # once the decoder is done with its bytes
+                clean = session.input_closed_reason == ""  # the sender sent its end marker
+                session.task.add_done_callback(lambda _: window.close(clean))
         status = dataclasses.replace(await asyncio.shield(session.task),
                                      decode_tokens_per_s=self.decode_speeds.as_tuple(),
                                      prefill_tokens_per_s=self.speed.tokens_per_s)
-        await write(status)
+        await replies(status)
         return status
 
     async def wait_result(self, request_id: str, timeout_s: float | None = None) -> ReceiveResult:
@@ -117,18 +138,28 @@ class KVReceiver:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.verify_executor.shutdown(wait=False, cancel_futures=True)
+
+    def data_plane_stats(self) -> dict:
+        """What ``kvcluster status`` shows: the setting, planes served, grants by plane."""
+        if self.data_planes is None:
+            return {"data_plane": "grpc", "grants": {}}
+        return self.data_planes.stats()
 
     # ------------------------------------------------------------ helpers
 
-    def _open(self, header: StreamHeader) -> ReceiveSession:
+    def _check(self, header: StreamHeader) -> None:
         if header.layout_identity != self.layout.identity:
             raise ProtocolError(f"layout {header.layout_identity} is not {self.layout.identity}")
+
+    def _open(self, header: StreamHeader, window=None, release=None) -> ReceiveSession:
         stale = self._results.get(header.request_id)
         if stale is not None and stale.done():  # a resent request: the newest stream wins
             self.forget(header.request_id)
         sink = self.sink_factory(header)
         session = ReceiveSession(header, sink, self.levels, self.layout, self.config,
-                                 self.executor, self.decode_speeds, self.buffers)
+                                 self.executor, self.decode_speeds, self.buffers, window,
+                                 release, self.verify_executor)
         future = self._future(header.request_id)
         session.task.add_done_callback(
             lambda task: self._publish(task, future, session, sink))
@@ -164,7 +195,7 @@ class KVReceiver:
                 return
             if not isinstance(message, ChunkFrame):
                 raise ProtocolError(f"unexpected {type(message).__name__} inside a stream")
-            reply = session.on_frame(message)
+            reply = await session.receive(message)
             if reply is not None:
                 await write(reply)
 
@@ -175,6 +206,26 @@ class KVReceiver:
         if request_id not in self._results:
             self._results[request_id] = asyncio.get_running_loop().create_future()
         return self._results[request_id]
+
+
+class _Replies:
+    """The stream's write side, shared by the reader (acks) and the decoder (releases):
+    one write at a time."""
+
+    def __init__(self, write: WriteFn):
+        self._write = write
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, message: ReceiverMessage) -> None:
+        async with self._lock:
+            await self._write(message)
+
+    async def release(self, message: ReceiverMessage) -> None:
+        """Best effort: a sender that is gone needs no release."""
+        try:
+            await self(message)
+        except Exception as exc:  # noqa: BLE001 - the call ended: nothing to tell
+            log.debug("release not sent: %s", exc)
 
 
 def _final_status(task: asyncio.Task, request_id: str) -> StreamStatus:

@@ -20,6 +20,7 @@ from kvcluster.common.config import TransferConfig
 from kvcluster.observability.metrics import TransferMetrics
 from kvcluster.proto import convert
 from kvcluster.transfer.bandwidth import BandwidthEstimator
+from kvcluster.transfer.data_plane.factory import SenderDataPlanes
 from kvcluster.transfer.heap import keep_heap_warm
 from kvcluster.transfer.levels import LevelSet
 from kvcluster.transfer.messages import ReceiverInfo
@@ -62,6 +63,8 @@ class KVSender:
                                                          self.config.bandwidth_window)
         if self.config.heap_trim_threshold_bytes:
             keep_heap_warm(self.config.heap_trim_threshold_bytes)
+        self.data_planes = SenderDataPlanes(self.config, self.security)
+        """Payload bytes beside the stream (``config.data_plane``); counts per plane."""
         self._channels = [self._channel(i) for i in range(self.config.num_channels)]
         self._next_channel = itertools.cycle(range(len(self._channels)))
         self._info: ReceiverInfo | None = None
@@ -75,6 +78,7 @@ class KVSender:
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
+        await self.data_planes.close()
 
     async def receiver_info(self, refresh: bool = False) -> ReceiverInfo:
         """Layout, levels and recompute speed of the receiver (cached)."""
@@ -101,7 +105,8 @@ class KVSender:
         call = self._stream_call()(metadata=self.security.metadata(),
                                    timeout=self.config.timeout_s)
         writer = StreamWriter(call, request_id, source, self.policy, self.estimator, info,
-                              self.config, options, self.shaper)
+                              self.config, options, self.shaper, self.data_planes,
+                              self.target.rpartition(":")[0].strip("[]"))
         try:
             result = await writer.run()
         except (grpc.aio.AioRpcError, ConnectionError, asyncio.InvalidStateError) as exc:

@@ -2,7 +2,9 @@
 
 Methods are registered with our own (de)serialisers from
 :mod:`kvcluster.proto.convert` (same wire format as the generated stubs, but
-chunk payloads are not copied through protobuf objects).
+chunk payloads are not copied through protobuf objects). The server also
+starts the receiver's data planes (``transfer.data_plane``: the tcp listener,
+shared-memory windows, a Mooncake engine) and hands them to the receiver.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import grpc
 
 from kvcluster.common.config import TransferConfig
 from kvcluster.proto import convert
+from kvcluster.transfer.data_plane.factory import ReceiverDataPlanes, make_receiver_planes
 from kvcluster.transfer.heap import keep_heap_warm
 from kvcluster.transfer.receiver import KVReceiver, ProtocolError
 from kvcluster.transfer.security import ServerSecurity
@@ -28,10 +31,16 @@ def channel_options(config: TransferConfig) -> list[tuple[str, int]]:
 
 class TransferServer:
     def __init__(self, receiver: KVReceiver, config: TransferConfig | None = None,
-                 security: ServerSecurity | None = None):
+                 security: ServerSecurity | None = None,
+                 data_planes: ReceiverDataPlanes | None = None):
+        """
+        Args:
+            data_planes: default: what ``config.data_plane`` serves (TLS as this server).
+        """
         self.receiver = receiver
         self.config = config or receiver.config
         self.security = security or ServerSecurity()
+        self.data_planes = data_planes or make_receiver_planes(self.config, self.security)
         self.port = 0
         self._server: grpc.aio.Server | None = None
 
@@ -49,6 +58,8 @@ class TransferServer:
         credentials = self.security.credentials()
         self.port = (server.add_secure_port(address, credentials) if credentials
                      else server.add_insecure_port(address))
+        await self.data_planes.start()
+        self.receiver.data_planes = self.data_planes
         await server.start()
         self._server = server
         return self.port
@@ -57,6 +68,7 @@ class TransferServer:
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
+            await self.data_planes.stop()
 
     async def wait_for_termination(self) -> None:
         assert self._server is not None

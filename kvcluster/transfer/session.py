@@ -12,6 +12,12 @@ the wire:
 When input stops early (end marker, idle timeout, cancelled call, sender
 gone), ``close_input`` marks every chunk that never arrived for recompute, so
 the session always completes.
+
+A chunk whose payload came over the data plane (``frame.data`` set) is taken
+from the transfer's :class:`~kvcluster.transfer.data_plane.base.Window` once
+its bytes have landed, checked like an inline one (length, checksum, in a
+thread: XXH3 releases the GIL) and decoded straight from the window; once it
+is stored, ``release`` tells the sender that range may be written again.
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ import asyncio
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 from kvcluster.common.config import TransferConfig
 from kvcluster.transfer.levels import LevelSet
+from kvcluster.transfer.data_plane.base import DataPlaneError, Window
 from kvcluster.transfer.messages import (
-    ChunkAck, ChunkFrame, ChunkNak, ProtocolError, ReceiverMessage, StreamCode, StreamHeader, StreamStatus,
+    ChunkAck, ChunkFrame, ChunkNak, ChunkReleased, ProtocolError, ReceiverMessage, StreamCode,
+    StreamHeader, StreamStatus, frame_checksum,
 )
 from kvcluster.transfer.buffer_pool import BufferPool
 from kvcluster.transfer.sink import DecodeSpeeds, KVSink
@@ -38,6 +47,9 @@ class _Arrived:
     recompute: bool = False
     pooled: bool = False
     """``payload`` is a BufferPool buffer, to be given back after storing."""
+    data_attempt: int = -1
+    """>= 0: ``payload`` lies in the data plane's window (this attempt's range), to be
+    released to the sender after storing."""
 
 
 @dataclass
@@ -63,7 +75,15 @@ class ReceiveSession:
     def __init__(self, header: StreamHeader, sink: KVSink, levels: LevelSet, layout,
                  config: TransferConfig, executor: Executor,
                  decode_speeds: DecodeSpeeds | None = None,
-                 buffers: BufferPool | None = None):
+                 buffers: BufferPool | None = None, window: Window | None = None,
+                 release: Callable[[ChunkReleased], Awaitable[None]] | None = None,
+                 verify_executor: Executor | None = None):
+        """
+        Args:
+            window: the data plane window lent to this transfer (None: inline only).
+            release: sends a ChunkReleased to the sender (data-plane chunks, once stored).
+            verify_executor: where data-plane checksums run (default: ``executor``).
+        """
         expected = -(-header.num_tokens // max(header.chunk_tokens, 1))
         if header.chunk_tokens <= 0 or header.num_chunks != expected:
             raise ProtocolError(f"header: {header.num_chunks} chunks of {header.chunk_tokens} "
@@ -74,6 +94,8 @@ class ReceiveSession:
         self.config, self.executor = config, executor
         self.decode_speeds = decode_speeds or DecodeSpeeds()
         self.buffers = buffers or BufferPool()
+        self.window, self._release = window, release
+        self.verify_executor = verify_executor or executor
         self.stats = SessionStats()
         self.input_closed_reason = ""
         self._input_closed = False
@@ -89,8 +111,46 @@ class ReceiveSession:
 
     # ------------------------------------------------------------ input side
 
+    async def receive(self, frame: ChunkFrame) -> ReceiverMessage | None:
+        """Take one message, inline or data plane; returns the reply to send, if any."""
+        if frame.data is None:
+            return self.on_frame(frame)
+        return await self.on_data_frame(frame)
+
+    async def on_data_frame(self, frame: ChunkFrame) -> ReceiverMessage | None:
+        """A chunk whose bytes went over the data plane: wait for them, check, ack.
+
+        Raises:
+            asyncio.TimeoutError: the bytes did not land within ``chunk_timeout_s``
+                (the caller treats it as a silent sender).
+        """
+        index = frame.index
+        self.stats.last_arrival = time.perf_counter()
+        if (not 0 <= index < self.header.num_chunks or index in self._ready
+                or frame.attempt < self._attempt.get(index, 0)):
+            return ChunkReleased(index, frame.attempt)  # stray: never read, free its range
+        if self.window is None:
+            return self._reject(frame, "no data plane window was granted to this transfer")
+        if not self._frame_fits(frame) or frame.num_parts != 1:
+            return self._reject(frame, "chunk header does not fit the stream")
+        if frame.data.length != frame.chunk_bytes:
+            return self._reject(frame, f"data plane range holds {frame.data.length} bytes, "
+                                       f"the chunk header says {frame.chunk_bytes}")
+        try:
+            payload = await self.window.landed(frame.data, self.config.chunk_timeout_s)
+        except DataPlaneError as exc:
+            return self._reject(frame, f"data plane: {exc}")
+        self.stats.last_arrival = time.perf_counter()
+        checksum = await asyncio.get_running_loop().run_in_executor(
+            self.verify_executor, frame_checksum, payload)
+        if checksum != frame.checksum:
+            return self._reject(frame, "checksum mismatch")
+        self.stats.payload_bytes += len(payload)
+        self._put(index, _Arrived(frame.level, payload, data_attempt=frame.attempt))
+        return ChunkAck(index, frame.attempt, len(payload))
+
     def on_frame(self, frame: ChunkFrame) -> ReceiverMessage | None:
-        """Take one message; returns the reply to send, if any."""
+        """Take one inline message; returns the reply to send, if any."""
         index = frame.index
         self.stats.last_arrival = time.perf_counter()
         if not 0 <= index < self.header.num_chunks or index in self._ready:
@@ -180,6 +240,8 @@ class ReceiveSession:
             finally:
                 if item.pooled:
                     self.buffers.give(item.payload)
+            if item.data_attempt >= 0 and self._release is not None:
+                await self._release(ChunkReleased(index, item.data_attempt))
         self.stats.finished = time.perf_counter()
         self.sink.close(ok=not failed)
         return self._status(failed)

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 from kvcluster.common.layout import KVLayout
 from kvcluster.transfer.levels import LevelSet
-from kvcluster.transfer.messages import TEXT_LEVEL
+from kvcluster.transfer.messages import TEXT_LEVEL, frame_checksum
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,6 @@ class ChunkSpec:
     index: int
     token_start: int
     token_end: int
-    chunk_key: bytes = b""
 
     @property
     def num_tokens(self) -> int:
@@ -30,14 +29,12 @@ class ChunkSpec:
 
 class ChunkSource:
     def __init__(self, token_ids: Sequence[int], layout: KVLayout, levels: LevelSet,
-                 chunk_tokens: int, kv=None, chunk_keys: Sequence[bytes] = (),
-                 hints: Sequence[object] = ()):
+                 chunk_tokens: int, kv=None, hints: Sequence[object] = ()):
         """
         Args:
             token_ids: every token of the request.
             kv: ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]`` or None when
                 every chunk is handed over encoded (:meth:`add_encoded`).
-            chunk_keys: optional kvstore key per chunk.
             hints: optional encode hint per chunk (kvstore.codec.chunk_hints).
         """
         if chunk_tokens <= 0:
@@ -49,11 +46,12 @@ class ChunkSource:
         self.levels = levels
         self.kv = kv
         self.chunk_tokens = chunk_tokens
-        self.specs = _split(len(self.token_ids), chunk_tokens, chunk_keys)
+        self.specs = _split(len(self.token_ids), chunk_tokens)
         if hints and len(hints) != len(self.specs):
             raise ValueError(f"{len(hints)} hints for {len(self.specs)} chunks")
         self.hints = tuple(hints)
         self._encoded: dict[tuple[int, str], bytes] = {}
+        self._checksums: dict[tuple[int, str], int] = {}
 
     @property
     def num_chunks(self) -> int:
@@ -88,6 +86,14 @@ class ChunkSource:
         if key not in self._encoded:
             self.add_encoded(index, level, self._encode(index, level))
         return self._encoded[key]
+
+    def checksum(self, index: int, level: str) -> int:
+        """XXH3-64 of the whole encoded chunk (what a data-plane chunk carries), once
+        per (chunk, level): a re-sent or re-sent-elsewhere chunk is not hashed again."""
+        key = (index, level)
+        if key not in self._checksums:
+            self._checksums[key] = frame_checksum(self.payload(index, level))
+        return self._checksums[key]
 
     def estimated_bytes(self, index: int, level: str) -> int:
         """Exact if already encoded; else the level's measured bytes per token (this
@@ -130,7 +136,6 @@ class ChunkSource:
         return self.levels.codec(level).encode(chunk, self.layout, hint)
 
 
-def _split(num_tokens: int, chunk_tokens: int, keys: Sequence[bytes]) -> list[ChunkSpec]:
+def _split(num_tokens: int, chunk_tokens: int) -> list[ChunkSpec]:
     starts = range(0, num_tokens, chunk_tokens)
-    return [ChunkSpec(i, s, min(s + chunk_tokens, num_tokens), keys[i] if i < len(keys) else b"")
-            for i, s in enumerate(starts)]
+    return [ChunkSpec(i, s, min(s + chunk_tokens, num_tokens)) for i, s in enumerate(starts)]

@@ -13,24 +13,42 @@ decoder would pass for a slow link and push the policy to smaller levels that
 decode no faster. The sender predicts the decoder from the arrivals and the
 decode speeds the receiver reports, and skips a chunk's sample when the chunk
 before it was predicted still waiting for the decoder as this one was written.
+
+Data plane: the header offers the sender's planes and the receiver's first
+reply grants one (or inline). A chunk then goes as a write of its bytes into
+the granted window (at a range this writer allocates and frees on the
+receiver's ChunkReleased, or on a nak of that attempt), followed by its
+metadata with a DataRef on the stream. Inline instead: text chunks, chunks
+larger than the window, a re-send that finds the window full (the chunks
+holding it wait for the one being re-sent: waiting could deadlock), and every
+chunk after a data-plane write failed. The chunk's wire time, and so the
+bandwidth sample, starts before its data-plane write: the policy measures
+whatever carries the bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from kvcluster.common.config import TransferConfig
 from kvcluster.transfer.bandwidth import BandwidthEstimator
+from kvcluster.transfer.data_plane.base import DataLink, DataPlaneError, WriteRange
+from kvcluster.transfer.data_plane.factory import SenderDataPlanes
+from kvcluster.transfer.data_plane.ranges import RangeAllocator
 from kvcluster.transfer.messages import (
-    TEXT_LEVEL, ChunkAck, ChunkFrame, ChunkNak, ReceiverInfo, StreamEnd, StreamHeader,
-    StreamStatus, frame_checksum,
+    INLINE_PLANE, TEXT_LEVEL, ChunkAck, ChunkFrame, ChunkNak, ChunkReleased, DataPlaneGrant,
+    DataRef, ReceiverInfo, StreamEnd, StreamHeader, StreamStatus, frame_checksum,
 )
 from kvcluster.transfer.policy import ChunkPlan, LevelPolicy
 from kvcluster.transfer.shaper import NullShaper, Shaper
 from kvcluster.transfer.source import ChunkSource
+
+log = logging.getLogger(__name__)
 
 BeforeChunk = Callable[[int], None]
 """Called with a chunk's index before its level is chosen (benchmarks set the link rate)."""
@@ -67,6 +85,10 @@ class SendResult:
     error: str = ""
     chunks: list[ChunkRecord] = field(default_factory=list)
     """Per chunk index, in order of first send."""
+    data_plane: str = INLINE_PLANE
+    """The plane the receiver granted and this sender could use ("grpc": inline)."""
+    data_plane_bytes: int = 0
+    """Payload bytes that went over the data plane (the rest of bytes_sent inline)."""
 
     @property
     def tail_s(self) -> float:
@@ -85,7 +107,13 @@ class StreamOptions:
 class StreamWriter:
     def __init__(self, call, request_id: str, source: ChunkSource, policy: LevelPolicy,
                  estimator: BandwidthEstimator, info: ReceiverInfo, config: TransferConfig,
-                 options: StreamOptions, shaper: Shaper | None = None):
+                 options: StreamOptions, shaper: Shaper | None = None,
+                 data_planes: SenderDataPlanes | None = None, target_host: str = ""):
+        """
+        Args:
+            data_planes: the sender's planes (None: inline only); ``target_host`` is
+                where the gRPC stream goes (a tcp grant may name only a port).
+        """
         self.call, self.request_id, self.source = call, request_id, source
         self.policy, self.estimator, self.info = policy, estimator, info
         self._decode_speeds = dict(info.decode_tokens_per_s)
@@ -103,12 +131,23 @@ class StreamWriter:
         """Predicted start of each acked chunk's decode on the receiver."""
         self._decoder_free = 0.0
         self._attempt_count: dict[int, int] = {}
+        self._data_planes, self._target_host = data_planes, target_host
+        self._offer = data_planes.offer() if data_planes is not None else None
+        self._grant: asyncio.Future | None = None
+        """The receiver's DataPlaneGrant, once it arrives (made in run())."""
+        self._link: DataLink | None = None
+        self._ranges: RangeAllocator | None = None
+        self._placed: dict[tuple[int, int], int] = {}
+        """(index, attempt) -> offset of its bytes in the window, until released."""
+        self._write_ids = itertools.count(1)
         self._started = time.perf_counter()
 
     async def run(self) -> SendResult:
+        self._grant = asyncio.get_running_loop().create_future()
         self._reader = reader = asyncio.ensure_future(self._read_replies())
         try:
             await self._write(self._header())
+            await self._open_data_plane()
             for index in range(self.source.num_chunks):
                 await self._wait_window()
                 await self._send_resends()
@@ -123,8 +162,64 @@ class StreamWriter:
             self.result.status = await reader
         finally:
             reader.cancel()
+            if self._link is not None:
+                self._link.close()
             self.result.elapsed_s = time.perf_counter() - self._started
         return self.result
+
+    # ------------------------------------------------------------ data plane
+
+    async def _open_data_plane(self) -> None:
+        """Wait for the receiver's grant (its first reply) and open the link."""
+        if self._offer is None:
+            return
+        grant: DataPlaneGrant = await self._unless_stream_ends(self._grant)
+        self._link = self._data_planes.link(grant, self._target_host)
+        if self._link is not None:
+            self._ranges = RangeAllocator(self._link.window_bytes)
+            self.result.data_plane = grant.plane
+        elif not grant.inline:
+            self.result.data_plane = f"{INLINE_PLANE} ({grant.plane} unusable)"
+
+    def _wants_data_plane(self, level: str, attempt: int, size: int) -> bool:
+        if self._link is None or level == TEXT_LEVEL or not 0 < size <= self._ranges.size:
+            return False
+        return attempt == 0 or self._ranges.can_allocate(size)
+
+    async def _send_over_data_plane(self, index: int, level: str, attempt: int,
+                                    payload: memoryview) -> bool:
+        """Write the chunk into the window, then its metadata; False: send it inline."""
+        size = len(payload)
+        offset = await self._unless_stream_ends(self._ranges.wait_allocate(size))
+        self._placed[(index, attempt)] = offset
+        data = payload
+        if self.options.payload_filter is not None:  # fault injection, after the checksum
+            data = memoryview(self.options.payload_filter(index, attempt, payload))
+        await self.shaper.acquire(size)
+        write_id = next(self._write_ids)
+        try:
+            await self._unless_stream_ends(self._link.write([WriteRange(data, offset)],
+                                                            write_id))
+        except DataPlaneError as exc:
+            log.warning("request %s: data plane %s failed, the rest goes inline: %s",
+                        self.request_id, self.result.data_plane, exc)
+            self._release(index, attempt)
+            self._link = None
+            self.result.data_plane += " (broke: inline)"
+            return False
+        spec = self.source.specs[index]
+        await self._write(ChunkFrame(
+            self.request_id, index, spec.token_start, spec.token_end, level,
+            checksum=self.source.checksum(index, level), attempt=attempt, chunk_bytes=size,
+            data=DataRef(offset, size, write_id)))
+        self.result.bytes_sent += size
+        self.result.data_plane_bytes += size
+        return True
+
+    def _release(self, index: int, attempt: int) -> None:
+        offset = self._placed.pop((index, attempt), None)
+        if offset is not None and self._ranges is not None:
+            self._ranges.free(offset)
 
     # ------------------------------------------------------------ sending
 
@@ -157,6 +252,9 @@ class StreamWriter:
         payload = await self._payload(index, level)
         self.result.levels[index] = level
         self._first_write[index] = time.perf_counter()
+        if self._wants_data_plane(level, attempt, len(payload)) and \
+                await self._send_over_data_plane(index, level, attempt, payload):
+            return
         for frame in self._frames(index, level, attempt, payload):
             await self.shaper.acquire(len(frame.payload))
             await self._write(frame)
@@ -180,8 +278,7 @@ class StreamWriter:
             if self.options.payload_filter is not None:
                 piece = self.options.payload_filter(index, attempt, piece)
             yield ChunkFrame(self.request_id, index, spec.token_start, spec.token_end, level,
-                             spec.chunk_key, token_ids, checksum, attempt, part, num_parts,
-                             len(payload), piece)
+                             token_ids, checksum, attempt, part, num_parts, len(payload), piece)
 
     async def _send_resends(self) -> None:
         while self._resend:
@@ -195,15 +292,14 @@ class StreamWriter:
     async def _write(self, message) -> None:
         await self._unless_stream_ends(self.call.write(message))
 
-    async def _unless_stream_ends(self, operation) -> None:
+    async def _unless_stream_ends(self, operation):
         """Await ``operation``, but give up as soon as the reply stream ends: a write
         on a call the receiver has terminated (e.g. a message over its maximum
         size) may otherwise never complete."""
         task = asyncio.ensure_future(operation)
         await asyncio.wait({task, self._reader}, return_when=asyncio.FIRST_COMPLETED)
         if task.done() and (task.exception() is None or not self._reader.done()):
-            task.result()
-            return
+            return task.result()
         task.cancel()
         self._reader.result()  # raises the stream's error
         raise ConnectionError("receiver closed the stream before all chunks were sent")
@@ -219,6 +315,10 @@ class StreamWriter:
                     self._on_ack(reply)
                 elif isinstance(reply, ChunkNak):
                     self._on_nak(reply)
+                elif isinstance(reply, ChunkReleased):
+                    self._release(reply.index, reply.attempt)
+                elif isinstance(reply, DataPlaneGrant) and not self._grant.done():  # first reply
+                    self._grant.set_result(reply)
                 self._changed.set()
             raise ConnectionError("stream ended without a final status")
         finally:
@@ -252,6 +352,7 @@ class StreamWriter:
         self._decoder_free = start + (num_tokens / speed if speed > 0 else 0.0)
 
     def _on_nak(self, nak: ChunkNak) -> None:
+        self._release(nak.index, nak.attempt)  # a rejected attempt is never read again
         if nak.resend:
             self._resend.append(nak.index)
         else:
@@ -269,5 +370,4 @@ class StreamWriter:
     def _header(self) -> StreamHeader:
         src = self.source
         return StreamHeader(self.request_id, src.layout.identity, src.num_chunks, src.num_tokens,
-                            src.token_ids, src.chunk_tokens,
-                            self.options.slo_ms)
+                            src.token_ids, src.chunk_tokens, self.options.slo_ms, self._offer)

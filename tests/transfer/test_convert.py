@@ -9,31 +9,37 @@ from hypothesis import strategies as st
 from kvcluster.proto import convert
 from kvcluster.proto.kvcluster.v1 import kv_transfer_pb2 as pb
 from kvcluster.transfer.messages import (
-    ChunkAck, ChunkFrame, ChunkNak, ReceiverInfo, StreamCode, StreamEnd, StreamHeader,
-    StreamStatus, frame_checksum,
+    ChunkAck, ChunkFrame, ChunkNak, ChunkReleased, DataPlaneGrant, DataPlaneOffer, DataRef,
+    ReceiverInfo, StreamCode, StreamEnd, StreamHeader, StreamStatus, frame_checksum,
 )
 
 HEADER = StreamHeader("req-1", "L2-H2-D16-B4-float32", 3, 40, tuple(range(40)), 16, 250.0,
-                      b"\x01" * 32)
-TEXT = ChunkFrame("req-1", 2, 32, 40, "text", b"k" * 32, tuple(range(32, 40)),
+                      DataPlaneOffer(("shm", "tcp", "grpc"), "node-a"))
+TEXT = ChunkFrame("req-1", 2, 32, 40, "text", tuple(range(32, 40)),
                   frame_checksum(b"", tuple(range(32, 40))))
+DATA = ChunkFrame("req-1", 1, 16, 32, "int8", checksum=7, chunk_bytes=1 << 33,
+                  data=DataRef(1 << 20, 1 << 33, 5))
 RECEIVER_MESSAGES = [
     ChunkAck(3, 1, 1 << 33),
     ChunkNak(2, 0, "checksum mismatch", True),
     StreamStatus(StreamCode.RECOMPUTED, "sender silent", 7, 3, 12345, 0.5, 0.2, 0.3,
                  (("int8", 5000.0), ("lossless", 9000.5)), 321.0),
+    DataPlaneGrant("tcp", b"\x07" * 16, 64 << 20, "127.0.0.1:5000", 4, "", 0, "other node"),
+    DataPlaneGrant("shm", b"", 1 << 20, segment="kvdp-abc", reason="same node"),
+    ChunkReleased(4, 1),
 ]
 
 
 def _frame(payload: bytes, **kw) -> ChunkFrame:
     fields = dict(request_id="req-1", index=1, token_start=16, token_end=32, level="int8",
-                  chunk_key=b"\xab" * 32, checksum=frame_checksum(payload), attempt=2, part=1,
+                  checksum=frame_checksum(payload), attempt=2, part=1,
                   num_parts=3, chunk_bytes=3 * len(payload))
     fields.update(kw)
     return ChunkFrame(payload=payload, **fields)
 
 
-@pytest.mark.parametrize("msg", [HEADER, TEXT, StreamEnd(3), _frame(b"xyz" * 1000)])
+@pytest.mark.parametrize("msg", [HEADER, TEXT, DATA, StreamEnd(3), _frame(b"xyz" * 1000),
+                                 StreamHeader("r", "L1", 1, 1, (5,), 1)])
 def test_sender_messages_round_trip(msg):
     back = convert.decode_sender_message(convert.encode_sender_message(msg))
     if isinstance(msg, ChunkFrame):

@@ -74,9 +74,11 @@ def test_messages_above_the_receivers_maximum_are_refused(sender_runner, receive
                                                           layout, levels):
     tokens = prompt(400, seed=4)
     kv = prefill_kv(sender_runner, tokens)
-    receiver_config = small_config(max_message_bytes=96 << 10, message_payload_bytes=16 << 10)
+    # Inline payloads (a data plane would carry the chunk beside the stream's limit).
+    receiver_config = small_config(max_message_bytes=96 << 10, message_payload_bytes=16 << 10,
+                                   data_plane="grpc")
     sender_config = small_config(chunk_tokens=400, message_payload_bytes=1 << 20,
-                                 max_message_bytes=2 << 20)
+                                 max_message_bytes=2 << 20, data_plane="grpc")
 
     async def main():
         async with receiver_node(receiver_runner, levels, receiver_config) as node:

@@ -24,37 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ekvcluster/v1/kv_transfer.proto\x12\x0ckvcluster.v1\"\x97\x01\n\x0fKVStreamMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.kvcluster.v1.StreamHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.kvcluster.v1.KVChunkH\x00\x12&\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x17.kvcluster.v1.StreamEndH\x00\x42\x06\n\x04kind\"\xb0\x01\n\x0cStreamHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0flayout_identity\x18\x02 \x01(\t\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\x0e\n\x06slo_ms\x18\x06 \x01(\x01\x12\x12\n\nprefix_key\x18\x07 \x01(\x0c\x12\x14\n\x0c\x63hunk_tokens\x18\x08 \x01(\r\"\xf3\x01\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x13\n\x0btoken_start\x18\x03 \x01(\r\x12\x11\n\ttoken_end\x18\x04 \x01(\r\x12\x11\n\tchunk_key\x18\x05 \x01(\x0c\x12\r\n\x05level\x18\x06 \x01(\t\x12\x11\n\ttoken_ids\x18\x07 \x03(\r\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\x06\x12\x0f\n\x07\x61ttempt\x18\t \x01(\r\x12\x0c\n\x04part\x18\n \x01(\r\x12\x11\n\tnum_parts\x18\x0b \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x0c \x01(\x04\x12\x0f\n\x07payload\x18\x0f \x01(\x0c\"$\n\tStreamEnd\x12\x17\n\x0fnum_chunks_sent\x18\x01 \x01(\r\"\x93\x01\n\rKVStreamReply\x12%\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x16.kvcluster.v1.ChunkAckH\x00\x12%\n\x03nak\x18\x02 \x01(\x0b\x32\x16.kvcluster.v1.ChunkNakH\x00\x12,\n\x06status\x18\x03 \x01(\x0b\x32\x1a.kvcluster.v1.StreamStatusH\x00\x42\x06\n\x04kind\"A\n\x08\x43hunkAck\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x04\"J\n\x08\x43hunkNak\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06resend\x18\x04 \x01(\x08\"\xad\x02\n\x0cStreamStatus\x12&\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x18.kvcluster.v1.StreamCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1a\n\x12num_chunks_decoded\x18\x03 \x01(\r\x12\x1d\n\x15num_chunks_recomputed\x18\x04 \x01(\r\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x11\n\telapsed_s\x18\x06 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_overlap_s\x18\x07 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_total_s\x18\x08 \x01(\x01\x12/\n\rdecode_speeds\x18\t \x03(\x0b\x32\x18.kvcluster.v1.LevelSpeed\x12\x1c\n\x14prefill_tokens_per_s\x18\n \x01(\x01\"1\n\nLevelSpeed\x12\r\n\x05level\x18\x01 \x01(\t\x12\x14\n\x0ctokens_per_s\x18\x02 \x01(\x01\"\x15\n\x13ReceiverInfoRequest\"\xa3\x01\n\x0cReceiverInfo\x12\x19\n\x11layout_identities\x18\x01 \x03(\t\x12\x0e\n\x06levels\x18\x02 \x03(\t\x12\x1c\n\x14prefill_tokens_per_s\x18\x03 \x01(\x01\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12/\n\rdecode_speeds\x18\x05 \x03(\x0b\x32\x18.kvcluster.v1.LevelSpeed*q\n\nStreamCode\x12\x1b\n\x17STREAM_CODE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTREAM_CODE_OK\x10\x01\x12\x1a\n\x16STREAM_CODE_RECOMPUTED\x10\x02\x12\x16\n\x12STREAM_CODE_FAILED\x10\x03\x32\xaa\x01\n\nKVTransfer\x12J\n\x08StreamKV\x12\x1d.kvcluster.v1.KVStreamMessage\x1a\x1b.kvcluster.v1.KVStreamReply(\x01\x30\x01\x12P\n\x0fGetReceiverInfo\x12!.kvcluster.v1.ReceiverInfoRequest\x1a\x1a.kvcluster.v1.ReceiverInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ekvcluster/v1/kv_transfer.proto\x12\x0ckvcluster.v1\"\x97\x01\n\x0fKVStreamMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.kvcluster.v1.StreamHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.kvcluster.v1.KVChunkH\x00\x12&\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x17.kvcluster.v1.StreamEndH\x00\x42\x06\n\x04kind\"\xe0\x01\n\x0cStreamHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0flayout_identity\x18\x02 \x01(\t\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\x0e\n\x06slo_ms\x18\x06 \x01(\x01\x12\x14\n\x0c\x63hunk_tokens\x18\x08 \x01(\r\x12\x30\n\ndata_plane\x18\t \x01(\x0b\x32\x1c.kvcluster.v1.DataPlaneOfferJ\x04\x08\x07\x10\x08R\nprefix_key\"1\n\x0e\x44\x61taPlaneOffer\x12\x0e\n\x06planes\x18\x01 \x03(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\";\n\x07\x44\x61taRef\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x10\n\x08write_id\x18\x03 \x01(\x04\"\x96\x02\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x13\n\x0btoken_start\x18\x03 \x01(\r\x12\x11\n\ttoken_end\x18\x04 \x01(\r\x12\r\n\x05level\x18\x06 \x01(\t\x12\x11\n\ttoken_ids\x18\x07 \x03(\r\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\x06\x12\x0f\n\x07\x61ttempt\x18\t \x01(\r\x12\x0c\n\x04part\x18\n \x01(\r\x12\x11\n\tnum_parts\x18\x0b \x01(\r\x12\x13\n\x0b\x63hunk_bytes\x18\x0c \x01(\x04\x12#\n\x04\x64\x61ta\x18\r \x01(\x0b\x32\x15.kvcluster.v1.DataRef\x12\x0f\n\x07payload\x18\x0f \x01(\x0cJ\x04\x08\x05\x10\x06R\tchunk_key\"$\n\tStreamEnd\x12\x17\n\x0fnum_chunks_sent\x18\x01 \x01(\r\"\xf3\x01\n\rKVStreamReply\x12%\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x16.kvcluster.v1.ChunkAckH\x00\x12%\n\x03nak\x18\x02 \x01(\x0b\x32\x16.kvcluster.v1.ChunkNakH\x00\x12,\n\x06status\x18\x03 \x01(\x0b\x32\x1a.kvcluster.v1.StreamStatusH\x00\x12-\n\x05grant\x18\x04 \x01(\x0b\x32\x1c.kvcluster.v1.DataPlaneGrantH\x00\x12/\n\x08released\x18\x05 \x01(\x0b\x32\x1b.kvcluster.v1.ChunkReleasedH\x00\x42\x06\n\x04kind\"\xa7\x01\n\x0e\x44\x61taPlaneGrant\x12\r\n\x05plane\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x14\n\x0cwindow_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x17\n\x0fnum_connections\x18\x05 \x01(\r\x12\x0f\n\x07segment\x18\x06 \x01(\t\x12\x16\n\x0eremote_address\x18\x07 \x01(\x04\x12\x0e\n\x06reason\x18\x08 \x01(\t\"/\n\rChunkReleased\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"A\n\x08\x43hunkAck\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x04\"J\n\x08\x43hunkNak\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06resend\x18\x04 \x01(\x08\"\xad\x02\n\x0cStreamStatus\x12&\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x18.kvcluster.v1.StreamCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1a\n\x12num_chunks_decoded\x18\x03 \x01(\r\x12\x1d\n\x15num_chunks_recomputed\x18\x04 \x01(\r\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x11\n\telapsed_s\x18\x06 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_overlap_s\x18\x07 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_total_s\x18\x08 \x01(\x01\x12/\n\rdecode_speeds\x18\t \x03(\x0b\x32\x18.kvcluster.v1.LevelSpeed\x12\x1c\n\x14prefill_tokens_per_s\x18\n \x01(\x01\"1\n\nLevelSpeed\x12\r\n\x05level\x18\x01 \x01(\t\x12\x14\n\x0ctokens_per_s\x18\x02 \x01(\x01\"\x15\n\x13ReceiverInfoRequest\"\xa3\x01\n\x0cReceiverInfo\x12\x19\n\x11layout_identities\x18\x01 \x03(\t\x12\x0e\n\x06levels\x18\x02 \x03(\t\x12\x1c\n\x14prefill_tokens_per_s\x18\x03 \x01(\x01\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12/\n\rdecode_speeds\x18\x05 \x03(\x0b\x32\x18.kvcluster.v1.LevelSpeed*q\n\nStreamCode\x12\x1b\n\x17STREAM_CODE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTREAM_CODE_OK\x10\x01\x12\x1a\n\x16STREAM_CODE_RECOMPUTED\x10\x02\x12\x16\n\x12STREAM_CODE_FAILED\x10\x03\x32\xaa\x01\n\nKVTransfer\x12J\n\x08StreamKV\x12\x1d.kvcluster.v1.KVStreamMessage\x1a\x1b.kvcluster.v1.KVStreamReply(\x01\x30\x01\x12P\n\x0fGetReceiverInfo\x12!.kvcluster.v1.ReceiverInfoRequest\x1a\x1a.kvcluster.v1.ReceiverInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvcluster.v1.kv_transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STREAMCODE']._serialized_start=1502
-  _globals['_STREAMCODE']._serialized_end=1615
+  _globals['_STREAMCODE']._serialized_start=2012
+  _globals['_STREAMCODE']._serialized_end=2125
   _globals['_KVSTREAMMESSAGE']._serialized_start=49
   _globals['_KVSTREAMMESSAGE']._serialized_end=200
   _globals['_STREAMHEADER']._serialized_start=203
-  _globals['_STREAMHEADER']._serialized_end=379
-  _globals['_KVCHUNK']._serialized_start=382
-  _globals['_KVCHUNK']._serialized_end=625
-  _globals['_STREAMEND']._serialized_start=627
-  _globals['_STREAMEND']._serialized_end=663
-  _globals['_KVSTREAMREPLY']._serialized_start=666
-  _globals['_KVSTREAMREPLY']._serialized_end=813
-  _globals['_CHUNKACK']._serialized_start=815
-  _globals['_CHUNKACK']._serialized_end=880
-  _globals['_CHUNKNAK']._serialized_start=882
-  _globals['_CHUNKNAK']._serialized_end=956
-  _globals['_STREAMSTATUS']._serialized_start=959
-  _globals['_STREAMSTATUS']._serialized_end=1260
-  _globals['_LEVELSPEED']._serialized_start=1262
-  _globals['_LEVELSPEED']._serialized_end=1311
-  _globals['_RECEIVERINFOREQUEST']._serialized_start=1313
-  _globals['_RECEIVERINFOREQUEST']._serialized_end=1334
-  _globals['_RECEIVERINFO']._serialized_start=1337
-  _globals['_RECEIVERINFO']._serialized_end=1500
-  _globals['_KVTRANSFER']._serialized_start=1618
-  _globals['_KVTRANSFER']._serialized_end=1788
+  _globals['_STREAMHEADER']._serialized_end=427
+  _globals['_DATAPLANEOFFER']._serialized_start=429
+  _globals['_DATAPLANEOFFER']._serialized_end=478
+  _globals['_DATAREF']._serialized_start=480
+  _globals['_DATAREF']._serialized_end=539
+  _globals['_KVCHUNK']._serialized_start=542
+  _globals['_KVCHUNK']._serialized_end=820
+  _globals['_STREAMEND']._serialized_start=822
+  _globals['_STREAMEND']._serialized_end=858
+  _globals['_KVSTREAMREPLY']._serialized_start=861
+  _globals['_KVSTREAMREPLY']._serialized_end=1104
+  _globals['_DATAPLANEGRANT']._serialized_start=1107
+  _globals['_DATAPLANEGRANT']._serialized_end=1274
+  _globals['_CHUNKRELEASED']._serialized_start=1276
+  _globals['_CHUNKRELEASED']._serialized_end=1323
+  _globals['_CHUNKACK']._serialized_start=1325
+  _globals['_CHUNKACK']._serialized_end=1390
+  _globals['_CHUNKNAK']._serialized_start=1392
+  _globals['_CHUNKNAK']._serialized_end=1466
+  _globals['_STREAMSTATUS']._serialized_start=1469
+  _globals['_STREAMSTATUS']._serialized_end=1770
+  _globals['_LEVELSPEED']._serialized_start=1772
+  _globals['_LEVELSPEED']._serialized_end=1821
+  _globals['_RECEIVERINFOREQUEST']._serialized_start=1823
+  _globals['_RECEIVERINFOREQUEST']._serialized_end=1844
+  _globals['_RECEIVERINFO']._serialized_start=1847
+  _globals['_RECEIVERINFO']._serialized_end=2010
+  _globals['_KVTRANSFER']._serialized_start=2128
+  _globals['_KVTRANSFER']._serialized_end=2298
 # @@protoc_insertion_point(module_scope)

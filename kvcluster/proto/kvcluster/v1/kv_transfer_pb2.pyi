@@ -29,32 +29,49 @@ class KVStreamMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[StreamHeader, _Mapping]] = ..., chunk: _Optional[_Union[KVChunk, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
 
 class StreamHeader(_message.Message):
-    __slots__ = ("request_id", "layout_identity", "num_chunks", "num_tokens", "token_ids", "slo_ms", "prefix_key", "chunk_tokens")
+    __slots__ = ("request_id", "layout_identity", "num_chunks", "num_tokens", "token_ids", "slo_ms", "chunk_tokens", "data_plane")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SLO_MS_FIELD_NUMBER: _ClassVar[int]
-    PREFIX_KEY_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layout_identity: str
     num_chunks: int
     num_tokens: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     slo_ms: float
-    prefix_key: bytes
     chunk_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., layout_identity: _Optional[str] = ..., num_chunks: _Optional[int] = ..., num_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., slo_ms: _Optional[float] = ..., prefix_key: _Optional[bytes] = ..., chunk_tokens: _Optional[int] = ...) -> None: ...
+    data_plane: DataPlaneOffer
+    def __init__(self, request_id: _Optional[str] = ..., layout_identity: _Optional[str] = ..., num_chunks: _Optional[int] = ..., num_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., slo_ms: _Optional[float] = ..., chunk_tokens: _Optional[int] = ..., data_plane: _Optional[_Union[DataPlaneOffer, _Mapping]] = ...) -> None: ...
+
+class DataPlaneOffer(_message.Message):
+    __slots__ = ("planes", "node_id")
+    PLANES_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    planes: _containers.RepeatedScalarFieldContainer[str]
+    node_id: str
+    def __init__(self, planes: _Optional[_Iterable[str]] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class DataRef(_message.Message):
+    __slots__ = ("offset", "length", "write_id")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    WRITE_ID_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    write_id: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., write_id: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("request_id", "index", "token_start", "token_end", "chunk_key", "level", "token_ids", "checksum", "attempt", "part", "num_parts", "chunk_bytes", "payload")
+    __slots__ = ("request_id", "index", "token_start", "token_end", "level", "token_ids", "checksum", "attempt", "part", "num_parts", "chunk_bytes", "data", "payload")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_END_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_KEY_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
@@ -62,12 +79,12 @@ class KVChunk(_message.Message):
     PART_FIELD_NUMBER: _ClassVar[int]
     NUM_PARTS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     index: int
     token_start: int
     token_end: int
-    chunk_key: bytes
     level: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     checksum: int
@@ -75,8 +92,9 @@ class KVChunk(_message.Message):
     part: int
     num_parts: int
     chunk_bytes: int
+    data: DataRef
     payload: bytes
-    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., chunk_key: _Optional[bytes] = ..., level: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., checksum: _Optional[int] = ..., attempt: _Optional[int] = ..., part: _Optional[int] = ..., num_parts: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., level: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., checksum: _Optional[int] = ..., attempt: _Optional[int] = ..., part: _Optional[int] = ..., num_parts: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., data: _Optional[_Union[DataRef, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class StreamEnd(_message.Message):
     __slots__ = ("num_chunks_sent",)
@@ -85,14 +103,46 @@ class StreamEnd(_message.Message):
     def __init__(self, num_chunks_sent: _Optional[int] = ...) -> None: ...
 
 class KVStreamReply(_message.Message):
-    __slots__ = ("ack", "nak", "status")
+    __slots__ = ("ack", "nak", "status", "grant", "released")
     ACK_FIELD_NUMBER: _ClassVar[int]
     NAK_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
     ack: ChunkAck
     nak: ChunkNak
     status: StreamStatus
-    def __init__(self, ack: _Optional[_Union[ChunkAck, _Mapping]] = ..., nak: _Optional[_Union[ChunkNak, _Mapping]] = ..., status: _Optional[_Union[StreamStatus, _Mapping]] = ...) -> None: ...
+    grant: DataPlaneGrant
+    released: ChunkReleased
+    def __init__(self, ack: _Optional[_Union[ChunkAck, _Mapping]] = ..., nak: _Optional[_Union[ChunkNak, _Mapping]] = ..., status: _Optional[_Union[StreamStatus, _Mapping]] = ..., grant: _Optional[_Union[DataPlaneGrant, _Mapping]] = ..., released: _Optional[_Union[ChunkReleased, _Mapping]] = ...) -> None: ...
+
+class DataPlaneGrant(_message.Message):
+    __slots__ = ("plane", "token", "window_bytes", "address", "num_connections", "segment", "remote_address", "reason")
+    PLANE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    plane: str
+    token: bytes
+    window_bytes: int
+    address: str
+    num_connections: int
+    segment: str
+    remote_address: int
+    reason: str
+    def __init__(self, plane: _Optional[str] = ..., token: _Optional[bytes] = ..., window_bytes: _Optional[int] = ..., address: _Optional[str] = ..., num_connections: _Optional[int] = ..., segment: _Optional[str] = ..., remote_address: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ChunkReleased(_message.Message):
+    __slots__ = ("index", "attempt")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    attempt: int
+    def __init__(self, index: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class ChunkAck(_message.Message):
     __slots__ = ("index", "attempt", "payload_bytes")
