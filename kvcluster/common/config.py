@@ -62,8 +62,8 @@ class EngineConfig:
     max_batch_size: int = 16
     max_model_len: int = 8192
     cpu_packed_weights: bool = True
-    """On CPU (fp32), also keep packed weight copies (native few-row kernel, else oneDNN):
-    faster decode, 2x weight memory."""
+    """On CPU (fp32, or bf16 with the native kernel), also keep packed weight copies
+    (native few-row kernel, else oneDNN for fp32): faster decode, 2x weight memory."""
     decode_kv_mirror: bool = True
     """Keep the decoding sequences' KV also contiguous (up to twice their KV memory), so
     decode attention reads views instead of gathering every block in every layer."""

@@ -1,11 +1,11 @@
 """``x @ w`` for the engine's ``[in, out]`` weight matrices, optionally via a packed copy.
 
 Decode multiplies few rows (one per sequence) by every weight, so it runs at
-the speed the weights stream from memory. Measured here (Zen 4, 1 thread,
-SmolLM2's matrices, GB/s of weights): MKL's ``x @ w`` 9-25 at 1 row and 4-8
-at 8 rows; a oneDNN-packed copy 8-16 at 8 rows; the native few-row kernel of
-:mod:`kvcluster.engine.small_gemm` on a panel-packed copy 18-27 at 1 row and
-16-23 at 8 rows (fp32 FMA-bound there), and still ahead of both at 64 rows.
+the speed the weights stream from memory. On one core the native few-row kernel
+of :mod:`kvcluster.engine.small_gemm` on a panel-packed copy streams the weights
+fastest, then a oneDNN-packed copy, then MKL's plain ``x @ w`` (at 8 rows; the
+native kernel stays ahead up to 64 rows). Measured GB/s: docs/benchmarks.md,
+"engine".
 
 So a packed copy is made at load (doubling the weight memory, hence optional:
 ``EngineConfig.cpu_packed_weights``): the native kernel's panels where it
@@ -29,7 +29,11 @@ NATIVE_MAX_ROWS = 64
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and (
+    if weight.device.type != "cpu":
+        return False
+    if weight.dtype == torch.bfloat16:  # only the native kernel reads bf16 panels
+        return small_gemm.available()
+    return weight.dtype == torch.float32 and (
         small_gemm.available() or torch.backends.mkldnn.is_available()
     )
 
@@ -53,4 +57,4 @@ def matmul(x: torch.Tensor, weight_t: torch.Tensor, packed: torch.Tensor | None)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [None], "")
     if rows > NATIVE_MAX_ROWS:
         return x @ weight_t
-    return small_gemm.matmul(x, packed, weight_t.shape[1])
+    return small_gemm.matmul(x, packed, weight_t.shape[1]).to(x.dtype)

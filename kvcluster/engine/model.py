@@ -3,7 +3,7 @@
 Weights are stored fused for fewer, larger matmuls on the hot decode path
 (``qkv = [q | k | v]``, ``gate_up = [gate | up]``) and transposed to
 ``[in_features, out_features]``: ``x @ w`` on a contiguous ``[in, out]`` matrix
-runs up to ~2x faster than ``F.linear`` for the few-row inputs of CPU decoding.
+runs faster than ``F.linear`` for the few-row inputs of CPU decoding.
 Checkpoint tensors keep their Hugging Face names and are fused and transposed
 in :meth:`LlamaModel.load_hf_weights`.
 
@@ -143,7 +143,8 @@ class LlamaModel(nn.Module):
         return logits.float()  # [R, vocab]
 
     def pack_weights(self) -> bool:
-        """Add packed weight copies for faster decode (CPU fp32 only; see cpu_linear).
+        """Add packed weight copies for faster decode (CPU fp32, or bf16 with the native
+        kernel; see cpu_linear).
 
         Returns:
             Whether the weights were packed.

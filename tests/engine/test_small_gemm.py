@@ -117,3 +117,43 @@ def test_concurrent_callers_and_a_forked_child_get_exact_results():
         assert os.waitpid(pid, 0)[1] == 0
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_native
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 8, 9])
+def test_bf16_panels_widen_exactly_and_multiply_in_fp32(m, k, n):
+    """bf16 weights (half the bytes to stream) give the fp64 product of the same bf16
+    values within fp32 accumulation error: the widening to fp32 is exact."""
+    gen = torch.Generator().manual_seed(m * 7000 + k + n)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = torch.randn(k, n, generator=gen).bfloat16()
+    packed = small_gemm.pack(w)
+    assert packed.dtype == torch.bfloat16
+    y = small_gemm.matmul(x, packed, n)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    reference = _reference(x.float(), w.float())
+    assert (y - reference).abs().max().item() <= _tolerance(x.float(), w.float())
+
+
+@needs_native
+def test_cpu_linear_packs_bf16_weights_for_the_native_kernel():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 96, generator=gen).bfloat16()
+    w = torch.randn(96, 70, generator=gen).bfloat16()
+    assert cpu_linear.can_pack(w)
+    y = cpu_linear.matmul(x, w, cpu_linear.pack(w))
+    assert y.dtype == torch.bfloat16
+    # one bf16 rounding of the fp32 result: within 2^-8 relative of the exact product
+    reference = _reference(x.float(), w.float())
+    assert ((y.float() - reference).abs() <= reference.abs() * 2**-8 + 1e-6).all()
+
+
+def test_bf16_weights_are_not_packed_without_the_native_kernel(monkeypatch):
+    monkeypatch.setenv(small_gemm.DISABLE_ENV, "0")
+    small_gemm._lib.cache_clear()
+    try:
+        assert not cpu_linear.can_pack(torch.zeros(4, 4, dtype=torch.bfloat16))
+    finally:
+        monkeypatch.undo()
+        small_gemm._lib.cache_clear()

@@ -1,8 +1,11 @@
 /* y[M, N] = x[M, K] @ W[K, N] for few rows M (decode), fp32, near memory bandwidth.
  *
- * W is packed once into column panels of P floats, each streamed contiguously:
+ * W is packed once into column panels of P values, each streamed contiguously:
  *
  *   packed[N/P][K][P]:  panel j, row k = W[k, j*P .. j*P + P)   (last panel zero-padded)
+ *
+ * W is fp32 (sg_matmul) or bf16 (sg_matmul_bf16: half the bytes to stream; each
+ * weight is widened to fp32 exactly, a 16-bit shift, and multiplied in fp32).
  *
  * For each panel, up to RB rows of x are multiplied in one pass over the panel:
  * RB x P accumulators stay in registers, every weight is loaded once and used
@@ -21,6 +24,9 @@
  * CPU has it, else AVX2 (+FMA), else SSE; the vector width sets P and RB.
  */
 #include <pthread.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -43,6 +49,9 @@
 
 typedef float vec __attribute__((vector_size(VL * 4)));
 typedef int lanes __attribute__((vector_size(VL * 4)));
+typedef unsigned short bf16_t;
+typedef unsigned short halves __attribute__((vector_size(VL * 2)));
+typedef unsigned int words __attribute__((vector_size(VL * 4)));
 
 static inline vec load(const float *p) {
     vec v;
@@ -50,13 +59,30 @@ static inline vec load(const float *p) {
     return v;
 }
 
+static inline vec load_bf16(const bf16_t *p) { /* bf16 is fp32's top half: widen, shift */
+#if defined(__AVX512F__)
+    __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16);
+    return (vec)_mm512_castsi512_ps(w);
+#elif defined(__AVX2__)
+    __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const void *)p)), 16);
+    return (vec)_mm256_castsi256_ps(w);
+#else
+    halves h;
+    memcpy(&h, p, sizeof h);
+    words w = __builtin_convertvector(h, words) << 16;
+    vec v;
+    memcpy(&v, &w, sizeof v);
+    return v;
+#endif
+}
+
 static inline vec splat(float s) {
     return __builtin_shuffle((vec){s}, (lanes){0}); /* lane 0 everywhere: a broadcast */
 }
 
-/* One pass over a panel for R rows (R a constant after inlining). */
+/* One pass over a panel for R rows (R and BF16 constants after inlining). */
 static inline __attribute__((always_inline)) void panel_rows(
-    int R, const float *x, long ldx, const float *panel, long k,
+    int R, int BF16, const float *x, long ldx, const void *panel, long k,
     float *y, long ldy, long cols) {
     vec total[RB][NV] = {{{0}}};
     for (long i0 = 0; i0 < k; i0 += K_BLOCK) { /* blocked sums: rounding error ~ K_BLOCK + K / K_BLOCK */
@@ -65,7 +91,9 @@ static inline __attribute__((always_inline)) void panel_rows(
         for (long i = i0; i < i_end; i++) {
             vec w[NV];
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; v++) w[v] = load(panel + i * P + v * VL);
+            for (int v = 0; v < NV; v++)
+                w[v] = BF16 ? load_bf16((const bf16_t *)panel + i * P + v * VL)
+                            : load((const float *)panel + i * P + v * VL);
 #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
                 vec b = splat(x[r * ldx + i]);
@@ -86,26 +114,36 @@ static inline __attribute__((always_inline)) void panel_rows(
 }
 
 #define PANEL_FN(R) \
-    static void panel_##R(const float *x, long ldx, const float *p, long k, float *y, \
-                          long ldy, long cols) { panel_rows(R, x, ldx, p, k, y, ldy, cols); }
+    static void panel_##R(const float *x, long ldx, const void *p, long k, float *y, \
+                          long ldy, long cols) { panel_rows(R, 0, x, ldx, p, k, y, ldy, cols); } \
+    static void panel_bf16_##R(const float *x, long ldx, const void *p, long k, float *y, \
+                               long ldy, long cols) { panel_rows(R, 1, x, ldx, p, k, y, ldy, cols); }
 PANEL_FN(1) PANEL_FN(2) PANEL_FN(3) PANEL_FN(4)
 #if RB == 8
 PANEL_FN(5) PANEL_FN(6) PANEL_FN(7) PANEL_FN(8)
 #endif
 
-typedef void (*panel_fn)(const float *, long, const float *, long, float *, long, long);
-static const panel_fn PANELS[RB] = {
-    panel_1, panel_2, panel_3, panel_4,
+typedef void (*panel_fn)(const float *, long, const void *, long, float *, long, long);
+static const panel_fn PANELS[2][RB] = {
+    {panel_1, panel_2, panel_3, panel_4,
 #if RB == 8
-    panel_5, panel_6, panel_7, panel_8,
+     panel_5, panel_6, panel_7, panel_8,
 #endif
+    },
+    {panel_bf16_1, panel_bf16_2, panel_bf16_3, panel_bf16_4,
+#if RB == 8
+     panel_bf16_5, panel_bf16_6, panel_bf16_7, panel_bf16_8,
+#endif
+    },
 };
 
 /* One matmul, cut into chunks of panels. */
 typedef struct {
-    const float *x, *packed;
+    const float *x;
+    const void *packed;
     float *y;
     long m, k, ldx, n, ldy, panels_per_chunk, num_chunks;
+    int bf16; /* packed holds bf16 weights */
 } job_t;
 
 static void run_chunk(const job_t *job, long c);
@@ -117,16 +155,14 @@ int sg_panel_width(void) { return P; }
 /* Rows done in one pass over the weights. */
 int sg_rows_per_pass(void) { return RB; }
 
-/* y[m, n] (row stride ldy) = x[m, k] (row stride ldx) @ W, W packed as above,
- * on up to num_threads threads (the caller's included). */
-void sg_matmul(const float *x, long m, long k, long ldx, const float *packed, long n,
-               float *y, long ldy, int num_threads) {
+static void matmul(const float *x, long m, long k, long ldx, const void *packed, int bf16,
+                   long n, float *y, long ldy, int num_threads) {
     long num_panels = (n + P - 1) / P;
     if (num_threads < 1) num_threads = 1;
     /* ~8 chunks a thread: a descheduled helper holds up at most one chunk. */
     long per_chunk = num_panels / (8L * num_threads) + 1;
     job_t job = {x, packed, y, m, k, ldx, n, ldy, per_chunk,
-                 (num_panels + per_chunk - 1) / per_chunk};
+                 (num_panels + per_chunk - 1) / per_chunk, bf16};
     long helpers = num_threads - 1 < job.num_chunks - 1 ? num_threads - 1 : job.num_chunks - 1;
     if (helpers > 0 && m * k * n >= MIN_SHARED_MACS) {
         share_chunks(&job, (int)helpers);
@@ -135,15 +171,29 @@ void sg_matmul(const float *x, long m, long k, long ldx, const float *packed, lo
     for (long c = 0; c < job.num_chunks; c++) run_chunk(&job, c);
 }
 
+/* y[m, n] (row stride ldy) = x[m, k] (row stride ldx) @ W, W fp32 packed as above,
+ * on up to num_threads threads (the caller's included). */
+void sg_matmul(const float *x, long m, long k, long ldx, const float *packed, long n,
+               float *y, long ldy, int num_threads) {
+    matmul(x, m, k, ldx, packed, 0, n, y, ldy, num_threads);
+}
+
+/* The same with W packed in bf16 (x and y stay fp32). */
+void sg_matmul_bf16(const float *x, long m, long k, long ldx, const bf16_t *packed, long n,
+                    float *y, long ldy, int num_threads) {
+    matmul(x, m, k, ldx, packed, 1, n, y, ldy, num_threads);
+}
+
 static void run_chunk(const job_t *job, long c) {
     long num_panels = (job->n + P - 1) / P, j_end = (c + 1) * job->panels_per_chunk;
+    size_t value_bytes = job->bf16 ? sizeof(bf16_t) : sizeof(float);
     for (long j = c * job->panels_per_chunk; j < j_end && j < num_panels; j++) {
-        const float *panel = job->packed + j * job->k * P;
+        const char *panel = (const char *)job->packed + (size_t)(j * job->k * P) * value_bytes;
         long cols = job->n - j * P < P ? job->n - j * P : P;
         for (long r0 = 0; r0 < job->m; r0 += RB) {
             long rows = job->m - r0 < RB ? job->m - r0 : RB;
-            PANELS[rows - 1](job->x + r0 * job->ldx, job->ldx, panel, job->k,
-                             job->y + r0 * job->ldy + j * P, job->ldy, cols);
+            PANELS[job->bf16][rows - 1](job->x + r0 * job->ldx, job->ldx, panel, job->k,
+                                        job->y + r0 * job->ldy + j * P, job->ldy, cols);
         }
     }
 }
