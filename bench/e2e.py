@@ -44,7 +44,7 @@ def _config(disk_dir: str, **workers) -> ClusterConfig:
                   "host": {"capacity_bytes": 512 << 20}},
         "transfer": {"chunk_tokens": 512, "slo_ms": 2000, "policy": "adaptive"},
         "workers": workers or {},
-        "router": {"port": 0},
+        "router": {"port": 0, "http_port": 0},
     })
 
 

@@ -82,7 +82,7 @@ def cluster_config(model: str, workdir: str):
     from kvcluster.common.config import ClusterConfig, from_dict
 
     data = _tiny_sections(workdir) if model == "tiny" else _smollm2_sections()
-    data.update(router={"port": 0, "metrics_port": 0},
+    data.update(router={"port": 0, "http_port": 0, "metrics_port": 0},
                 limits={"requests_per_s": 100_000.0, "burst": 100_000},
                 workers={"num_prefill": 1, "num_decode": 1, "max_queue": 256})
     data["store"]["disk"] = {"enabled": False}

@@ -309,6 +309,8 @@ class RouterConfig:
     """kv_aware, round_robin, least_loaded or prefix_only."""
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int = 8000
+    """The OpenAI-compatible HTTP API's port on ``host`` (0: a free one)."""
     metrics_port: int = 0
     heartbeat_ttl_s: float = 10.0
     temperature: float = 0.0
@@ -348,6 +350,8 @@ class RouterConfig:
         _check_positive(path + ".silent_window_s", self.silent_window_s)
         _check_positive(path + ".resync_timeout_s", self.resync_timeout_s)
         _check_positive(path + ".stream_maxlen", self.stream_maxlen)
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(path + ".http_port", f"must be in [0, 65535], got {self.http_port!r}")
         if self.overlap_weight < 0:
             raise ConfigError(path + ".overlap_weight", f"must be >= 0, got {self.overlap_weight!r}")
         if self.temperature < 0:

@@ -1,9 +1,14 @@
-"""Start the whole system from one config: Ray pools, routers, the front end.
+"""Start the whole system from one config: Ray pools, routers, the front ends.
 
     cluster = LocalCluster(config)
     address = await cluster.start()     # the Generate service's host:port
+    cluster.http_address                # the OpenAI-compatible API's host:port
     ...
     await cluster.stop()
+
+Both front ends (gRPC on ``router.port``, HTTP on ``router.http_port``) run on
+this event loop over the same backend, and share their metrics and the
+per-tenant rate limiter.
 
 Embedded default (``redis_url`` empty): local Ray on 127.0.0.1, in-process
 event buses fed by the actors' heartbeats. Cluster mode: the workers publish
@@ -27,6 +32,8 @@ from kvcluster.observability.metrics import (
 from kvcluster.runtime.pools import WorkerPools, init_local_ray
 from kvcluster.server.cluster_backend import RayClusterBackend
 from kvcluster.server.frontend import serve_frontend
+from kvcluster.server.http import serve_http
+from kvcluster.server.limits import TenantRateLimiter
 from kvcluster.worker.node import hash_settings
 from router.router import Router, build_router
 
@@ -40,7 +47,10 @@ class LocalCluster:
         self.pools = WorkerPools(config)
         self.backend: RayClusterBackend | None = None
         self.server = None
+        self.http_server = None
         self.address = ""
+        self.http_address = ""
+        """The OpenAI-compatible API (host:port), once started."""
         self.frontend_metrics = FrontendMetrics()
         self.router_metrics = RouterMetrics()
         self.metrics = MetricsEndpoint([self.frontend_metrics.registry,
@@ -61,18 +71,28 @@ class LocalCluster:
         await self.backend.start()
         tokenizer = Tokenizer.from_pretrained(resolve_model(self.config.model.path))
         rc = self.config.router
+        limiter = TenantRateLimiter.from_config(self.config.limits)
         self.server, port = await serve_frontend(self.backend, tokenizer, self.config,
                                                  host=rc.host, port=rc.port,
-                                                 metrics=self.frontend_metrics)
+                                                 metrics=self.frontend_metrics,
+                                                 rate_limiter=limiter)
         self.address = f"{rc.host}:{port}"
+        self.http_server, http_port = await serve_http(
+            self.backend, tokenizer, self.config, model_names=served_model_names(
+                self.config, info["model_id"]), host=rc.host, port=rc.http_port,
+            metrics=self.frontend_metrics, metrics_registry=self.metrics.registry,
+            rate_limiter=limiter)
+        self.http_address = f"{rc.host}:{http_port}"
         self.metrics_address = self.metrics.start(rc.host, rc.metrics_port)
-        _announce_frontend(self.address, self.metrics_address)
-        log.info("kvcluster front end on %s, metrics on %s", self.address,
-                 self.metrics_address)
+        _announce_frontend(self.address, self.metrics_address, self.http_address)
+        log.info("kvcluster front end on %s, HTTP API on %s, metrics on %s", self.address,
+                 self.http_address, self.metrics_address)
         return self.address
 
     async def stop(self) -> None:
         self.metrics.stop()
+        if self.http_server is not None:
+            await self.http_server.stop(1)
         if self.server is not None:
             await self.server.stop(1)
         if self.backend is not None:
@@ -94,14 +114,22 @@ FRONTEND_KEY = b"kvcluster:frontend"
 """Ray internal-KV key (namespace kvcluster) naming the front end, for ``kvcluster status``."""
 
 
-def _announce_frontend(address: str, metrics_address: str) -> None:
+def served_model_names(config: ClusterConfig, model_id: str) -> list[str]:
+    """What the HTTP API's ``model`` field may say: the configured model (``smollm2``, a
+    path), then the model id used in block hashes."""
+    names = [config.model.path, model_id]
+    return list(dict.fromkeys(name for name in names if name))
+
+
+def _announce_frontend(address: str, metrics_address: str, http_address: str = "") -> None:
     import json
 
     from ray.experimental import internal_kv
 
     try:
         internal_kv._internal_kv_put(FRONTEND_KEY, json.dumps(
-            {"address": address, "metrics_address": metrics_address}).encode(),
+            {"address": address, "metrics_address": metrics_address,
+             "http_address": http_address}).encode(),
             overwrite=True, namespace="kvcluster")
     except Exception:  # noqa: BLE001 - status then just lacks the front end's line
         log.warning("could not announce the front end in Ray's KV", exc_info=True)
@@ -124,6 +152,7 @@ class ClusterThread:
         self._thread.start()
         self.cluster = LocalCluster(config, num_cpus)
         self.address = self.run(self.cluster.start(), start_timeout_s)
+        self.http_address = self.cluster.http_address
 
     def run(self, coro, timeout_s: float = 60.0):
         """Run ``coro`` on the cluster's loop and wait for its result."""

@@ -33,8 +33,10 @@ async def _serve(config: ClusterConfig) -> None:
 
     cluster = LocalCluster(config)
     address = await cluster.start()  # also serves /metrics on router.metrics_port (0: free)
-    print(f"kvcluster serving on {address}, metrics on http://{cluster.metrics_address}/metrics",
-          flush=True)
+    scheme = "https" if cluster.http_server.tls else "http"
+    print(f"kvcluster serving gRPC on {address}, "
+          f"OpenAI-compatible HTTP on {scheme}://{cluster.http_address}/v1, "
+          f"metrics on http://{cluster.metrics_address}/metrics", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -28,6 +28,7 @@ def tiny_config(model_path, **overrides) -> ClusterConfig:
         "transfer": {"chunk_tokens": 32, "policy": "lossless", "timeout_s": 20.0,
                      "chunk_timeout_s": 2.0},
         "workers": {"max_queue": 8},
+        "router": {"http_port": 0},  # never the fixed default: tests run side by side
     }
     for section, values in overrides.items():
         data.setdefault(section, {}).update(values)
