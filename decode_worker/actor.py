@@ -58,7 +58,8 @@ class DecodeActor:
     async def stats(self) -> dict:
         lookups = self.worker.metrics.value("kvcluster_worker_prefix_lookup_chunks_total")
         return dict(self.worker.node.stats(), role="decode", pid=os.getpid(),
-                    metrics_address=self.metrics_address, lookup_chunks=lookups)
+                    metrics_address=self.metrics_address, lookup_chunks=lookups,
+                    data_plane=self.worker.receiver.data_plane_stats())
 
     async def recent_logs(self) -> list[dict]:
         """The last log lines of this actor (logger, level, msg, request_id)."""

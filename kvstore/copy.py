@@ -1,8 +1,8 @@
 """Copying chunk tensors at memcpy speed.
 
 On CPU, torch's ``copy_`` of a strided slice (a chunk inside an
-``export_blocks`` tensor) runs through an OpenMP-parallel kernel that was
-measured here at ~0.3 GB/s on 2 busy cores (7 GB/s single-threaded). numpy's
+``export_blocks`` tensor) runs through an OpenMP-parallel kernel that is far
+slower on busy cores than one thread (measured in docs/kvstore.md, "Tiers"). numpy's
 ``copyto`` on byte views coalesces the contiguous inner dimensions into
 memcpy-sized runs on one thread, so CPU <-> CPU copies go through it; any
 copy touching a GPU stays with torch (DMA / device kernels).
@@ -12,9 +12,9 @@ runs of ``chunk_tokens * H * D`` elements inside a token-range tensor, or
 one contiguous row) use streaming stores (``kvstore/native/nt_copy.c``,
 compiled on first use; numpy when no compiler): a pool slot is not read
 again soon, and skipping the read-for-ownership of every destination line
-makes the copy move 2 bytes per byte instead of 3. Measured here: 5.9 MB
-``memcpy`` 2.3-4.0 GB/s, one 283 MB ``memcpy`` (glibc switches to streaming
-stores above 192 MiB) 4.6-7.8 GB/s.
+makes the copy move 2 bytes per byte instead of 3 (glibc's ``memcpy`` uses
+streaming stores only above its non-temporal threshold, far above a chunk;
+measurements in docs/kvstore.md).
 """
 
 from __future__ import annotations

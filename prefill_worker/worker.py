@@ -94,6 +94,14 @@ class PrefillWorker:
                  result.wire_bytes, result.prefill_s, result.transfer_s)
         return result
 
+    def data_plane_stats(self) -> dict:
+        """Transfers per data plane over every receiver, for ``kvcluster status``."""
+        counts: dict[str, int] = {}
+        for sender in self._senders.values():
+            for plane, n in sender.data_planes.used.items():
+                counts[plane] = counts.get(plane, 0) + n
+        return {"data_plane": self.config.transfer.data_plane, "transfers": counts}
+
     async def close(self) -> None:
         for sender in self._senders.values():
             await sender.close()
@@ -155,6 +163,7 @@ class PrefillWorker:
         result.raw_bytes = fp16.bytes_per_chunk(result.num_transferred_tokens)
         result.transfer_ok = sent.status is not None and sent.status.ok
         result.message = sent.error or (sent.status.message if sent.status else "")
+        result.data_plane = sent.data_plane
         if not result.transfer_ok:
             log.warning("request %s: KV transfer to %s failed: %s", task.request_id,
                         task.decode_target, result.message)

@@ -189,8 +189,8 @@ class TransferConfig:
     message_payload_bytes: int = 4 << 20
     """A chunk's encoded bytes are split into messages of at most this many bytes.
     4 MiB: most encoded 1024-token chunks then travel as one message, which the
-    receiver decodes in place instead of assembling (bench.transfer: ~13% less
-    CPU per GB on both ends than 1 MiB)."""
+    receiver decodes in place instead of assembling (less CPU per GB on both ends
+    than 1 MiB: docs/transfer.md, "Protocol")."""
     num_channels: int = 4
     """TCP connections per receiver; concurrent requests are spread over them."""
     max_inflight_chunks: int = 2

@@ -38,6 +38,9 @@ class PrefillResult:
     levels: list[str] = field(default_factory=list)
     transfer_ok: bool = True
     message: str = ""
+    data_plane: str = ""
+    """What carried the KV bytes: "shm", "tcp", "mooncake" or "grpc" (inline); "" when
+    nothing was sent (transfer.data_plane, docs/transfer.md)."""
 
     @property
     def num_cached_tokens(self) -> int:

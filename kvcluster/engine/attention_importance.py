@@ -11,9 +11,9 @@ proxy for the tokens that will follow it, so for each layer::
 
 ``a2`` is what the codec's mean-query prediction uses (a token's loss per unit
 of noise grows with its attention weight squared), but the queries still to
-come are not the last ones: on SmolLM2 (docs/codec.md) the flatter ``mass``
-placed the bits 0.1-0.25 bits/element better at equal KL; 64 queries did as well
-as 32 or 128.
+come are not the last ones: on SmolLM2 the flatter ``mass`` placed the bits
+better at equal KL, and 64 queries did as well as 32 or 128 (docs/codec.md,
+"Design choices").
 
 Usage (prefill worker)::
 

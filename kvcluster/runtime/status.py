@@ -18,7 +18,7 @@ def print_status(ray_address: str = "auto") -> int:
                    if a["name"].startswith("kvcluster-"))
     table = Table(title="kvcluster instances")
     for column in ("instance", "health", "queued prefill tok", "active decodes", "tiers",
-                   "hit rate", "metrics"):
+                   "hit rate", "data plane", "metrics"):
         table.add_column(column)
     for name in names:
         table.add_row(*_row(name))
@@ -34,6 +34,17 @@ def hit_rates(stats: dict) -> dict[str, float]:
     hits = {tier: float(v["hits"]) for tier, v in stats["tiers"].items()}
     asked = float(stats.get("lookup_chunks") or sum(hits.values()) + stats.get("misses", 0.0))
     return {tier: (h / asked if asked else 0.0) for tier, h in hits.items()}
+
+
+def data_plane_cell(stats: dict) -> str:
+    """``transfer.data_plane`` and transfers per plane: a decode worker's grants, a
+    prefill worker's sends (e.g. "auto: shm 12, tcp 3")."""
+    info = stats.get("data_plane") or {}
+    if not info:
+        return "-"
+    counts = info.get("grants", info.get("transfers", {}))
+    used = ", ".join(f"{plane} {n}" for plane, n in sorted(counts.items()))
+    return f"{info.get('data_plane', '?')}: {used or 'no transfers yet'}"
 
 
 def _frontend_line() -> str:
@@ -63,11 +74,11 @@ def _row(name: str) -> list[str]:
         load, _, _ = ray.get(actor.poll.remote(False), timeout=5)
         stats = ray.get(actor.stats.remote(), timeout=5)
     except Exception as exc:  # dead, restarting or unreachable
-        return [name, f"[red]down[/red] ({type(exc).__name__})", "-", "-", "-", "-", "-"]
+        return [name, f"[red]down[/red] ({type(exc).__name__})", "-", "-", "-", "-", "-", "-"]
     tiers = ", ".join(f"{t}: {v['used_bytes'] / 2**20:.1f}/{v['capacity_bytes'] / 2**20:.0f} MiB "
                       f"{int(v['hits'])} hits" for t, v in stats["tiers"].items())
     rates = ", ".join(f"{t}: {r:.0%}" for t, r in hit_rates(stats).items())
     endpoint = stats.get("metrics_address", "")
     return [name, "[green]ok[/green]", str(load.queued_prefill_tokens),
-            str(load.active_decode_requests), tiers, rates,
+            str(load.active_decode_requests), tiers, rates, data_plane_cell(stats),
             f"http://{endpoint}/metrics" if endpoint else "-"]

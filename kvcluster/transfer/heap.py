@@ -5,9 +5,10 @@ Every gRPC message reaches Python as a fresh ``bytes`` of about
 glibc's defaults a buffer that size is served by a fresh ``mmap`` (above the
 dynamic mmap threshold) or from heap memory that was handed back to the kernel
 when the previous message was freed (the 128 KiB trim threshold), so each
-message is copied into pages the kernel must first fault in and zero: ~0.4 GB/s
-here against ~11 GB/s into warm pages. In a profile of ``bench/transfer.py``
-page clearing was the receiver's largest single cost. Raising both thresholds
+message is copied into pages the kernel must first fault in and zero, far slower
+than into warm pages (docs/kvstore.md, "Tiers"). In a profile of
+``bench/transfer.py`` page clearing was the receiver's largest single cost
+(docs/benchmarks.md, transfer). Raising both thresholds
 lets the next message reuse the memory the last one freed.
 
 The cost is resident memory: up to ``trim_threshold_bytes`` of free heap stays

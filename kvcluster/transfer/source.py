@@ -118,8 +118,9 @@ class ChunkSource:
     def measure_sizes(self, index: int) -> None:
         """Encode chunk ``index`` at every unmeasured level (kept, in case it is sent).
 
-        Once per level and process (the LevelSet remembers): up to ~0.1 s per level
-        for a 1024-token chunk, so callers on an event loop run it in a thread.
+        Once per level and process (the LevelSet remembers). Each costs a whole
+        chunk's encode (docs/transfer.md, "Measurements behind the code"), so
+        callers on an event loop run it in a thread.
         """
         for level in self.unmeasured_levels(index):
             self.payload(index, level)

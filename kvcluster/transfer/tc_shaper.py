@@ -2,9 +2,9 @@
 
 The first rate is set synchronously (so a bad device fails loudly); later
 changes go to one long-running ``tc -batch -`` process, which applies each
-line as it arrives: a change costs ~50 us of the sender's time instead of a
-~2-10 ms process start, so per-chunk rate changes stay out of the measured
-transfer times. Runs in the caller's network namespace unless ``netns`` is
+line as it arrives: a change costs far less of the sender's time than a process
+start (docs/transfer.md, "Network conditions"), so per-chunk rate changes stay
+out of the measured transfer times. Runs in the caller's network namespace unless ``netns`` is
 given, so a sender started inside namespace A shapes its own egress.
 """
 

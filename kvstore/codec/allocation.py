@@ -3,7 +3,7 @@
 A level has one base ``alpha`` (step / residual RMS, see quantize.py). Each row
 gets ``alpha * row_scale[p, t]`` with, measured on SmolLM2 (docs/codec.md):
 
-* the **plane scale** of the model profile: planes differ by ~40x in how much
+* the **plane scale** of the model profile: planes differ widely in how much
   loss a unit of quantization noise causes (profile.py);
 * the **first token** of the chunk at full int8 precision (scale 0: the step is
   then ``max|r| / 127``): the attention sink, which later layers give most of
@@ -25,14 +25,14 @@ last chunk, and a measured importance ``m_t`` (the attention mass the
 context's last 64 queries pay each token, relative to the sequence's mean,
 kvcluster/engine/attention_importance.py) replaces the prediction:
 ``HINT_GAIN * (m_t + HINT_EPS)^-1/2``, clamped to ``[1 / HINT_CLAMP, HINT_CLAMP]``
-and *not* renormalised per chunk. Measured (docs/codec.md): the attention mass
-beat ``sum a_t^2`` of the same queries (0.1-0.25 bits at equal KL); HINT_GAIN puts
-L0 + hint at about the KL that L0 without a hint had before the transform stage
-(~0.8 x 1e-3 per token): ~1.95 bits vs 2.6 without the hint.
+and *not* renormalised per chunk. Measured (docs/codec.md, "The encode hint"): the
+attention mass beat ``sum a_t^2`` of the same queries at equal KL; HINT_GAIN puts
+L0 + hint at about the KL that L0 without a hint had before the transform stage,
+at fewer bits.
 
 Rows are also given an **order class** (u8, from the log2 of their scale):
 symbols are written class by class, so zstd's Huffman tables see rows of
-alike spread together (7-8% smaller than plane order, measured).
+alike spread together (smaller than plane order: docs/codec.md, "Measurements behind the code").
 """
 
 from __future__ import annotations
@@ -50,8 +50,7 @@ ATTENTION_CLAMP = 4.0
 HINT_EPS = 0.1
 HINT_GAIN = 0.9
 """Step multiplier of a token of mean importance (with HINT_EPS: 0.86); sets where the
-hinted levels sit. Measured with the transform stage, L0 + hint on the quality bench's
-6 contexts: 0.84 -> 2.02 bits, KL 0.66e-3; 0.9 -> 1.95, 0.80e-3; 0.95 -> 1.89, 0.97e-3."""
+hinted levels sit (the sweep that chose it: docs/codec.md, "The encode hint")."""
 HINT_CLAMP = 8.0
 CLASSES_PER_OCTAVE = 2
 SINK_CLASS = 0

@@ -157,7 +157,7 @@ def _read_transform(sections, layout: KVLayout, num_tokens: int) -> tuple[KVTran
 
 def _gather_rows(symbols: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """``symbols[order]`` for int8 rows ``[R, C]``: as 8-byte words when rows allow it (torch's
-    int8 gather is ~7x slower than its int64 one), into a scratch buffer."""
+    int8 gather is several times slower than its int64 one), into a scratch buffer."""
     words = symbols.view(torch.int64) if symbols.shape[1] % 8 == 0 else symbols
     out = scratch("ordered_rows", (order.numel(), words.shape[1]), words.dtype)
     return torch.index_select(words, 0, order, out=out).view(torch.int8)

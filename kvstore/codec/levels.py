@@ -2,8 +2,8 @@
 
 ``alpha`` is the quantization step in units of a token's residual RMS (see
 quantize.py), before the row scales of allocation.py (model profile, first
-token, recent tokens, predicted or hinted attention). Around the quality goal the levels
-are ~0.25 bits apart, below it ~0.4 (sqrt(2) in step). The values come from
+token, recent tokens, predicted or hinted attention). The levels are denser around
+the quality goal than below it (sqrt(2) in step there). The values come from
 bench/codec_quality.py (docs/codec.md has the measurements).
 """
 
@@ -44,4 +44,4 @@ LEVELS: tuple[LevelSpec, ...] = (
     LevelSpec("L5", 2.0),
     LevelSpec("L6", 2.8),
 )
-"""Best quality first; denser around the quality goal (L0-L2), then ~1/2 bit apart."""
+"""Best quality first; denser around the quality goal (L0-L2), then sqrt(2) in step."""

@@ -1,8 +1,8 @@
 """Packing int8 symbols 2 or 4 to a byte before zstd, with escapes for the rare large ones.
 
 zstd's entropy stage is Huffman over bytes: at most 8 bits and at least 1 bit
-per byte. Low-bitrate levels have symbols of ~1.3-2.3 bits of entropy, where a
-1-bit floor per symbol wastes up to 30% (measured, docs/codec.md). Packing
+per byte. Low-bitrate levels have symbols of only a few bits of entropy, where a
+1-bit floor per symbol wastes a large share (measured, docs/codec.md). Packing
 ``8 // width`` symbols into each byte lets Huffman code them jointly, and
 halves or quarters the bytes zstd touches.
 
@@ -13,8 +13,8 @@ positions are the escape codes themselves.
 
 Speed: with the codec kernels loaded (kvstore/codec/native/packing.c, switched
 off by ``KVSTORE_CODEC_NATIVE=0``) packing and unpacking run in C, one pass
-over the symbols instead of numpy's several full-size ones (a 1024-token
-SmolLM2 chunk, one core: pack_groups 11.4 -> 1.8 ms, unpack_groups 6.5 -> 1.4 ms).
+over the symbols instead of numpy's several full-size ones
+(docs/codec.md, "Measurements behind the code").
 The numpy code stays as the fallback and the reference: both give the same
 bytes, widths and rows (tests/codec/test_packing_native.py).
 """
@@ -60,7 +60,7 @@ def pack_groups(rows: np.ndarray, bounds: tuple[int, ...]) -> tuple[np.ndarray, 
 
     With the transform (transform.py) the columns are principal axes, largest first:
     the leading ones need 8 bits, the trailing ones 4 or 2, and one width for all
-    would escape or waste (measured on SmolLM2 KV: 0.06-0.24 bits/element smaller).
+    would escape or waste (measured in docs/codec.md, "The level codecs").
     """
     if packing_lib.available():
         return _pack_groups_native(np.ascontiguousarray(rows), bounds)

@@ -60,8 +60,8 @@ class ModelProfile:
         """The mean queries on their QUERY_DIMS strongest dims per KV head, for one matmul.
 
         Averaged over positions, RoPE cancels a mean query's fast-rotating dims: its 16
-        strongest of 64 hold ~98% of its energy (SmolLM2), so the predicted attention
-        needs only those (measured: mean L1 error of the attention weights 5%).
+        strongest of 64 hold nearly all of its energy (SmolLM2), so the predicted
+        attention needs only those (docs/codec.md, "Measurements behind the code").
 
         Returns:
             channels ``[L, H * k]`` (long, within one token's ``H * D`` channels) and a

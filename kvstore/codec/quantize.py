@@ -40,7 +40,8 @@ MAX_STEP = 65504.0
 STEPS_PER_OCTAVE = 8
 MIN_EXP, MAX_EXP = -14 * STEPS_PER_OCTAVE, 16 * STEPS_PER_OCTAVE
 """Level steps are 2^(e / 8) for int16 e in [MIN_EXP, MAX_EXP]: 2 bytes a row like fp16,
-but zstd packs the exponents of alike rows ~2.3x tighter than fp16 steps (measured)."""
+but zstd packs the exponents of alike rows tighter than fp16 steps
+(docs/codec.md, "Measurements behind the code")."""
 _STEP_TABLE = torch.tensor([2.0 ** (e / STEPS_PER_OCTAVE) for e in range(MIN_EXP, MAX_EXP + 1)],
                            dtype=torch.float64).float()  # one table: encoder and decoder agree
 

@@ -1,9 +1,9 @@
 """Per-thread scratch buffers: big float32 work tensors reused across calls.
 
 A fresh 50 MB tensor costs more in page faults than the arithmetic done in it
-(measured: int8 -> float32 into a new tensor ~40x slower than into a reused
-one), so the codecs work in place in these. Callers never hand a scratch
-tensor out of the codec.
+(an int8 -> float32 cast into a new tensor is many times slower than into a
+reused one: docs/codec.md, "Measurements behind the code"), so the codecs work
+in place in these. Callers never hand a scratch tensor out of the codec.
 """
 
 from __future__ import annotations

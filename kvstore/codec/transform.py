@@ -8,10 +8,9 @@ energy in fewer coordinates; at the same step the symbols have less entropy
 and the error is the same (the basis is orthonormal). Keys are first rotated
 back to their pre-RoPE coordinates: RoPE turns a key by an angle that grows
 with its position, which smears a basis fitted at one position over all of
-them; pre-RoPE keys are close to low-rank (measured on SmolLM2-135M, 6 real
-contexts: at equal quality the KLT on pre-RoPE keys saves ~0.5 bits per
-element, on post-RoPE keys ~0.15; per-head 64x64 bases lose most of it,
-docs/codec.md).
+them; pre-RoPE keys are close to low-rank (at equal quality the KLT on pre-RoPE
+keys saves several times what it saves on post-RoPE keys, and per-head 64x64
+bases lose most of it: docs/codec.md, "The transform stage, measured").
 
 The pre-RoPE rotation needs the chunk's first position, which the encoder
 gets from its hint and the stream carries. A wrong position only costs size:
@@ -21,8 +20,8 @@ Rows are ``[T, C]`` per plane, planes layer-major with K before V; both
 directions are one batched matmul plus, for keys, the RoPE rotation
 (``rotate_half`` convention, the engine's). With the codec kernels loaded
 (native/planes.c) the rotation and the casts on each side of the matmul are
-one pass over the rows (decode 42 vs 75 ms per 1024-token SmolLM2 chunk); the
-torch path gives the same tensors.
+one pass over the rows (faster decode: docs/codec.md, "Measurements behind the code");
+the torch path gives the same tensors.
 """
 
 from __future__ import annotations
@@ -41,10 +40,10 @@ COLUMN_GROUPS = (1 / 24, 1 / 6, 1 / 2)
 """Where the symbol column groups of transformed rows end, as shares of C (the
 packing width is chosen per group, packing.pack_groups): 8 / 32 / 96 of 192."""
 MATMUL_DTYPE = torch.bfloat16
-"""The basis matmuls run in bf16 with fp32 accumulation: ~2x faster than fp32 on
-CPUs with bf16 dot products (AVX512-BF16 here: 28 vs 55 ms for a 1024-token
-SmolLM2 chunk), and the rounding (2^-9 relative) is far below the quantization
-noise (measured: KL to the fp16 KV unchanged within 3%, docs/codec.md)."""
+"""The basis matmuls run in bf16 with fp32 accumulation: faster than fp32 on CPUs with
+bf16 dot products, and the rounding (2^-9 relative) is far below the quantization
+noise (KL to the fp16 KV unchanged; both measured in
+docs/codec.md, "Measurements behind the code")."""
 
 
 @dataclass(frozen=True)

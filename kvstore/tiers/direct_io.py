@@ -1,13 +1,12 @@
 """Reading whole chunk files with O_DIRECT into huge-page-backed buffers.
 
-Why (measured on this VM's virtio disk, 16 cold files of 5.9 MB): a
-buffered read of a fresh file starts a new readahead stream with small
-page-cache folios, so the block layer sends ~0.6 MB requests (0.6 GB/s,
-with 1, 4 or 8 files in flight alike); ``dd`` over one long file reaches
-~3.4 MB requests (1.2-2.9 GB/s). An ``O_DIRECT`` read into a buffer that
-is 2 MiB-aligned private anonymous memory (transparent huge pages) gives
-the block layer physically contiguous 2 MiB segments: ~3 MB requests and
-~4 GB/s, then one memcpy into the destination.
+Why: a buffered read of a fresh file starts a new readahead stream with small
+page-cache folios, so the block layer sends small requests whatever the number
+of files in flight. An ``O_DIRECT`` read into a buffer that is 2 MiB-aligned
+private anonymous memory (transparent huge pages) gives the block layer
+physically contiguous 2 MiB segments: requests several times larger, then one
+memcpy into the destination (request sizes and speeds measured on this VM's
+virtio disk: docs/kvstore.md, "Disk tier").
 
     buffer: uint8 [round_up(file bytes, 2 MiB)]   mmap'd once, 2 MiB aligned,
                                                   MADV_HUGEPAGE, touched

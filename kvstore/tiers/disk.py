@@ -4,8 +4,9 @@ Writes never block the caller: ``write`` copies the chunk into one of
 ``max_pending_writes`` preallocated staging rows and queues it; background
 writer threads compress (optional zstd), checksum, write a temp file, fsync
 it and rename it into place. Several writers keep several fsyncs in flight
-(measured here: 1 writer 0.33 GB/s, 4 writers 0.52 GB/s); each job has its
-own temp file and a cancelled job never renames, so their order is free. When every staging row is busy the tier is not
+(faster than one; measured in docs/kvstore.md, "Disk tier"); each job has its
+own temp file and a cancelled job never renames, so their order is free. When
+every staging row is busy the tier is not
 ``accepting()``: a spill goes past it instead of waiting. A get while the
 write is still queued is served from the staging row.
 

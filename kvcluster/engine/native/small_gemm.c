@@ -18,7 +18,7 @@
  * The caller never waits for a helper that has not claimed a chunk: on a
  * busy machine a descheduled helper costs nothing and the caller does the
  * work itself. (OpenMP's fork-join made every call wait at its barrier for
- * the slowest thread; on 2 busy cores that was ~8 ms a call.)
+ * the slowest thread: a long wait on 2 busy cores.)
  *
  * Compiled with -march=native on the machine that runs it: AVX-512 when the
  * CPU has it, else AVX2 (+FMA), else SSE; the vector width sets P and RB.

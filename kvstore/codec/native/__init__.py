@@ -11,7 +11,7 @@ DISABLE_ENV = "KVSTORE_CODEC_NATIVE"
 
 def load_all() -> bool:
     """Compile (once per machine) and load every codec kernel now, rather than on the
-    first chunk a worker encodes (~1-2 s per kernel file); True if all loaded."""
+    first chunk a worker encodes (a compile takes seconds); True if all loaded."""
     from kvstore.codec.native import packing_lib, planes_lib
 
     return planes_lib.available() and packing_lib.available()

@@ -5,8 +5,8 @@
  * fix-ups, RoPE through a swapped copy, dtype conversions on each side of the
  * basis matmul, and amax / amin / divide / round / clamp / cast to quantize.
  * Here each row is built in a small float buffer that stays in L1 and is
- * written once, in the dtype the next stage wants (decode of a transformed
- * SmolLM2 chunk: 75 -> 42 ms with packing.c; encode 136 -> 95 ms).
+ * written once, in the dtype the next stage wants (the time it saves per chunk:
+ * docs/codec.md, "Measurements behind the code").
  *
  * Results match the torch twins bit for bit on the torch build we pin: the same
  * float32 operations in the same order, fused where torch's vectorised addcmul
