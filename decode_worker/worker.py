@@ -17,7 +17,8 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from decode_worker.paged_sink import PagedCacheSink
@@ -47,8 +48,12 @@ class _Active:
     queue: asyncio.Queue
     arrived_s: float
     first_token_s: float = 0.0
+    first_token_time: float = 0.0
     kv_source: str = "none"
     tenant: str = ""
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    """Tokens attached from a transfer or the local store, by source."""
+    stage_ms: dict[str, float] = field(default_factory=dict)
 
 
 class DecodeWorker:
@@ -67,6 +72,8 @@ class DecodeWorker:
         self._stop = threading.Event()
         self._active: dict[str, _Active] = {}
         self._abandoned: dict[str, asyncio.Event] = {}
+        self._keeper = ThreadPoolExecutor(1, thread_name_prefix=f"keep-{instance_id}")
+        """Stores prompts' chunks off the token path (kvstore puts, disk spills)."""
         self.metrics = WorkerMetrics(instance_id, "decode")
         self.metrics.watch_queue(lambda: 0, lambda: len(self._active))
         self._thread = threading.Thread(target=self._loop, name=f"decode-{instance_id}",
@@ -139,33 +146,54 @@ class DecodeWorker:
         await self.server.stop(0)
         self.receiver.close()
         self._thread.join(timeout=5)
+        self._keeper.shutdown(wait=True)
         self.node.close()
 
     # ------------------------------------------------------------ KV arrival
 
     async def _prefix_blocks(self, task: DecodeTask, active: _Active) -> list[int]:
-        """Blocks holding the request's prefix: from the stream, else the local store."""
+        """Blocks holding the request's prefix, handed to the engine with the request:
+        from the stream, else from the local store when it holds more than the
+        engine's own registered blocks (those the engine matches by itself, no copy)."""
         if task.expect_kv:
-            blocks = await self._received_blocks(task)
+            began = time.perf_counter()
+            blocks = await self._received_blocks(task, active)
+            active.stage_ms["kv_transfer"] = _ms_since(began)
             if blocks:
                 active.kv_source = "transfer"
                 return blocks
             active.kv_source = "recompute"
+        began = time.perf_counter()
+        blocks = await self._stored_blocks(task, active)
+        active.stage_ms["prefix_load"] = _ms_since(began)
+        return blocks
+
+    async def _stored_blocks(self, task: DecodeTask, active: _Active) -> list[int]:
         keys = self.node.chunk_keys(task.token_ids[:-1], task.tenant)
-        if keys:
-            with self._lock:
-                self.metrics.lookup_chunks.inc(len(keys))
-                blocks, _ = self.node.load_prefix(keys)
-            if blocks:
-                active.kv_source = "local-store"
-                return blocks
-        return []
+        if not keys:
+            return []
+        self.metrics.lookup_chunks.inc(len(keys))
+        with self._lock:
+            held = self.engine.num_prefix_tokens(task.token_ids, task.tenant)
+        if self.node.store.lookup(keys).num_chunks * self.node.chunk_tokens <= held:
+            if held:  # the engine attaches its own blocks when it schedules the request
+                active.kv_source = "prefix-cache"
+            return []
+        loop = asyncio.get_running_loop()
+        kv, by_tier = await loop.run_in_executor(None, self.node.read_prefix, keys)
+        if kv is None:
+            return []
+        with self._lock:
+            blocks = self.node.import_prefix(kv)
+        active.kv_source = "local-store"
+        active.cached_tokens_by_tier = by_tier
+        return blocks
 
     def abandon_kv(self, request_id: str) -> None:
         """The sender is gone before streaming (its prefill failed): stop waiting."""
         self._abandoned.setdefault(request_id, asyncio.Event()).set()
 
-    async def _received_blocks(self, task: DecodeTask) -> list[int]:
+    async def _received_blocks(self, task: DecodeTask, active: _Active) -> list[int]:
         abandoned = self._abandoned.setdefault(task.request_id, asyncio.Event())
         waiter = asyncio.ensure_future(self.receiver.wait_result(task.request_id,
                                                                  task.kv_timeout_s))
@@ -191,7 +219,7 @@ class DecodeWorker:
                         result.status.message)
             sink.discard()
             return []
-        await asyncio.get_running_loop().run_in_executor(None, self._keep, task, sink)
+        active.cached_tokens_by_tier = {"transfer": num_tokens}
         return blocks
 
     def _open_sink(self, header: StreamHeader) -> PagedCacheSink:
@@ -199,22 +227,22 @@ class DecodeWorker:
         seq = Sequence(header.request_id, list(header.token_ids))
         return PagedCacheSink(self.node.runner, seq, self.speed, self._lock)
 
-    def _keep(self, task: DecodeTask, sink: PagedCacheSink) -> None:
-        """Store the received chunks so the next turn can hit here."""
+    def _keep(self, token_ids, block_ids: list[int], tenant: str) -> None:
+        """Store the whole chunks of ``token_ids`` (KV in ``block_ids``) that this
+        worker's kvstore lacks, so the next turn can start here: on the keeper thread,
+        holding a reference to the blocks meanwhile (the request may finish first)."""
         with self._lock:
-            keys, kv = self.node.export_chunks(sink.seq.token_ids, sink.seq.block_table,
-                                               task.tenant)
-        self.node.save_chunks(keys, kv, task.tenant)
+            self.node.runner.blocks.share(block_ids)
+        self._keeper.submit(self._keep_now, tuple(token_ids), list(block_ids), tenant)
 
-    def _keep_prompt(self, request_id: str, tenant: str) -> None:
-        """Store a prompt this worker computed itself (colocated, or recomputed)."""
-        with self._lock:
-            seq = self.engine.sequences.get(request_id)
-            if seq is None:
-                return
-            keys, kv = self.node.export_chunks(seq.token_ids[: seq.num_prompt_tokens],
-                                               seq.block_table, tenant)
-        self.node.save_chunks(keys, kv, tenant)
+    def _keep_now(self, token_ids, block_ids: list[int], tenant: str) -> None:
+        try:
+            self.node.save_prompt(token_ids, block_ids, tenant, self._lock)
+        except Exception:  # noqa: BLE001 - a failed keep costs a later hit, not this request
+            log.exception("keeping %d tokens in the store failed", len(token_ids))
+        finally:
+            with self._lock:
+                self.node.runner.blocks.free(block_ids)
 
     # ------------------------------------------------------------ engine loop
 
@@ -242,20 +270,38 @@ class DecodeWorker:
         active = self._active.get(output.request_id)
         if active is None:
             return
+        active.loop.call_soon_threadsafe(active.queue.put_nowait, DecodeStep(output.token_id))
         if not active.first_token_s:
-            active.first_token_s = time.perf_counter() - active.arrived_s
-            if active.kv_source not in ("transfer", "local-store"):
-                self._keep_prompt(output.request_id, active.tenant)
-        steps = [DecodeStep(output.token_id)]
+            self._first_token(output.request_id, active)
         if output.finished:
             with self._lock:
                 seq = self.engine.pop(output.request_id)
-            steps.append(DecodeStep(finish_reason=seq.finish_reason,
-                                    num_cached_tokens=seq.num_cached_tokens,
-                                    kv_source=active.kv_source,
-                                    first_token_s=active.first_token_s))
-        for step in steps:
-            active.loop.call_soon_threadsafe(active.queue.put_nowait, step)
+            active.loop.call_soon_threadsafe(active.queue.put_nowait, self._final(seq, active))
+
+    def _first_token(self, request_id: str, active: _Active) -> None:
+        """Time the first token's stages; keep the prompt's new whole chunks in the store
+        (whatever filled them: a transfer, the local store, this engine)."""
+        active.first_token_s = time.perf_counter() - active.arrived_s
+        active.first_token_time = time.time()
+        with self._lock:
+            seq = self.engine.sequences.get(request_id)
+            if seq is None:
+                return
+            active.stage_ms["queue"] = (seq.scheduled_s - seq.arrival_s) * 1e3
+            active.stage_ms["first_decode_step"] = (seq.first_token_s - seq.scheduled_s) * 1e3
+            self._keep(seq.token_ids[: seq.num_prompt_tokens],
+                       seq.block_table[: -(-seq.num_prompt_tokens // self.engine.block_size)],
+                       active.tenant)
+
+    def _final(self, seq: Sequence, active: _Active) -> DecodeStep:
+        by_tier = dict(active.cached_tokens_by_tier)
+        engine_cached = seq.num_cached_tokens - sum(by_tier.values())
+        if engine_cached > 0:
+            by_tier["prefix_cache"] = engine_cached
+        return DecodeStep(finish_reason=seq.finish_reason, num_cached_tokens=seq.num_cached_tokens,
+                          kv_source=active.kv_source, first_token_s=active.first_token_s,
+                          first_token_time=active.first_token_time,
+                          cached_tokens_by_tier=by_tier, stage_ms=dict(active.stage_ms))
 
     def _fail(self, request_id: str, exc: Exception) -> None:
         with self._lock:
@@ -277,3 +323,7 @@ class DecodeWorker:
         self._active.pop(request_id, None)
         with self._lock:
             self.engine.abort(request_id)
+
+
+def _ms_since(began: float) -> float:
+    return (time.perf_counter() - began) * 1e3

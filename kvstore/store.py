@@ -84,23 +84,28 @@ class TieredStore:
     def top(self) -> StorageTier:
         return self.tiers[0]
 
-    def put(self, keys: Sequence[BlockHash], kv: KVInput, tenant: str = "") -> int:
+    def put(self, keys: Sequence[BlockHash], kv: KVInput, tenant: str = "",
+            start: int = 0) -> int:
         """Store the chunks of ``kv`` under ``keys`` (prefix order).
 
         Args:
             keys: one chunk key per chunk (see :func:`kvcluster.common.hashing.chunk_hashes`).
-            kv: ``layout.shape(len(keys) * chunk_tokens)`` (the engine's
-                ``export_blocks`` order), ``(len(keys), *chunk shape)``, or a
+            kv: the chunks of ``keys[start:]``: ``layout.shape(n * chunk_tokens)``
+                (the engine's ``export_blocks`` order), ``(n, *chunk shape)``, or a
                 list of per-chunk tensors / raw bytes.
             tenant: namespace label for the Redis tier.
+            start: ``keys[:start]`` were stored already (a :meth:`lookup` said so):
+                they are only touched, and ``kv`` leaves them out.
         Returns:
             How many chunks were newly stored (already-stored ones are only
             touched; a chunk no tier can take is skipped).
         """
-        chunks = self.spec.split(kv, len(keys))
+        chunks = self.spec.split(kv, len(keys) - start)
         with self.lock:
-            stored, parent = 0, None
-            for key, chunk in zip(keys, chunks):
+            for key in keys[:start]:
+                self._touch(key.digest)
+            stored, parent = 0, keys[start - 1].digest if start else None
+            for key, chunk in zip(keys[start:], chunks):
                 stored += self._put_one(key.digest, chunk, tenant, parent)
                 parent = key.digest
             self.events.flush()
@@ -235,10 +240,15 @@ class TieredStore:
 
     # ------------------------------------------------------------ placement
 
-    def _put_one(self, d: bytes, chunk: torch.Tensor, tenant: str, parent: bytes | None) -> int:
+    def _touch(self, d: bytes) -> bool:
+        """Refresh a stored chunk in its tier's eviction policy; False if not stored."""
         kind = self._where.get(d)
         if kind is not None:
             self._tier_of[kind].policy.touch(d)
+        return kind is not None
+
+    def _put_one(self, d: bytes, chunk: torch.Tensor, tenant: str, parent: bytes | None) -> int:
+        if self._touch(d):
             return 0
         kind = self._place(d, chunk, tenant, 0)
         if kind is None:

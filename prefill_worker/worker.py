@@ -84,10 +84,16 @@ class PrefillWorker:
 
     async def _prefill(self, task: PrefillTask) -> PrefillResult:
         loop = asyncio.get_running_loop()
-        result, kv, importance = await loop.run_in_executor(self._compute, self._run, task)
+        result, kv, importance = await loop.run_in_executor(
+            self._compute, self._run, task, time.perf_counter())
         self.metrics.prefill_seconds.observe(result.prefill_s)
-        if task.decode_target and kv is not None:
-            await self._send(task, kv, importance, result)
+        # the new chunks go into the store while the KV streams (not before it)
+        saving = loop.run_in_executor(self._compute, self._save, task, result, kv)
+        try:
+            if task.decode_target and kv is not None:
+                await self._send(task, kv, importance, result)
+        finally:
+            await saving
         self.metrics.count("ok")
         log.info("prefill done: prompt=%d cached=%d computed=%d sent=%d B in %.3f+%.3f s",
                  result.num_prompt_tokens, result.num_cached_tokens, result.num_computed_tokens,
@@ -110,28 +116,37 @@ class PrefillWorker:
 
     # ------------------------------------------------------------ helpers
 
-    def _run(self, task: PrefillTask):
-        """Worker thread: load cached chunks, compute the rest, store new chunks."""
+    def _run(self, task: PrefillTask, submitted: float):
+        """Worker thread: load cached chunks, compute the rest."""
         with request_context(task.request_id):
             began = time.perf_counter()
             keys = self.node.chunk_keys(task.token_ids, task.tenant)
             num_full = len(keys) * self.node.chunk_tokens
-            result = PrefillResult(task.request_id, len(task.token_ids), num_full)
+            result = PrefillResult(task.request_id, len(task.token_ids), num_full,
+                                   queue_s=began - submitted)
             if not keys:
                 return result, None, None
             seq = Sequence(task.request_id, list(task.token_ids[:num_full]))
             self.metrics.lookup_chunks.inc(len(keys))
             block_ids, result.cached_tokens_by_tier = self.node.load_prefix(keys)
+            result.prefix_load_s = time.perf_counter() - began
             try:
                 kv, importance = self._compute_kv(seq, block_ids)  # kv [L, 2, num_full, H, D]
             finally:
                 self.node.runner.free(seq)
-            num_cached = len(block_ids) * self.node.layout.block_size
-            result.num_computed_tokens = num_full - num_cached
+            result.num_computed_tokens = num_full - len(block_ids) * self.node.layout.block_size
+            result.prefill_s = time.perf_counter() - began - result.prefix_load_s
+            return result, kv, importance
+
+    def _save(self, task: PrefillTask, result: PrefillResult, kv) -> None:
+        """Worker thread: store the chunks this prefill computed."""
+        if kv is None or not result.num_computed_tokens:
+            return
+        with request_context(task.request_id):
+            keys = self.node.chunk_keys(task.token_ids, task.tenant)
+            num_cached = result.num_transferred_tokens - result.num_computed_tokens
             self.node.save_chunks(keys[num_cached // self.node.chunk_tokens:],
                                   kv[:, :, num_cached:], task.tenant)
-            result.prefill_s = time.perf_counter() - began
-            return result, kv, importance
 
     def _compute_kv(self, seq: Sequence, cached_blocks: list[int]):
         """The sequence's KV, and its attention importance ``[L, T]`` when

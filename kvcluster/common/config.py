@@ -367,6 +367,12 @@ class WorkersConfig:
     num_decode: int = 1
     colocated: bool = False
     """Prefill and decode in one actor (baseline, small deployments)."""
+    max_local_prefill_tokens: int = 256
+    """Conditional disaggregation (Dynamo's max_local_prefill_length): when the chosen
+    decode instance lacks at most this many tokens of the prompt's whole store chunks
+    (by its KV events), it prefills the request itself, with no prefill hop and no
+    transfer, as later turns of a conversation usually are; otherwise the prefill pool
+    computes and streams them. 0: whenever it lacks a whole chunk."""
     max_queue: int = 64
     detached: bool = False
     """The actors outlive the front end that started them, and every front end (router
@@ -377,6 +383,9 @@ class WorkersConfig:
         _check_positive(path + ".num_prefill", self.num_prefill)
         _check_positive(path + ".num_decode", self.num_decode)
         _check_positive(path + ".max_queue", self.max_queue)
+        if self.max_local_prefill_tokens < 0:
+            raise ConfigError(path + ".max_local_prefill_tokens",
+                              f"must be >= 0, got {self.max_local_prefill_tokens}")
 
 
 @dataclass

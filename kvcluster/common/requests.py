@@ -74,12 +74,16 @@ class FinalEvent:
     """Milliseconds per serving stage (STAGES names them; a backend reports what it has)."""
 
 
-STAGES = ("queue", "route", "prefix_load", "prefill", "kv_transfer", "first_decode_step",
-          "token_relay")
-"""The serving stages a request's time is split into (FinalEvent.stage_ms keys):
-waiting to be admitted, picking instances, loading a stored prefix, computing the
-uncached prompt, streaming KV to the decoder, the first decode step, and getting
-the first token from the engine to the front end."""
+STAGES = ("route", "kv_transfer", "prefix_load", "queue", "first_decode_step", "token_relay",
+          "prefill_queue", "prefill_prefix_load", "prefill", "kv_send")
+"""The serving stages a request's time is split into (FinalEvent.stage_ms keys). Before
+the first token, in order: picking instances (``route``); on the decode worker, waiting
+for a prefill worker's KV stream (``kv_transfer``), loading a stored prefix into paged
+blocks (``prefix_load``), waiting in the engine's queue (``queue``) and the engine step
+that computes the uncached tail and samples the first token (``first_decode_step``);
+then getting that token to the front end (``token_relay``). A prefill worker's share
+of ``kv_transfer``: its queue, its prefix load, its prefill forward passes and the
+stream itself (``prefill_queue``, ``prefill_prefix_load``, ``prefill``, ``kv_send``)."""
 
 
 StreamEvent = TokenEvent | FinalEvent

@@ -42,9 +42,19 @@ class PrefillResult:
     """What carried the KV bytes: "shm", "tcp", "mooncake" or "grpc" (inline); "" when
     nothing was sent (transfer.data_plane, docs/transfer.md)."""
 
+    queue_s: float = 0.0
+    """Waiting for the worker's compute thread."""
+    prefix_load_s: float = 0.0
+    """Loading the cached prefix from the kvstore into paged blocks."""
+
     @property
     def num_cached_tokens(self) -> int:
         return sum(self.cached_tokens_by_tier.values())
+
+    def stage_ms(self) -> dict[str, float]:
+        """This prefill's serving stages (kvcluster.common.requests.STAGES), in ms."""
+        return {"prefill_queue": self.queue_s * 1e3, "prefill_prefix_load": self.prefix_load_s * 1e3,
+                "prefill": self.prefill_s * 1e3, "kv_send": self.transfer_s * 1e3}
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,14 @@ class DecodeStep:
     num_cached_tokens: int = 0
     """Final only: prompt tokens whose KV was not computed by this worker."""
     kv_source: str = ""
-    """Final only: "transfer", "local-store", "recompute" or "none"."""
+    """Final only: "transfer", "local-store", "prefix-cache" (this engine's own blocks),
+    "recompute" or "none"."""
     first_token_s: float = 0.0
     """Final only: seconds from the task's arrival to its first token."""
+    first_token_time: float = 0.0
+    """Final only: wall-clock time (``time.time()``) its first token was sampled, for the
+    relay's share of TTFT (same clock on one node; approximate across nodes)."""
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    """Final only: ``num_cached_tokens`` by source ("transfer", "prefix_cache", a tier)."""
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    """Final only: this worker's serving stages (kvcluster.common.requests.STAGES)."""

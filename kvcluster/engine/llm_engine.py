@@ -12,6 +12,7 @@ pool's blocks); when the pool runs dry the newest running request is preempted
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from typing import NamedTuple
 from typing import Sequence as SequenceT
@@ -75,14 +76,15 @@ class LLMEngine:
         """
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} already in use")
-        seq = Sequence(request_id, list(prompt_ids), params or SamplingParams())
+        seq = Sequence(request_id, list(prompt_ids), params or SamplingParams(),
+                       arrival_s=time.perf_counter())
         self.runner.check_fits(seq)
         if cached_blocks:
             seq.attach_cached(cached_blocks, len(cached_blocks) * self.block_size)
         self.sequences[request_id] = seq
         self._hashes[request_id] = []
         if tenant_salt is not None:
-            self._roots[request_id] = root_hash(ExtraKeys(self.runner.model_id, tenant_salt))
+            self._roots[request_id] = self._root(tenant_salt)
         self.sampler.add(request_id, seq.params)
         self.waiting.append(seq)
         return seq
@@ -99,6 +101,13 @@ class LLMEngine:
         self._reserve_decode_blocks()
         logits = self.runner.decode_step(self.running)  # [B, vocab]
         return self._emit(list(self.running), self.sampler.sample(logits, self.running))
+
+    def num_prefix_tokens(self, prompt_ids: SequenceT[int], tenant_salt: str | None = None) -> int:
+        """Prompt tokens whose KV this engine's registered blocks already hold (what a
+        request for ``prompt_ids`` would find cached here right now; no reference taken)."""
+        root = None if tenant_salt is None else self._root(tenant_salt)
+        hashes = hash_blocks(list(prompt_ids)[:-1], self.block_size, self.extra, root)
+        return len(self.blocks.match(hashes)) * self.block_size
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -153,8 +162,10 @@ class LLMEngine:
                 break
             self.waiting.popleft()
             self.running.append(seq)
+            seq.scheduled_s = time.perf_counter()
             logits = self.runner.prefill(seq)  # [vocab]
             outputs += self._emit([seq], self.sampler.sample(logits[None], [seq]))
+            seq.first_token_s = seq.first_token_s or time.perf_counter()
         return outputs
 
     def _reserve_prefill_blocks(self, seq: Sequence) -> bool:
@@ -203,6 +214,9 @@ class LLMEngine:
                 self._finish(seq)
             outputs.append(StepOutput(seq.request_id, token_id, seq.finished))
         return outputs
+
+    def _root(self, tenant_salt: str) -> BlockHash:
+        return root_hash(ExtraKeys(self.runner.model_id, tenant_salt))
 
     def _cache_full_blocks(self, seq: Sequence) -> None:
         """Register ``seq``'s newly computed full blocks, chaining on from the last one."""

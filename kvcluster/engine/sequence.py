@@ -23,6 +23,12 @@ class Sequence:
     num_prompt_tokens: int = -1
     finish_reason: str | None = None
     """None while running; "stop" (stop token) or "length"."""
+    arrival_s: float = 0.0
+    """``time.perf_counter()`` when the engine queued it (vLLM's RequestMetrics)."""
+    scheduled_s: float = 0.0
+    """When its (last) prefill began; minus ``arrival_s``: time in the engine's queue."""
+    first_token_s: float = 0.0
+    """When its first token was sampled; minus ``scheduled_s``: its prefill step."""
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)

@@ -80,15 +80,18 @@ class RayClusterBackend(GenerateBackend):
         decode = self._pick("decode", route)
         outputs: list[int] = []
         final: DecodeStep | None = None
-        served_by: dict[str, str] = {}
+        served_by: dict = {}
+        first_token_time = 0.0
         for attempt in range(MAX_DECODE_ATTEMPTS):
             try:
                 task, prefill = await self._plan(request, route, decode, outputs, attempt)
+                route_ms = (time.perf_counter() - began) * 1e3
                 async for step in self._decode(decode, task, prefill, request, served_by):
                     if step.finish_reason is not None:
                         final = step
                         break
                     outputs.append(step.token_id)
+                    first_token_time = first_token_time or time.time()
                     yield TokenEvent([step.token_id], "")
                 break
             except _ActorDied as exc:
@@ -101,13 +104,22 @@ class RayClusterBackend(GenerateBackend):
                 self.routers["decode"].registry.deregister(decode.instance_id)
                 decode = self._pick("decode", route)
         await self._relay_events_of(decode, served_by.get("prefill"))
+        stage_ms = dict(final.stage_ms) if final else {}
+        stage_ms["route"] = route_ms
+        if final and final.first_token_time and first_token_time:
+            stage_ms["token_relay"] = max(first_token_time - final.first_token_time, 0.0) * 1e3
+        prefill_result = served_by.get("prefill_result")
+        if prefill_result is not None:
+            stage_ms.update(prefill_result.stage_ms())
         yield FinalEvent(
             finish_reason=(final.finish_reason if final else "length"),
             ttft_ms=(final.first_token_s * 1e3 if final else 0.0),
             prefill_instance=served_by.get("prefill", ""), decode_instance=decode.instance_id,
             num_prompt_tokens=len(request.prompt_token_ids),
             num_cached_tokens=final.num_cached_tokens if final else 0,
-            num_output_tokens=len(outputs))
+            num_output_tokens=len(outputs),
+            cached_tokens_by_tier=dict(final.cached_tokens_by_tier) if final else {},
+            stage_ms=stage_ms)
         log.info("request %s done in %.3f s", request.request_id, time.perf_counter() - began)
 
     async def healthy(self) -> bool:
@@ -139,7 +151,8 @@ class RayClusterBackend(GenerateBackend):
             params = replace(params, max_new_tokens=params.max_new_tokens - len(outputs))
         token_ids = tuple(request.prompt_token_ids) + tuple(outputs)
         use_prefill = (attempt == 0 and self.pools.prefill and route.block_hashes
-                       and not self._decode_holds_prefix(decode, route))
+                       and self._uncached_on(decode, route)
+                       > self.config.workers.max_local_prefill_tokens)
         prefill = self._pick_prefill(route) if use_prefill else None
         task = DecodeTask(request.request_id if attempt == 0 else
                           f"{request.request_id}/retry{attempt}", token_ids, params,
@@ -156,8 +169,9 @@ class RayClusterBackend(GenerateBackend):
                         route.request_id, exc.message)
             return None
 
-    def _decode_holds_prefix(self, decode: WorkerHandle, route: RouteRequest) -> bool:
-        """True when D's store (per its events) already has every chunk of the prompt."""
+    def _uncached_on(self, decode: WorkerHandle, route: RouteRequest) -> int:
+        """Tokens of the prompt's whole chunks (what a prefill worker would send) that D
+        lacks, per its KV events: D's store keeps every prompt it served."""
         router = self.routers["decode"]
         with router.ingestor.lock:
             slot = router.index.slot_of(decode.instance_id)
@@ -168,7 +182,7 @@ class RayClusterBackend(GenerateBackend):
 
     async def _decode(self, decode: WorkerHandle, task: DecodeTask,
                       prefill: WorkerHandle | None, request: GenerateRequest,
-                      served_by: dict[str, str]) -> AsyncIterator[DecodeStep]:
+                      served_by: dict) -> AsyncIterator[DecodeStep]:
         """Stream D's steps while P (if any) feeds it; ``served_by`` names the
         prefill instance once its KV was delivered."""
         import ray
@@ -195,12 +209,13 @@ class RayClusterBackend(GenerateBackend):
                 await prefill_done
 
     async def _collect_prefill(self, ref, prefill: WorkerHandle, decode: WorkerHandle,
-                               task: DecodeTask, served_by: dict[str, str]) -> None:
+                               task: DecodeTask, served_by: dict) -> None:
         import ray
 
         try:
             result = await ref
             self.stats["prefill_results"].append(result)
+            served_by["prefill_result"] = result
             if result.transfer_ok:
                 served_by["prefill"] = prefill.instance_id
         except ray.exceptions.TaskCancelledError:  # the decoder failed first (see _decode)

@@ -7,6 +7,7 @@ end in the embedded default, Redis Streams in cluster mode).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections import Counter
@@ -86,16 +87,44 @@ class WorkerNode:
             The blocks (one reference each, handed to the caller) and the
             number of tokens served from each tier.
         """
+        kv, by_tier = self.read_prefix(keys)
+        return (self.import_prefix(kv) if kv is not None else []), by_tier
+
+    def read_prefix(self, keys: Sequence[BlockHash]):
+        """The stored prefix of ``keys``: KV ``[L, 2, n * C, H, D]`` (None when nothing
+        is stored) and the tokens served from each tier. Touches no engine state,
+        so the engine may keep stepping meanwhile."""
         with self.store.pinned(keys):
             found = self.store.lookup(keys)
             if not found.num_chunks:
-                return [], {}
+                return None, {}
             kv = self.store.get(keys[: found.num_chunks])  # [L, 2, n * C, H, D]
         num_chunks = kv.shape[2] // self.chunk_tokens
-        block_ids = self.runner.blocks.allocate(num_chunks * self.blocks_per_chunk)
-        self.runner.cache.import_blocks(block_ids, kv.to(self.runner.cache.dtype))
         by_tier = Counter(Tier(t).name.lower() for t in found.tiers[:num_chunks])
-        return block_ids, {tier: n * self.chunk_tokens for tier, n in by_tier.items()}
+        return kv, {tier: n * self.chunk_tokens for tier, n in by_tier.items()}
+
+    def import_prefix(self, kv) -> list[int]:
+        """Fresh paged blocks holding ``kv`` (from :meth:`read_prefix`); one reference
+        each, handed to the caller (who holds whatever guards the engine)."""
+        block_ids = self.runner.blocks.allocate(kv.shape[2] // self.layout.block_size)
+        self.runner.cache.import_blocks(block_ids, kv.to(self.runner.cache.dtype))
+        return block_ids
+
+    def save_prompt(self, token_ids: Sequence[int], block_table: Sequence[int], tenant: str,
+                    lock=None) -> int:
+        """Store the whole chunks of ``token_ids`` held in ``block_table`` that the store
+        lacks (the ones it has are touched). Exports under ``lock`` (the engine's),
+        stores outside it. Returns how many chunks were newly stored."""
+        keys = self.chunk_keys(token_ids, tenant)
+        if not keys or len(block_table) < len(keys) * self.blocks_per_chunk:
+            return 0
+        start = self.store.lookup(keys).num_chunks
+        kv = None
+        if start < len(keys):
+            with lock or contextlib.nullcontext():
+                kv = self.runner.cache.export_blocks(
+                    block_table[start * self.blocks_per_chunk:len(keys) * self.blocks_per_chunk])
+        return self.store.put(keys, kv if kv is not None else [], tenant=tenant, start=start)
 
     def export_chunks(self, token_ids: Sequence[int], block_table: Sequence[int], tenant: str):
         """Keys and KV ``[L, 2, n * C, H, D]`` of every whole chunk of ``token_ids``

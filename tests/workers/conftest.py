@@ -27,7 +27,7 @@ def tiny_config(model_path, **overrides) -> ClusterConfig:
                   "host": {"capacity_bytes": 4 << 20}},
         "transfer": {"chunk_tokens": 32, "policy": "lossless", "timeout_s": 20.0,
                      "chunk_timeout_s": 2.0},
-        "workers": {"max_queue": 8},
+        "workers": {"max_queue": 8, "max_local_prefill_tokens": 0},  # exercise the transfer
         "router": {"http_port": 0},  # never the fixed default: tests run side by side
     }
     for section, values in overrides.items():

@@ -64,6 +64,50 @@ def test_request_goes_through_prefill_and_decode_pools(cluster, tiny_model):
     assert second.final.prefill_instance == ""  # no transfer needed
 
 
+def test_short_uncached_tails_are_prefilled_on_the_decode_instance(cluster, tiny_model):
+    """Conditional disaggregation: a prompt whose decode instance lacks at most
+    ``workers.max_local_prefill_tokens`` of its whole chunks is computed there (no
+    prefill hop, no transfer); with the bound at 0 the same shape goes to the pool."""
+    workers = cluster.cluster.backend.config.workers
+    params = SamplingParams(max_new_tokens=4)
+    doc = "Conditional disaggregation keeps short tails local. " * 3  # ~156 byte tokens
+    saved = workers.max_local_prefill_tokens
+    try:
+        with KVClusterClient(cluster.address) as client:
+            workers.max_local_prefill_tokens = 64
+            first = client.generate(doc + "Q?", params=params, timeout_s=60)
+            assert first.final.prefill_instance == "prefill-0"  # ~9 whole chunks uncached
+            # 40 more tokens: 2-3 new whole chunks on the instance holding the rest
+            second = client.generate(doc + "x" * 40 + "Q?", params=params, timeout_s=60)
+            assert second.final.prefill_instance == ""
+            assert second.final.decode_instance == first.final.decode_instance
+            assert second.final.num_cached_tokens >= 144
+            prompt_ids = Tokenizer.from_pretrained(tiny_model).encode(doc + "x" * 40 + "Q?")
+            assert list(second.token_ids) == _expected(tiny_model, prompt_ids, 4)
+            workers.max_local_prefill_tokens = 0
+            third = client.generate(doc + "y" * 40 + "Q?", params=params, timeout_s=60)
+            assert third.final.prefill_instance == "prefill-0"
+            assert third.final.stage_ms["kv_transfer"] > 0
+            assert {"route", "first_decode_step", "token_relay"} <= set(third.final.stage_ms)
+    finally:
+        workers.max_local_prefill_tokens = saved
+
+
+def test_decode_receivers_refuse_senders_without_the_cluster_secret(cluster):
+    """No security configured (the embedded default): the launcher still gives the
+    workers a generated internal secret, so the KV stream is not open to anyone who
+    can reach the port (the first test's transfer shows the workers have it)."""
+    from kvcluster.transfer.server import INFO_METHOD
+
+    for handle in cluster.cluster.pools.decode:
+        with grpc.insecure_channel(handle.address) as channel:
+            info = channel.unary_unary(INFO_METHOD)
+            for metadata in ((), (("authorization", "Bearer guess"),)):
+                with pytest.raises(grpc.RpcError) as err:
+                    info(b"", metadata=metadata, timeout=10)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_full_decode_queues_answer_resource_exhausted(cluster):
     """Every decode actor at ``workers.max_queue``: the actor's OverloadedError
     reaches the client as RESOURCE_EXHAUSTED through Ray, not as INTERNAL."""
