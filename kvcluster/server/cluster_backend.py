@@ -175,10 +175,11 @@ class RayClusterBackend(GenerateBackend):
         router = self.routers["decode"]
         with router.ingestor.lock:
             slot = router.index.slot_of(decode.instance_id)
-            if slot is None:
-                return False
-            match = router.index.match(route.block_hashes, router.index.slot_mask([slot]))
-        return match.matched_blocks(slot) >= len(route.block_hashes)
+            matched = 0
+            if slot is not None:
+                match = router.index.match(route.block_hashes, router.index.slot_mask([slot]))
+                matched = match.matched_blocks(slot)
+        return (len(route.block_hashes) - matched) * router.tokens_per_hash
 
     async def _decode(self, decode: WorkerHandle, task: DecodeTask,
                       prefill: WorkerHandle | None, request: GenerateRequest,
