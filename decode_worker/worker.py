@@ -66,7 +66,7 @@ class DecodeWorker:
         self.receiver = KVReceiver(self.node.layout, level_set(config=config.codec),
                                    self._open_sink, config.transfer, self.speed)
         self.server = TransferServer(self.receiver, config.transfer,
-                                     ServerSecurity.from_config(config.security))
+                                     ServerSecurity.internal(config.security))
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -87,6 +87,9 @@ class DecodeWorker:
     async def start(self) -> str:
         """Start the KV receiver; returns its ``host:port``."""
         await self.server.start()
+        if not self.server.security.authenticates:
+            log.warning("KV receiver %s takes streams from anyone: no security."
+                        "internal_token or internal mTLS configured", self.server.address)
         return self.server.address
 
     async def generate(self, task: DecodeTask) -> AsyncIterator[DecodeStep]:

@@ -27,6 +27,7 @@ from kvcluster.engine.runner import ModelRunner
 from kvcluster.engine.sequence import Sequence
 from kvcluster.observability.logs import request_context
 from kvcluster.observability.metrics import TransferMetrics, WorkerMetrics
+from kvcluster.transfer.security import ChannelSecurity
 from kvcluster.transfer.sender import KVSender
 from kvcluster.transfer.source import ChunkSource
 from kvcluster.worker.node import WorkerNode
@@ -46,6 +47,8 @@ class PrefillWorker:
                                     config.codec)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"prefill-{instance_id}")
         self._senders: dict[str, KVSender] = {}
+        self.channel_security = ChannelSecurity.internal(config.security)
+        """What this worker's senders present to decode workers: the cluster secret."""
         self._queued_tokens = 0
         self._num_queued = 0
         self.metrics = WorkerMetrics(instance_id, "prefill")
@@ -186,5 +189,6 @@ class PrefillWorker:
     def _sender(self, target: str) -> KVSender:
         if target not in self._senders:
             self._senders[target] = KVSender(target, self.levels, self.config.transfer,
+                                             security=self.channel_security,
                                              metrics=self.transfer_metrics)
         return self._senders[target]

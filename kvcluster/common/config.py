@@ -231,15 +231,6 @@ class TransferConfig:
     heap_trim_threshold_bytes: int = 256 << 20
     """Free heap a sending or receiving process keeps mapped so message buffers stay
     warm (kvcluster/transfer/heap.py); 0 leaves glibc's defaults."""
-    tls_root_cert: str = ""
-    """Sender: PEM bundle that signs receivers' certificates; set to use TLS."""
-    tls_client_cert: str = ""
-    """Sender: client certificate for mutual TLS (with tls_client_key)."""
-    tls_client_key: str = ""
-    tls_server_name: str = ""
-    """Sender: expected name in the receiver's certificate (default: the host)."""
-    bearer_token: str = ""
-    """Sender: sent as ``authorization: Bearer <token>``; receivers check security.tokens."""
     data_plane: str = "auto"
     """How chunk payloads travel beside the gRPC control stream (docs/transfer.md):
     "auto" (shared memory when both ends are on one node, else our tcp channel),
@@ -390,12 +381,52 @@ class WorkersConfig:
 
 @dataclass
 class SecurityConfig:
+    """Two trust domains: tenants reach the front ends (``tls_*``, ``tokens``); workers
+    reach each other (``internal_*``: the KV stream, any worker endpoint). A tenant's
+    credential never opens internal traffic."""
+
     tls_cert: str = ""
+    """The front ends' TLS certificate (PEM path); empty: plaintext."""
     tls_key: str = ""
     tls_ca: str = ""
-    """Set to require client certificates (mutual TLS)."""
+    """Set to require client certificates (mutual TLS) at the front ends."""
     tokens: dict[str, str] = field(default_factory=dict)
-    """Bearer token -> tenant. Empty: no authentication (local default only)."""
+    """Bearer token -> tenant, checked by the front ends. Empty: no authentication
+    (local default only)."""
+    internal_token: str = ""
+    """The cluster-internal secret: KV senders present it, receivers require it. Empty
+    (and no ``internal_token_file``): ``kvcluster serve`` generates one per Ray cluster
+    (kvcluster/runtime/pools.py), so the KV stream is never open by default."""
+    internal_token_file: str = ""
+    """Read the internal secret from this file (a mounted Kubernetes Secret) where the
+    workers run; instead of ``internal_token``."""
+    internal_tls_cert: str = ""
+    """Mutual TLS between workers: this worker's certificate (PEM path), signed by
+    ``internal_tls_ca``, served by KV receivers and presented by senders."""
+    internal_tls_key: str = ""
+    internal_tls_ca: str = ""
+    """The cluster CA: peers whose certificate it did not sign are refused."""
+    internal_tls_server_name: str = ""
+    """Name senders expect in receivers' certificates (default: the host they dial)."""
+
+    def validate(self, path: str) -> None:
+        if self.internal_token and self.internal_token_file:
+            raise ConfigError(path + ".internal_token_file", "set internal_token or "
+                              "internal_token_file, not both")
+        if self.internal_token and len(self.internal_token) < MIN_SECRET_CHARS:
+            raise ConfigError(path + ".internal_token",
+                              f"must have at least {MIN_SECRET_CHARS} characters")
+        if self.internal_token and self.internal_token in self.tokens:
+            raise ConfigError(path + ".internal_token", "is also a tenant token in "
+                              "security.tokens: tenants must not open internal traffic")
+        mtls = (self.internal_tls_cert, self.internal_tls_key, self.internal_tls_ca)
+        if any(mtls) and not all(mtls):
+            raise ConfigError(path + ".internal_tls_ca", "internal mutual TLS needs "
+                              "internal_tls_cert, internal_tls_key and internal_tls_ca")
+
+
+MIN_SECRET_CHARS = 16
+"""Shortest internal secret accepted (a generated one has 43)."""
 
 
 @dataclass

@@ -11,13 +11,19 @@ attaches to them. With ``workers.detached`` they also outlive the front end
 that started them, so several front ends (router replicas) share one set of
 pools; each checks that the pools run its worker config (a digest of every
 section the workers read) and refuses to start otherwise.
+
+Workers authenticate each other (the KV stream) with a cluster-internal secret:
+the configured ``security.internal_token`` (or ``_file``), else one generated
+once per Ray cluster and kept in Ray's internal KV, so every front end that
+attaches hands its actors the same one (and their config digests agree).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+import secrets
+from dataclasses import dataclass, field, replace
 
 from kvcluster.common.config import ClusterConfig, to_dict, worker_config_digest
 
@@ -88,6 +94,7 @@ class WorkerPools:
         """
         import ray
 
+        self.config = with_internal_secret(self.config)
         workers = self.config.workers
         if not workers.colocated:
             self.prefill = [self._spawn(PREFILL, i) for i in range(workers.num_prefill)]
@@ -144,6 +151,27 @@ class WorkerPools:
                     f"{str(info.get('config_digest'))[:12]}, ours {ours[:12]}): serve with the "
                     f"config the pools were started with, or stop them first "
                     f"(kvcluster pools stop --config ...)")
+
+
+INTERNAL_SECRET_KEY = b"kvcluster:internal-token"
+"""Ray internal-KV key (namespace kvcluster) of the generated cluster-internal secret."""
+
+
+def with_internal_secret(config: ClusterConfig) -> ClusterConfig:
+    """``config`` with a cluster-internal secret for the workers: the configured one,
+    else this Ray cluster's generated one (put there by the first caller)."""
+    security = config.security
+    if security.internal_token or security.internal_token_file:
+        return config
+    return replace(config, security=replace(security, internal_token=_cluster_secret()))
+
+
+def _cluster_secret() -> str:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(INTERNAL_SECRET_KEY, secrets.token_urlsafe(32).encode(),
+                                 overwrite=False, namespace=NAMESPACE)  # put if absent
+    return internal_kv._internal_kv_get(INTERNAL_SECRET_KEY, namespace=NAMESPACE).decode()
 
 
 def _placement(role: str) -> dict:

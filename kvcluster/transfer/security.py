@@ -1,9 +1,14 @@
-"""TLS and bearer-token options for both ends of a KV stream.
+"""TLS and bearer-token credentials for the two trust domains.
 
-Receiver: TLS from ``security.tls_cert`` / ``tls_key`` (mutual TLS when
-``tls_ca`` is set) and bearer tokens from ``security.tokens`` (empty: no
-check). Sender: ``transfer.tls_root_cert`` turns TLS on, ``tls_client_*`` add a
-client certificate, ``bearer_token`` is sent as ``authorization: Bearer ...``.
+    tenants  --(security.tls_*, security.tokens)-->           front ends (gRPC, HTTP)
+    worker   --(security.internal_token, internal_tls_*)-->   worker (KV stream, control)
+
+:meth:`ServerSecurity.from_config` is a front end's: TLS from ``security.tls_cert`` /
+``tls_key`` (mutual TLS when ``tls_ca`` is set), tenants from ``security.tokens``.
+:meth:`ServerSecurity.internal` and :meth:`ChannelSecurity.internal` are the two ends
+of internal traffic: the cluster secret as ``authorization: Bearer ...`` and, when
+``internal_tls_*`` are set, mutual TLS where the cluster CA verifies both peers. A
+tenant token is never accepted there.
 """
 
 from __future__ import annotations
@@ -13,9 +18,30 @@ from pathlib import Path
 
 import grpc
 
-from kvcluster.common.config import SecurityConfig, TransferConfig
+from kvcluster.common.config import SecurityConfig
 
 AUTH_HEADER = "authorization"
+INTERNAL_PEER = "<internal>"
+"""What :meth:`ServerSecurity.tenant` answers for a caller holding the cluster secret."""
+
+
+def internal_token(security: SecurityConfig) -> str:
+    """The cluster secret: ``internal_token``, else the content of ``internal_token_file``
+    (read where the worker runs, stripped), else "" (none configured).
+
+    Raises:
+        ValueError: the file is missing, unreadable or empty.
+    """
+    if not security.internal_token_file:
+        return security.internal_token
+    path = Path(security.internal_token_file)
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"security.internal_token_file {str(path)!r}: {exc}") from exc
+    if not token:
+        raise ValueError(f"security.internal_token_file {str(path)!r} is empty")
+    return token
 
 
 @dataclass(frozen=True)
@@ -28,7 +54,21 @@ class ServerSecurity:
 
     @classmethod
     def from_config(cls, security: SecurityConfig) -> "ServerSecurity":
+        """A front end's: the public certificate and the tenants' tokens."""
         return cls(security.tls_cert, security.tls_key, security.tls_ca, dict(security.tokens))
+
+    @classmethod
+    def internal(cls, security: SecurityConfig) -> "ServerSecurity":
+        """A worker endpoint's (the KV receiver): the cluster secret and the cluster CA
+        only. Neither configured: open (a worker built without a launcher, in tests)."""
+        token = internal_token(security)
+        return cls(security.internal_tls_cert, security.internal_tls_key,
+                   security.internal_tls_ca, {token: INTERNAL_PEER} if token else {})
+
+    @property
+    def authenticates(self) -> bool:
+        """False when anyone who reaches the port is let in."""
+        return bool(self.tokens or self.tls_client_ca)
 
     def credentials(self) -> grpc.ServerCredentials | None:
         """None: serve without TLS."""
@@ -59,9 +99,12 @@ class ChannelSecurity:
     bearer_token: str = ""
 
     @classmethod
-    def from_config(cls, transfer: TransferConfig) -> "ChannelSecurity":
-        return cls(transfer.tls_root_cert, transfer.tls_client_cert, transfer.tls_client_key,
-                   transfer.tls_server_name, transfer.bearer_token)
+    def internal(cls, security: SecurityConfig) -> "ChannelSecurity":
+        """A worker's as a sender: the cluster secret, and its own certificate checked
+        against (and checking the receiver with) the cluster CA when configured."""
+        return cls(security.internal_tls_ca, security.internal_tls_cert,
+                   security.internal_tls_key, security.internal_tls_server_name,
+                   internal_token(security))
 
     @property
     def tls(self) -> bool:

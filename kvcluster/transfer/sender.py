@@ -49,6 +49,8 @@ class KVSender:
             policy: default: ``config.policy`` over ``levels``.
             shaper: bandwidth limit for benchmarks; default none.
             metrics: Prometheus families to record each stream in; default none.
+            security: what to present (default: nothing, plaintext); workers pass
+                ``ChannelSecurity.internal(config.security)``.
         """
         self.metrics = metrics
         self.target = target
@@ -57,7 +59,7 @@ class KVSender:
         self.policy = policy or make_policy(
             self.config.policy, levels.names, self.config.probe_level or levels.default,
             self.config.bandwidth_safety, self.config.slo_risk)
-        self.security = security or ChannelSecurity.from_config(self.config)
+        self.security = security or ChannelSecurity()
         self.shaper = shaper
         self.estimator = estimator or BandwidthEstimator(self.config.bandwidth_alpha,
                                                          self.config.bandwidth_window)

@@ -1,4 +1,5 @@
-"""TLS (server auth and mutual) and bearer tokens, with a self-signed CA made here."""
+"""TLS (server auth and mutual) and bearer tokens, with self-signed CAs made here; the
+internal credentials (cluster secret, cluster CA) that tenants' credentials never open."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from kvcluster.transfer.security import ChannelSecurity, ServerSecurity
+from kvcluster.common.config import ConfigError, SecurityConfig
+from kvcluster.transfer.security import ChannelSecurity, ServerSecurity, internal_token
 from kvcluster.transfer.sender import KVSender
 from kvcluster.transfer.source import ChunkSource
 from tests.transfer.conftest import make_runner, prefill_kv, prompt, run, small_config
@@ -54,7 +56,7 @@ def _write_ca(folder, name: str):
 def pki(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pki")
     return {"server": _write_ca(folder, "server"), "client": _write_ca(folder, "client"),
-            "other": _write_ca(folder, "other")}
+            "other": _write_ca(folder, "other"), "cluster": _write_ca(folder, "cluster")}
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +117,72 @@ def test_bearer_token_without_tls(receiver_runner, sender_runner, levels):
                  ChannelSecurity(bearer_token="tok")) == "OK"
     assert _send(receiver_runner, sender_runner, levels, server, ChannelSecurity()) \
         == grpc.StatusCode.UNAUTHENTICATED
+
+
+TENANT_TOKEN = "tenant-token-aaaaaaaa"
+CLUSTER_SECRET = "cluster-secret-bbbbbbbbbbbb"
+
+
+def test_internal_receiver_takes_the_cluster_secret_and_refuses_tenant_tokens(
+        receiver_runner, sender_runner, levels):
+    security = SecurityConfig(tokens={TENANT_TOKEN: "tenant-a"}, internal_token=CLUSTER_SECRET)
+    server = ServerSecurity.internal(security)
+    assert _send(receiver_runner, sender_runner, levels, server,
+                 ChannelSecurity.internal(security)) == "OK"
+    for sender in (ChannelSecurity(bearer_token=TENANT_TOKEN), ChannelSecurity()):
+        assert _send(receiver_runner, sender_runner, levels, server, sender) \
+            == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_internal_secret_from_a_file(tmp_path, receiver_runner, sender_runner, levels):
+    path = tmp_path / "internal-token"
+    path.write_text(CLUSTER_SECRET + "\n")  # as a Kubernetes Secret file may end
+    security = SecurityConfig(internal_token_file=str(path))
+    assert internal_token(security) == CLUSTER_SECRET
+    assert _send(receiver_runner, sender_runner, levels, ServerSecurity.internal(security),
+                 ChannelSecurity(bearer_token=CLUSTER_SECRET)) == "OK"
+    path.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        ServerSecurity.internal(security)
+    with pytest.raises(ValueError, match="internal_token_file"):
+        internal_token(SecurityConfig(internal_token_file=str(tmp_path / "absent")))
+
+
+def test_internal_mutual_tls_with_the_cluster_ca(pki, receiver_runner, sender_runner, levels):
+    """Workers hold certificates from the cluster CA; a tenant's client certificate
+    (signed by the front end's client CA) does not get a TLS session."""
+    cluster = pki["cluster"]
+    security = SecurityConfig(tls_cert=pki["server"]["cert"], tls_key=pki["server"]["key"],
+                              tls_ca=pki["client"]["ca"], tokens={TENANT_TOKEN: "tenant-a"},
+                              internal_token=CLUSTER_SECRET, internal_tls_cert=cluster["cert"],
+                              internal_tls_key=cluster["key"], internal_tls_ca=cluster["ca"])
+    server = ServerSecurity.internal(security)
+    assert _send(receiver_runner, sender_runner, levels, server,
+                 ChannelSecurity.internal(security)) == "OK"
+    tenant_cert = ChannelSecurity(cluster["ca"], pki["client"]["cert"], pki["client"]["key"],
+                                  bearer_token=CLUSTER_SECRET)
+    assert _send(receiver_runner, sender_runner, levels, server, tenant_cert) \
+        == grpc.StatusCode.UNAVAILABLE
+    cluster_cert_tenant_token = ChannelSecurity(cluster["ca"], cluster["cert"], cluster["key"],
+                                                bearer_token=TENANT_TOKEN)
+    assert _send(receiver_runner, sender_runner, levels, server, cluster_cert_tenant_token) \
+        == grpc.StatusCode.UNAUTHENTICATED
+    public_ca = ChannelSecurity(pki["server"]["ca"], cluster["cert"], cluster["key"],
+                                bearer_token=CLUSTER_SECRET)
+    assert _send(receiver_runner, sender_runner, levels, server, public_ca) \
+        == grpc.StatusCode.UNAVAILABLE  # the receiver does not serve the public certificate
+
+
+@pytest.mark.parametrize("fields, where", [
+    ({"internal_token": "short"}, "security.internal_token"),
+    ({"internal_token": TENANT_TOKEN, "tokens": {TENANT_TOKEN: "t"}}, "security.internal_token"),
+    ({"internal_token": CLUSTER_SECRET, "internal_token_file": "/x"},
+     "security.internal_token_file"),
+    ({"internal_tls_cert": "c.pem", "internal_tls_key": "k.pem"}, "security.internal_tls_ca"),
+])
+def test_bad_internal_settings_are_config_errors(fields, where):
+    from kvcluster.common.config import ClusterConfig, from_dict
+
+    with pytest.raises(ConfigError) as err:
+        from_dict(ClusterConfig, {"security": fields})
+    assert err.value.path == where
