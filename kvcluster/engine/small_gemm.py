@@ -4,7 +4,9 @@ Decode multiplies a handful of rows (one per sequence) by every weight matrix,
 so its speed is the speed at which the weights stream from memory. The kernel
 reads each weight once per step for up to :func:`rows_per_pass` rows from a
 copy packed into contiguous column panels, and splits the panels over
-``torch.get_num_threads()`` threads (the GIL is released during the call). bf16
+:func:`num_threads` threads (the GIL is released during the call): its own helper
+threads, not torch's OpenMP pool, so it may use every core of a process that
+keeps torch itself at one thread (as Ray does for its actors). bf16
 weights halve the bytes streamed; they are widened to fp32 exactly and multiplied
 with fp32 rows into fp32 results.
 
@@ -39,6 +41,19 @@ def rows_per_pass() -> int:
 
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+_threads = 0
+
+
+def set_num_threads(num_threads: int) -> None:
+    """Threads each matmul is split over; 0: ``torch.get_num_threads()``."""
+    global _threads
+    if num_threads < 0:
+        raise ValueError(f"num_threads must be >= 0, got {num_threads}")
+    _threads = num_threads
+
+
+def num_threads() -> int:
+    return _threads or torch.get_num_threads()
 
 
 def pack(weight_t: torch.Tensor) -> torch.Tensor:
@@ -63,7 +78,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Te
     y = x.new_empty(m, out_features)
     fn = _lib().sg_matmul_bf16 if packed.dtype == torch.bfloat16 else _lib().sg_matmul
     fn(x.data_ptr(), m, k, k, packed.data_ptr(), out_features, y.data_ptr(), out_features,
-       torch.get_num_threads())
+       num_threads())
     return y
 
 

@@ -212,9 +212,15 @@ class LocalBackend(GenerateBackend):
                 self._forget(out.request_id)
 
     def _final(self, entry: _Entry, seq: Sequence, reason: str) -> FinalEvent:
+        stage_ms = {}
+        if seq.first_token_s:  # the engine's own clock: its queue, then the prefill step
+            stage_ms = {"queue": (seq.scheduled_s - seq.arrival_s) * 1e3,
+                        "first_decode_step": (seq.first_token_s - seq.scheduled_s) * 1e3}
+        by_tier = {"prefix_cache": seq.num_cached_tokens} if seq.num_cached_tokens else {}
         return FinalEvent(reason, entry.ttft_ms, self.instance_id, self.instance_id,
                           seq.num_prompt_tokens, seq.num_cached_tokens, len(seq.output_ids),
-                          entry.request.request_id)
+                          entry.request.request_id, cached_tokens_by_tier=by_tier,
+                          stage_ms=stage_ms)
 
     def _fail_all(self, error: KVClusterError) -> None:
         for engine_id, entry in list(self._entries.items()):

@@ -35,7 +35,11 @@ def test_stream_tokens_then_final_with_prefix_reuse(shared_server, tokenizer):
     again_events, again = call(shared_server.target, request)
     # every full block but the one holding the last prompt token is reused
     assert again.num_cached_tokens == (num_prompt - 1) // BLOCK_SIZE * BLOCK_SIZE > 0
+    assert again.cached_tokens_by_tier == {"prefix_cache": again.num_cached_tokens}
     assert token_ids(again_events) == token_ids(events)  # greedy: same tokens
+    # the engine's own clock splits TTFT: its queue, then the step computing the tail
+    assert set(again.stage_ms) == {"queue", "first_decode_step"}
+    assert 0 < again.stage_ms["first_decode_step"] <= again.ttft_ms
 
 
 def test_chat_messages_use_the_chat_template(shared_server, tokenizer):
