@@ -74,9 +74,23 @@ class FrontendMetrics:
                                registry=r)
         self.output_tokens = Counter("kvcluster_frontend_output_tokens",
                                      "Tokens streamed to clients", registry=r)
+        self.stage = Histogram("kvcluster_frontend_stage_seconds",
+                               "Where requests' time went, by serving stage "
+                               "(kvcluster.common.requests.STAGES)", ["stage"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.cached_tokens = Counter("kvcluster_frontend_cached_prompt_tokens",
+                                     "Prompt tokens whose KV came from a cache, by source "
+                                     "(transfer, prefix_cache, a kvstore tier)", ["source"],
+                                     registry=r)
 
-    def observe_stream(self, began_s: float, token_times_s: list[float]) -> None:
-        """One finished stream: ``token_times_s`` are perf_counter stamps of its tokens."""
+    def observe_stream(self, began_s: float, token_times_s: list[float], final=None) -> None:
+        """One finished stream: ``token_times_s`` are perf_counter stamps of its tokens;
+        ``final`` (its FinalEvent) adds its stage timings and cached tokens by source."""
+        if final is not None:
+            for stage, ms in final.stage_ms.items():
+                self.stage.labels(stage).observe(ms / 1e3)
+            for source, num_tokens in final.cached_tokens_by_tier.items():
+                self.cached_tokens.labels(source).inc(num_tokens)
         if not token_times_s:
             return
         self.ttft.observe(token_times_s[0] - began_s)

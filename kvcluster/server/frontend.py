@@ -125,7 +125,7 @@ class GenerateServicer:
                     token_times.extend([time.perf_counter()] * len(event.token_ids))
                 yield event_to_proto(event)
                 if isinstance(event, FinalEvent):
-                    self.metrics.observe_stream(began, token_times)
+                    self.metrics.observe_stream(began, token_times, event)
                     self.metrics.output_tokens.inc(len(token_times))
                     log.info("done finish=%s ttft_ms=%.1f cached=%d/%d out=%d in %.3f s",
                              event.finish_reason, event.ttft_ms, event.num_cached_tokens,

@@ -7,6 +7,7 @@ import logging
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
+from kvcluster.common.requests import FinalEvent
 from kvcluster.observability.log_tail import RecentLogs, RequestIdFilter
 from kvcluster.observability.logs import JsonFormatter, request_context
 from kvcluster.observability.metrics import (
@@ -75,6 +76,19 @@ def test_stream_timings():
         pytest.approx(0.5)
     assert metrics.registry.get_sample_value(
         "kvcluster_frontend_time_per_output_token_seconds_sum") == pytest.approx(0.2)
+
+
+def test_final_events_feed_stage_histograms_and_cached_tokens_by_source():
+    metrics = FrontendMetrics()
+    final = FinalEvent("stop", 120.0, stage_ms={"route": 2.0, "first_decode_step": 100.0},
+                       cached_tokens_by_tier={"prefix_cache": 480, "host": 32})
+    metrics.observe_stream(0.0, [0.12], final)
+    get = metrics.registry.get_sample_value
+    assert get("kvcluster_frontend_stage_seconds_sum", {"stage": "route"}) == pytest.approx(0.002)
+    assert get("kvcluster_frontend_stage_seconds_count", {"stage": "first_decode_step"}) == 1
+    assert get("kvcluster_frontend_cached_prompt_tokens_total", {"source": "host"}) == 32
+    assert get("kvcluster_frontend_cached_prompt_tokens_total",
+               {"source": "prefix_cache"}) == 480
 
 
 def test_transfer_counts_chunks_and_bytes_by_level():

@@ -200,7 +200,7 @@ class _Call:
         if code is not None:
             self.metrics.requests.labels(code).inc()
         if final is not None:
-            self.metrics.observe_stream(self.began, self.token_times)
+            self.metrics.observe_stream(self.began, self.token_times, final)
             self.metrics.output_tokens.inc(len(self.token_times))
             log.info("done finish=%s ttft_ms=%.1f cached=%d/%d out=%d in %.3f s",
                      final.finish_reason, final.ttft_ms, final.num_cached_tokens,
