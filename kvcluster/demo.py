@@ -1,10 +1,12 @@
 """`make demo`: the whole cluster on one machine, serving a multi-turn chat workload.
 
 Local Ray with one prefill actor and one decode actor, the KV-aware routers
-and the gRPC front end; two users hold multi-turn conversations with a support
-assistant whose long system prompt they share, through the client SDK. Each
-turn's prompt is the previous turn's prompt plus the answer and a new
-question, so its prefix is already cached somewhere in the cluster.
+and the front ends; two users hold multi-turn conversations with a support
+assistant whose long system prompt they share, through the OpenAI-compatible
+HTTP API and the official ``openai`` SDK (streamed, so time to first token is
+measured by the client). Each turn's prompt is the previous turn's prompt plus
+the answer and a new question, so its prefix is already cached somewhere in
+the cluster; ``usage.prompt_tokens_details.cached_tokens`` says how much.
 
 Prints TTFT p50/p99, tokens/s, prefix hits per tier and bytes on the wire
 against raw fp16, and writes a PNG plot of TTFT per turn.
@@ -19,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcluster.common.config import ClusterConfig, from_dict
-from kvcluster.common.sampling import SamplingParams
 from kvcluster.demo_text import QUESTIONS, SYSTEM_PROMPT
 
 MAX_NEW_TOKENS = 32
@@ -32,9 +33,13 @@ class Turn:
     user: int
     turn: int
     ttft_ms: float
+    """Request sent -> first text chunk received, measured by the client."""
+    server_ttft_ms: float
+    """The backend's own figure (the ``kvcluster`` extension of the response)."""
     total_s: float
     num_prompt_tokens: int
     num_cached_tokens: int
+    cached_tokens_by_tier: dict[str, int]
     num_output_tokens: int
     text: str
 
@@ -49,7 +54,7 @@ def demo_config(model: str, disk_dir: str) -> ClusterConfig:
                   "host": {"capacity_bytes": 24 << 20},
                   "disk": {"enabled": True, "directory": disk_dir, "capacity_bytes": 1 << 30}},
         "transfer": {"chunk_tokens": 256, "slo_ms": 2000},
-        "router": {"port": 0},
+        "router": {"port": 0, "http_port": 0},
     })
 
 
@@ -63,10 +68,11 @@ def run_demo(model: str = "smollm2") -> int:
         with console.status("starting local Ray, 1 prefill + 1 decode actor, front end ..."):
             began = time.perf_counter()
             cluster = ClusterThread(demo_config(model, disk_dir), num_cpus=2)
-        console.print(f"cluster up in {time.perf_counter() - began:.1f} s; "
-                      f"front end on [bold]{cluster.address}[/]")
+        console.print(f"cluster up in {time.perf_counter() - began:.1f} s; OpenAI-compatible "
+                      f"API on [bold]http://{cluster.http_address}/v1[/], gRPC on "
+                      f"{cluster.address}")
         try:
-            turns, wall_s = _run_workload(cluster.address, console)
+            turns, wall_s = _run_workload(cluster.http_address, model, console)
             results = list(cluster.cluster.backend.stats["prefill_results"])
         finally:
             cluster.close()
@@ -77,22 +83,22 @@ def run_demo(model: str = "smollm2") -> int:
     return 0
 
 
-def _run_workload(address: str, console) -> tuple[list[Turn], float]:
+def _run_workload(http_address: str, model: str, console) -> tuple[list[Turn], float]:
+    import openai
     from rich.progress import Progress
 
-    from kvcluster.client import KVClusterClient
-
     histories = [[{"role": "system", "content": SYSTEM_PROMPT}] for _ in range(NUM_USERS)]
-    params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS)
     turns: list[Turn] = []
     began = time.perf_counter()
-    with KVClusterClient(address) as client, Progress(console=console) as progress:
+    client = openai.OpenAI(base_url=f"http://{http_address}/v1", api_key="unused",
+                           max_retries=0, timeout=300)
+    with client, Progress(console=console) as progress:
         task = progress.add_task("chat turns", total=NUM_USERS * len(QUESTIONS))
         for turn, question in enumerate(QUESTIONS):
             for user in range(NUM_USERS):
                 history = histories[user]
                 history.append({"role": "user", "content": _personalise(question, user)})
-                turns.append(_ask(client, history, params, user, turn))
+                turns.append(_ask(client, model, history, user, turn))
                 history.append({"role": "assistant", "content": turns[-1].text})
                 progress.advance(task)
     return turns, time.perf_counter() - began
@@ -102,13 +108,28 @@ def _personalise(question: str, user: int) -> str:
     return question if user == 0 else f"Hi, this is customer {user + 1000}. {question}"
 
 
-def _ask(client, messages, params, user: int, turn: int) -> Turn:
+def _ask(client, model: str, messages, user: int, turn: int) -> Turn:
+    """One streamed, greedy chat turn; TTFT is the first text chunk's arrival."""
     start = time.perf_counter()
-    result = client.generate(messages=list(messages), params=params, timeout_s=300)
-    final = result.final
-    return Turn(user, turn, final.ttft_ms, time.perf_counter() - start,
-                final.num_prompt_tokens, final.num_cached_tokens, final.num_output_tokens,
-                result.text.strip())
+    stream = client.chat.completions.create(
+        model=model, messages=list(messages), max_tokens=MAX_NEW_TOKENS, temperature=0,
+        stream=True, stream_options={"include_usage": True})
+    pieces: list[str] = []
+    first_s = server_ttft_ms = 0.0
+    usage = None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first_s = first_s or time.perf_counter() - start
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.choices and chunk.choices[0].finish_reason:
+            server_ttft_ms = (getattr(chunk, "kvcluster", None) or {}).get("ttft_ms", 0.0)
+        usage = chunk.usage or usage
+    details = usage.prompt_tokens_details
+    first_s = first_s or time.perf_counter() - start  # no text at all: the whole answer
+    return Turn(user, turn, first_s * 1e3, server_ttft_ms, time.perf_counter() - start,
+                usage.prompt_tokens, details.cached_tokens,
+                dict(getattr(details, "cached_tokens_by_tier", None) or {}),
+                usage.completion_tokens, "".join(pieces).strip())
 
 
 def _answers_table(turns: list[Turn]):
@@ -138,11 +159,20 @@ def _summary_table(turns: list[Turn], results, wall_s: float):
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("requests", str(len(turns)))
-    table.add_row("TTFT p50 / p99 (ms)", f"{_pct(ttfts, 50):.0f} / {_pct(ttfts, 99):.0f}")
+    server = sorted(t.server_ttft_ms for t in turns)
+    table.add_row("TTFT p50 / p99 (ms, client)", f"{_pct(ttfts, 50):.0f} / {_pct(ttfts, 99):.0f}")
+    table.add_row("TTFT p50 / p99 (ms, backend)",
+                  f"{_pct(server, 50):.0f} / {_pct(server, 99):.0f}")
     table.add_row("output tokens/s", f"{sum(t.num_output_tokens for t in turns) / wall_s:.1f}")
-    table.add_row("prompt tokens served from decode-side caches",
+    table.add_row("cached prompt tokens (usage.cached_tokens)",
                   f"{sum(t.num_cached_tokens for t in turns)} / "
                   f"{sum(t.num_prompt_tokens for t in turns)}")
+    sources: dict[str, int] = {}
+    for t in turns:
+        for source, n in t.cached_tokens_by_tier.items():
+            sources[source] = sources.get(source, 0) + n
+    table.add_row("cached tokens by source (usage extension)",
+                  ", ".join(f"{k}: {v}" for k, v in sorted(sources.items())) or "-")
     for tier in ("device", "host", "disk", "redis"):
         table.add_row(f"prefill kvstore hits: {tier}",
                       f"{100 * by_tier.get(tier, 0) / prompt_tokens:.1f}% of prompt tokens")
