@@ -28,6 +28,7 @@ the lowest codec level up to N-1 for lossless; recomputed chunks count as N-1.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import json
 import os
@@ -72,6 +73,9 @@ def _flags(parser) -> None:
     parser.add_argument("--shaper", choices=("auto", "tc", "token-bucket"), default="auto")
     parser.add_argument("--codec-transform", choices=("on", "off"), default="on",
                         help="codec.transform of the encoded levels (off: plain, ~2x faster decode)")
+    parser.add_argument("--data-plane", default="auto",
+                        help="transfer.data_plane of both ends (auto: tcp between the two "
+                             "namespaces)")
     parser.add_argument("--role", choices=("orchestrator", "receiver", "sender"),
                         default="orchestrator", help="internal: the processes this one starts")
     parser.add_argument("--workdir", default="")
@@ -97,12 +101,13 @@ def _orchestrate(args) -> dict:
         try:
             if pair is not None:
                 pair.create(bits_per_s=10e9)
-            sent = _run_nodes(Path(workdir), pair)
+            sent = _run_nodes(Path(workdir), pair, args.data_plane)
         finally:
             if pair is not None:
                 pair.destroy()
     results = sent.pop("runs")
     meta.update(sent)  # the SLO actually used, the calibration floor
+    meta["data_plane"] = args.data_plane
     meta["shaper"] = ("tc tbf on a veth between two network namespaces" if use_tc
                       else f"token-bucket (in-sender) [namespaces unavailable: {why}]")
     return _report(meta, results, args)
@@ -145,8 +150,9 @@ def _prepare(workdir: Path, sizes: dict, slo_ms: float, transform: bool = True) 
     return meta
 
 
-def _run_nodes(workdir: Path, pair) -> dict:
-    here = [sys.executable, "-m", "bench.adaptive", "--workdir", str(workdir)]
+def _run_nodes(workdir: Path, pair, data_plane: str = "auto") -> dict:
+    here = [sys.executable, "-m", "bench.adaptive", "--workdir", str(workdir),
+            "--data-plane", data_plane]
     bind = f"{pair.addr_b if pair else '127.0.0.1'}:{PORT}"
     wrap = (lambda ns, argv: pair.exec_argv(ns, argv)) if pair else (lambda ns, argv: argv)
     receiver = subprocess.Popen(wrap(pair and pair.ns_b, [*here, "--role", "receiver",
@@ -201,6 +207,8 @@ def _report(meta: dict, results: list[dict], args) -> dict:
                lowest_mean_level=varying.get("lowest", {}).get("mean_level"))
     out.pop("tokens")
     out["varying_runs"] = [r for r in results if r["trace"] == "varying 0.1-10 Gbit/s"]
+    out["data_planes_used"] = dict(collections.Counter(r.get("data_plane", "") for r in results))
+    print(f"data plane: {meta.get('data_plane')} -> requests by plane {out['data_planes_used']}")
     print(f"SLO {meta['slo_ms']:.1f} ms = max(int8 bytes at {SLO_REFERENCE_BPS / 1e9:g} Gbit/s: "
           f"{meta['bytes_slo_ms']:.1f} ms, {FLOOR_FACTOR} x the fastest fixed level's unthrottled "
           f"TTFT {meta['floor_ms']:.1f} ms = {FLOOR_FACTOR * meta['floor_ms']:.1f} ms)"
@@ -246,7 +254,8 @@ def _receiver_role(args) -> None:
 
     host, port = args.bind.rsplit(":", 1)
     config = TransferConfig(host=host, port=int(port), chunk_timeout_s=30.0, timeout_s=60.0,
-                            max_pending_chunks=2, decode_threads=2)
+                            max_pending_chunks=2, decode_threads=2,
+                            data_plane=args.data_plane)
     receiver = KVReceiver(runner.layout, levels, open_sink, config, speed)
 
     async def serve():
@@ -322,7 +331,7 @@ async def _send_everything(args) -> list[dict]:
     source = _source(data, levels)
     shaper = make_shaper("tc" if args.device else "token-bucket", 10e9, args.device)
     config = TransferConfig(max_inflight_chunks=1, num_channels=1, timeout_s=60.0,
-                            chunk_timeout_s=30.0)
+                            chunk_timeout_s=30.0, data_plane=args.data_plane)
     calibration = await _calibrate(args, source, levels, shaper, config, meta["slo_ms"])
     if meta["slo_fixed"]:  # --slo-ms given: use it as it is
         calibration["slo_ms"] = meta["slo_ms"]
@@ -369,7 +378,8 @@ def _record(trace: str, policy: str, result, levels, rates: list[float]) -> dict
                 levels=result.levels, quality=[levels.quality(lv) for lv in result.levels if lv],
                 error=result.error, decode_s=status.decode_total_s if status else 0.0,
                 decode_overlap_s=status.decode_overlap_s if status else 0.0,
-                tail_s=result.tail_s, chunks=[_chunk(c, r) for c, r in zip(result.chunks, rates)])
+                tail_s=result.tail_s, chunks=[_chunk(c, r) for c, r in zip(result.chunks, rates)],
+                data_plane=result.data_plane)
 
 
 def _chunk(record, rate_bps: float) -> dict:

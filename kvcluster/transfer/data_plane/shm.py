@@ -63,6 +63,12 @@ class Segment:
 
     @classmethod
     def create(cls, size: int) -> "Segment":
+        """A new segment; OSError when /dev/shm cannot hold it (a container's is often
+        64 MiB: touching pages past its limit would kill the process with SIGBUS)."""
+        stats = os.statvfs(SHM_DIR)
+        if size > stats.f_bavail * stats.f_frsize:
+            raise OSError(f"{SHM_DIR} has {stats.f_bavail * stats.f_frsize} bytes free, "
+                          f"a window needs {size}")
         return cls(f"kvdp-{os.getpid()}-{secrets.token_hex(8)}", size, create=True)
 
     def destroy(self) -> None:
@@ -97,7 +103,11 @@ class ShmReceiverPlane(ReceiverPlane):
         return ""
 
     def open(self, header: StreamHeader, window_bytes: int) -> Window | None:
-        segment = self.pool.take(window_bytes)
+        try:
+            segment = self.pool.take(window_bytes)
+        except OSError as exc:
+            log.warning("shm data plane: no window (%s); this transfer goes inline", exc)
+            return None
         if segment is None:
             return None
         return ShmWindow(self, segment, DataPlaneGrant(

@@ -179,10 +179,14 @@ class _Write:
     low: int = -1
     high: int = -1
     failed: str = ""
+    active: int = 0
+    """Stripes of this write being read now."""
 
     @property
     def complete(self) -> bool:
-        return bool(self.failed) or self.landed >= self.length
+        """Every byte in, or failed with no stripe still landing (only then may the
+        sender be told, by a nak, to reuse the range)."""
+        return self.active == 0 and (bool(self.failed) or self.landed >= self.length)
 
 
 @dataclass
@@ -211,14 +215,21 @@ class _Lease:
         write = self.writes.setdefault(header.write_id, _Write(header.write_length))
         if write.length != header.write_length:
             raise DataPlaneError(f"write {header.write_id}: stripes disagree on its length")
+        write.active += 1
         self.active += 1
 
     def end(self, header: FrameHeader, complete: bool) -> None:
         """A stripe ended, fully read or not (connection thread)."""
         with self.plane._lock:
             self.active -= 1
-            write = self.writes[header.write_id]
-            if complete:
+            write = self.writes.get(header.write_id)
+            if write is None:  # already taken by the session: nothing to record
+                done = False
+            else:
+                write.active -= 1
+            if write is None:
+                pass
+            elif complete:
                 end = header.stripe_offset + header.stripe_length
                 write.landed += header.stripe_length
                 write.low = header.stripe_offset if write.low < 0 else min(write.low,
@@ -226,7 +237,7 @@ class _Lease:
                 write.high = max(write.high, end)
             else:
                 write.failed = "the connection broke while the chunk's bytes were arriving"
-            done = write.complete
+            done = write is not None and write.complete
         self.plane._stripe_done(self)
         if done:
             try:
