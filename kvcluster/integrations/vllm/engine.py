@@ -1,0 +1,79 @@
+"""VLLMEngine: one vLLM v1 engine (AsyncLLM) for a kvcluster worker instance.
+
+    VLLMEngine(config, "d0", events).generate(request_id, token_ids, params, tenant)
+        -> EngineStep(new token ids), ..., EngineStep(finished, reason, cached tokens)
+
+AsyncLLM runs vLLM's engine core (scheduler + KV connector's scheduler half) in a child
+process and the model worker (paged KV + the connector's worker half) in another; this
+object lives on the caller's event loop and only passes token ids. The tenant becomes
+vLLM's ``cache_salt``: vLLM's own prefix cache and kvcluster's chunk keys are then both
+salted with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+from vllm import SamplingParams as VLLMSamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from kvcluster.common.config import ClusterConfig
+from kvcluster.common.sampling import SamplingParams
+from kvcluster.integrations.vllm.engine_args import EventEndpoints, engine_args, model_folder
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+@dataclass(frozen=True)
+class EngineStep:
+    token_ids: tuple[int, ...] = ()
+    """Tokens sampled since the previous step."""
+    finished: bool = False
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+    """Final step: prompt tokens vLLM did not compute (its prefix cache + the tiers)."""
+    loaded_tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    """Final step: of those, what the connector loaded from each kvstore tier."""
+
+
+class VLLMEngine:
+    def __init__(self, config: ClusterConfig, instance_id: str,
+                 events: EventEndpoints | None = None):
+        self.config = config
+        self.instance_id = instance_id
+        self.folder, self.model_id = model_folder(config)
+        self.llm = AsyncLLM.from_engine_args(engine_args(config, instance_id, events))
+        self.block_size = config.engine.block_size
+
+    async def generate(self, request_id: str, token_ids: Sequence[int],
+                       params: SamplingParams, tenant: str = "") -> AsyncIterator[EngineStep]:
+        """Steps of one request; cancelling the iterator aborts it in vLLM."""
+        prompt = TokensPrompt(prompt_token_ids=list(token_ids))
+        if tenant:
+            prompt["cache_salt"] = tenant
+        async for out in self.llm.generate(prompt, vllm_sampling(params), request_id):
+            completion = out.outputs[0]
+            if not out.finished:
+                yield EngineStep(tuple(completion.token_ids))
+                continue
+            loaded = (out.kv_transfer_params or {}).get("kvcluster_loaded_tokens", {})
+            yield EngineStep(tuple(completion.token_ids), True,
+                             FINISH_REASONS.get(completion.finish_reason or "", "stop"),
+                             out.num_cached_tokens or 0, dict(loaded))
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+
+def vllm_sampling(params: SamplingParams) -> VLLMSamplingParams:
+    """Our sampling parameters as vLLM's (token ids only: no detokenizing)."""
+    return VLLMSamplingParams(
+        max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+        top_k=params.top_k, seed=params.seed, stop_token_ids=list(params.stop_token_ids),
+        detokenize=False, output_kind=RequestOutputKind.DELTA)
