@@ -17,7 +17,7 @@ import asyncio
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -25,6 +25,7 @@ from decode_worker.paged_sink import PagedCacheSink
 from kvcluster.common.config import ClusterConfig
 from kvcluster.common.errors import InvalidRequestError, OverloadedError
 from kvcluster.common.tasks import DecodeStep, DecodeTask
+from kvcluster.engine.block_manager import OutOfBlocksError
 from kvcluster.engine.llm_engine import LLMEngine, StepOutput
 from kvcluster.engine.runner import ModelRunner
 from kvcluster.engine.sequence import Sequence
@@ -54,6 +55,9 @@ class _Active:
     cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
     """Tokens attached from a transfer or the local store, by source."""
     stage_ms: dict[str, float] = field(default_factory=dict)
+    kept: Future | None = None
+    """The keeper's job storing this prompt's new chunks: done before the final step,
+    so the KV events of a finished request describe where its chunks now are."""
 
 
 class DecodeWorker:
@@ -113,6 +117,8 @@ class DecodeWorker:
             self._wake.set()
             num_tokens = 0
             async for step in self._drain(active):
+                if step.finish_reason is not None and active.kept is not None:
+                    await asyncio.wrap_future(active.kept)
                 num_tokens += step.finish_reason is None
                 yield step
             with request_context(task.request_id):
@@ -230,22 +236,19 @@ class DecodeWorker:
         seq = Sequence(header.request_id, list(header.token_ids))
         return PagedCacheSink(self.node.runner, seq, self.speed, self._lock)
 
-    def _keep(self, token_ids, block_ids: list[int], tenant: str) -> None:
+    def _keep(self, token_ids, block_ids: list[int], tenant: str) -> Future | None:
         """Store the whole chunks of ``token_ids`` (KV in ``block_ids``) that this
-        worker's kvstore lacks, so the next turn can start here: on the keeper thread,
-        holding a reference to the blocks meanwhile (the request may finish first)."""
-        with self._lock:
-            self.node.runner.blocks.share(block_ids)
-        self._keeper.submit(self._keep_now, tuple(token_ids), list(block_ids), tenant)
+        worker's kvstore lacks, so the next turn can start here. The caller holds the
+        engine lock: the new chunks are copied now (a few ms), and stored (tier
+        placement, spills, disk writes) on the keeper thread, off the token path."""
+        keys, start, kv = self.node.export_new_chunks(token_ids, block_ids, tenant)
+        return self._keeper.submit(self._keep_now, keys, start, kv, tenant) if keys else None
 
-    def _keep_now(self, token_ids, block_ids: list[int], tenant: str) -> None:
+    def _keep_now(self, keys, start: int, kv, tenant: str) -> None:
         try:
-            self.node.save_prompt(token_ids, block_ids, tenant, self._lock)
+            self.node.store.put(keys, kv, tenant=tenant, start=start)
         except Exception:  # noqa: BLE001 - a failed keep costs a later hit, not this request
-            log.exception("keeping %d tokens in the store failed", len(token_ids))
-        finally:
-            with self._lock:
-                self.node.runner.blocks.free(block_ids)
+            log.exception("keeping %d chunks in the store failed", len(keys) - start)
 
     # ------------------------------------------------------------ engine loop
 
@@ -264,6 +267,9 @@ class DecodeWorker:
         try:
             return self.engine.step()
         except Exception as exc:  # fail the requests, keep the worker alive
+            if isinstance(exc, OutOfBlocksError) and self.node.runner.blocks.num_used:
+                time.sleep(0.002)  # blocks held by streams still being received: wait
+                return []
             log.exception("decode worker %s: engine step failed", self.instance_id)
             for request_id in list(self.engine.sequences):
                 self._fail(request_id, exc)
@@ -292,9 +298,9 @@ class DecodeWorker:
                 return
             active.stage_ms["queue"] = (seq.scheduled_s - seq.arrival_s) * 1e3
             active.stage_ms["first_decode_step"] = (seq.first_token_s - seq.scheduled_s) * 1e3
-            self._keep(seq.token_ids[: seq.num_prompt_tokens],
-                       seq.block_table[: -(-seq.num_prompt_tokens // self.engine.block_size)],
-                       active.tenant)
+            num_blocks = -(-seq.num_prompt_tokens // self.engine.block_size)
+            active.kept = self._keep(seq.token_ids[: seq.num_prompt_tokens],
+                                     seq.block_table[:num_blocks], active.tenant)
 
     def _final(self, seq: Sequence, active: _Active) -> DecodeStep:
         by_tier = dict(active.cached_tokens_by_tier)

@@ -75,9 +75,16 @@ class EngineConfig:
     decode_kv_mirror: bool = True
     """Keep the decoding sequences' KV also contiguous (up to twice their KV memory), so
     decode attention reads views instead of gathering every block in every layer."""
+    native_threads: int = 0
+    """Threads the native few-row kernel splits each decode matmul over (its own helper
+    threads, apart from torch's pool, which Ray keeps at one thread per actor); 0: as
+    many as torch uses (``torch.get_num_threads()``)."""
 
     def validate(self, path: str) -> None:
         _check_choice(path + ".kind", self.kind, ENGINE_KINDS)
+        if self.native_threads < 0:
+            raise ConfigError(path + ".native_threads",
+                              f"must be >= 0, got {self.native_threads}")
         for name in ("block_size", "num_blocks", "max_batch_size", "max_model_len"):
             _check_positive(f"{path}.{name}", getattr(self, name))
 

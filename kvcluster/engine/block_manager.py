@@ -139,6 +139,15 @@ class BlockManager:
                 self._block_of[block_hash] = block_id
                 self._hash_of[block_id] = block_hash
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the registration of every free block (vLLM's ``reset_prefix_cache``):
+        later prompts recompute or load from the kvstore. Blocks in use keep theirs.
+        Returns how many registrations were dropped."""
+        free = [b for b in self._hash_of if self._ref_counts[b] == 0]
+        for block_id in free:
+            self._forget(block_id)
+        return len(free)
+
     # ------------------------------------------------------------ private
 
     def _forget(self, block_id: int) -> None:

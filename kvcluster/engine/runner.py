@@ -17,6 +17,7 @@ import torch
 
 from kvcluster.common.config import EngineConfig
 from kvcluster.common.layout import KVLayout
+from kvcluster.engine import small_gemm
 from kvcluster.engine.arch import ModelArch
 from kvcluster.engine.block_manager import BlockManager
 from kvcluster.engine.decode_kv import DecodeKVMirror
@@ -54,8 +55,8 @@ class ModelRunner:
         self.blocks = BlockManager(self.config.num_blocks)
         self.decode_kv = (DecodeKVMirror(self.cache, self.max_model_len)
                           if self.config.decode_kv_mirror else None)
-        if self.config.cpu_packed_weights:
-            model.pack_weights()
+        if self.config.cpu_packed_weights and model.pack_weights():
+            small_gemm.set_num_threads(self.config.native_threads)
 
     @classmethod
     def from_pretrained(

@@ -7,7 +7,6 @@ end in the embedded default, Redis Streams in cluster mode).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from collections import Counter
@@ -110,21 +109,21 @@ class WorkerNode:
         self.runner.cache.import_blocks(block_ids, kv.to(self.runner.cache.dtype))
         return block_ids
 
-    def save_prompt(self, token_ids: Sequence[int], block_table: Sequence[int], tenant: str,
-                    lock=None) -> int:
-        """Store the whole chunks of ``token_ids`` held in ``block_table`` that the store
-        lacks (the ones it has are touched). Exports under ``lock`` (the engine's),
-        stores outside it. Returns how many chunks were newly stored."""
+    def export_new_chunks(self, token_ids: Sequence[int], block_table: Sequence[int],
+                          tenant: str):
+        """What :meth:`store.put` needs to keep the whole chunks of ``token_ids`` (KV in
+        ``block_table``) that the store lacks: ``(keys, start, kv)``, ``kv`` a copy
+        ``[L, 2, (len(keys) - start) * C, H, D]`` of chunks ``start..`` (the caller holds
+        whatever guards the cache; the copy outlives the blocks)."""
         keys = self.chunk_keys(token_ids, tenant)
         if not keys or len(block_table) < len(keys) * self.blocks_per_chunk:
-            return 0
+            return [], 0, []
         start = self.store.lookup(keys).num_chunks
-        kv = None
-        if start < len(keys):
-            with lock or contextlib.nullcontext():
-                kv = self.runner.cache.export_blocks(
-                    block_table[start * self.blocks_per_chunk:len(keys) * self.blocks_per_chunk])
-        return self.store.put(keys, kv if kv is not None else [], tenant=tenant, start=start)
+        if start == len(keys):
+            return keys, start, []
+        kv = self.runner.cache.export_blocks(
+            block_table[start * self.blocks_per_chunk:len(keys) * self.blocks_per_chunk])
+        return keys, start, kv
 
     def export_chunks(self, token_ids: Sequence[int], block_table: Sequence[int], tenant: str):
         """Keys and KV ``[L, 2, n * C, H, D]`` of every whole chunk of ``token_ids``

@@ -77,3 +77,12 @@ def test_first_registration_wins_and_free_blocks_cannot_be_cached():
         blocks.cache_full_blocks(HASHES[:2], first)
     with pytest.raises(ValueError, match="block 2 is free"):
         blocks.cache_full_blocks(HASHES[1:2], [2])
+
+
+def test_reset_prefix_cache_forgets_only_free_blocks():
+    blocks = BlockManager(4)
+    block_ids = blocks.allocate(2)
+    blocks.cache_full_blocks(HASHES[:2], block_ids)
+    blocks.free(block_ids[1:])  # block 1 free, block 0 in use
+    assert blocks.reset_prefix_cache() == 1
+    assert blocks.match(HASHES) == [0] and blocks.num_cached == 1

@@ -133,6 +133,9 @@ def test_corrupted_chunk_file_is_detected_never_served_and_recomputed(cluster, c
             with open(path, "r+b") as f:  # in place: the running worker keeps its index
                 f.write(data)
             corrupted[path] = bytes(data)
+    for handle in cluster.cluster.pools.decode:  # engines' own blocks gone: read the disk
+        ray.get(handle.actor.__ray_call__.remote(
+            lambda actor: actor.worker.engine.blocks.reset_prefix_cache()), timeout=10)
     second = _generate(cluster, prompt)
     assert list(second.token_ids) == expected[:len(second.token_ids)]
     assert second.final.num_output_tokens == len(second.token_ids) > 0
