@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO / "deploy" / "tools"))
 from fetch_helm import HelmUnavailable, helm_binary  # noqa: E402,F401  (re-exported)
 
 PEM = "-----BEGIN CERTIFICATE-----\nMIIBdummy\n-----END CERTIFICATE-----\n"
+INTERNAL_TOKEN = "internal-cccccccccccccccccccccccccccccccc"
 VARIANTS = {
     "default": {},
     "full": {
@@ -27,17 +28,21 @@ VARIANTS = {
                 "prefill": {"replicas": 3, "gpus": 2}, "decode": {"replicas": 1, "maxUnavailable": 0}},
         "store": {"host": {"capacityGiB": 16, "shmExtraGiB": 4},
                   "disk": {"capacityGiB": 200, "volume": {"type": "ephemeral", "storageClassName": "local-nvme"}}},
-        "router": {"replicas": 2, "grpcPort": 8443, "metricsPort": 9100,
+        "router": {"replicas": 2, "grpcPort": 8443, "httpPort": 8080, "metricsPort": 9100,
                    "service": {"type": "LoadBalancer"}},
         "redis": {"persistence": {"enabled": False}, "auth": {"password": "s3cret-pass"}},
         "security": {"tokens": {"tok-aaaaaaaaaaaaaaaa": "tenant-a", "tok-bbbbbbbbbbbbbbbb": "tenant-b"},
-                     "tls": {"enabled": True, "mutual": True, "cert": PEM, "key": "KEY", "ca": PEM}},
+                     "tls": {"enabled": True, "mutual": True, "cert": PEM, "key": "KEY", "ca": PEM},
+                     "internal": {"token": INTERNAL_TOKEN,
+                                  "tls": {"enabled": True, "existingSecret": "kvc-internal-tls",
+                                          "serverName": "kvcluster-worker"}}},
         "config": {"router": {"policy": "least_loaded"}, "engine": {"num_blocks": 1024}},
     },
     "external-redis": {
         "redis": {"enabled": False, "externalURL": "redis://:pw@redis.example.internal:6379"},
         "store": {"disk": {"enabled": False}},
-        "security": {"tls": {"enabled": True, "existingSecret": "kvcluster-tls"}},
+        "security": {"tls": {"enabled": True, "existingSecret": "kvcluster-tls"},
+                     "internal": {"existingSecret": "kv-internal", "existingSecretKey": "secret"}},
     },
 }
 

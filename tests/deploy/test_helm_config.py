@@ -16,6 +16,7 @@ import yaml
 
 from kvcluster.common.config import ConfigError, load_config
 from kvcluster.deploy_config import render_config
+from kvcluster.transfer.security import INTERNAL_PEER, ChannelSecurity, ServerSecurity
 from tests.deploy.chart import (VARIANTS, all_containers, chart_values, configmap_cluster_yaml,
                                 first_container, helm_template, one, secret_data, write)
 
@@ -29,6 +30,7 @@ def test_configmap_cluster_yaml_passes_load_config(rendered, variant, tmp_path):
     assert config.workers.num_decode == values["ray"]["decode"]["replicas"]
     assert (config.router.host, config.router.port) == ("0.0.0.0", values["router"]["grpcPort"])
     assert config.router.metrics_port == values["router"]["metricsPort"]
+    assert config.router.http_port == values["router"]["httpPort"]
     assert config.store.host.capacity_bytes == values["store"]["host"]["capacityGiB"] << 30
     assert config.store.disk.enabled == values["store"]["disk"]["enabled"]
     assert config.security.tokens == {}  # tokens only ever in the Secret
@@ -182,6 +184,12 @@ def test_services_and_budgets_select_the_right_pods(rendered, variant):
     named = {p["name"]: p["containerPort"] for p in router["ports"]}
     service = one(docs, "Service", component="router")
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= set(named)
+    http_port = chart_values(variant)["router"]["httpPort"]
+    http = [p for p in service["spec"]["ports"] if p["name"] == "http"]
+    assert [(p["port"], p["targetPort"]) for p in http] == [(http_port, "http")]
+    assert named["http"] == http_port  # the port `kvcluster serve` binds (router.http_port)
+    tls = chart_values(variant)["security"]["tls"]["enabled"]
+    assert http[0]["appProtocol"] == ("https" if tls else "http")
 
 
 def test_router_probes_use_native_grpc_health_without_tls(rendered):
@@ -212,6 +220,81 @@ def test_helm_test_hook_checks_router_health(rendered):
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     command = pod["spec"]["containers"][0]["command"]
     assert command[:3] == ["kvcluster-healthcheck", "--addr", "release-kvcluster-router:50051"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_internal_token_is_a_secret_mounted_into_the_workers_only(rendered, variant):
+    """The workers' own credential: a Kubernetes Secret (given, kept or generated), a file
+    in every prefill and decode pod that cluster.yaml points at; never in the ConfigMap,
+    the router pod or the fragment whose config crosses Ray."""
+    docs = rendered(variant)
+    internal = chart_values(variant)["security"]["internal"]
+    config = load_config(write_tmp(configmap_cluster_yaml(docs)))
+    token_file = Path(config.security.internal_token_file)
+    assert config.security.internal_token == ""
+    secret_name = internal["existingSecret"] or _mounted_secret_name(one(docs, "Deployment"))
+    key = internal["existingSecretKey"] if internal["existingSecret"] else "internal-token"
+    for group in one(docs, "RayCluster")["spec"]["workerGroupSpecs"]:
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        mounts = {m["name"]: m for m in first_container(group)["volumeMounts"]}
+        assert volumes["internal"]["secret"]["secretName"] == secret_name
+        assert volumes["internal"]["secret"]["items"] == [{"key": key, "path": token_file.name}]
+        assert mounts["internal"] == {"name": "internal", "mountPath": str(token_file.parent),
+                                      "readOnly": True}
+        assert "tls" not in volumes  # the front end's key stays with the front end
+    router = one(docs, "Deployment")["spec"]["template"]["spec"]
+    internal_tls = internal["tls"]["existingSecret"]
+    for volume in (v["secret"] for v in router["volumes"] if "secret" in v):
+        assert volume["secretName"] != internal_tls
+        if volume["secretName"] == secret_name:  # the chart's Secret: only the fragment
+            assert [item["key"] for item in volume["items"]] == ["security.yaml"]
+    if internal["existingSecret"]:
+        assert "internal-token" not in secret_data(docs, _mounted_secret_name(
+            one(docs, "Deployment")))
+        return
+    token = secret_data(docs, secret_name)["internal-token"]
+    assert token == (internal["token"] or token) and len(token) >= 32
+    fragment = secret_data(docs, secret_name)["security.yaml"]
+    assert token not in configmap_cluster_yaml(docs) and token not in fragment
+    assert token not in yaml.safe_dump(chart_values(variant)["security"]["tokens"])
+
+
+def test_workers_read_the_mounted_token_as_their_credential(rendered, tmp_path):
+    """What a worker pod does with the chart's file: the receiver takes only that token."""
+    docs = rendered("default")
+    token = secret_data(docs, _mounted_secret_name(one(docs, "Deployment")))["internal-token"]
+    text = configmap_cluster_yaml(docs).replace("/etc/kvcluster/internal", str(tmp_path))
+    write(tmp_path / "token", token)
+    config = load_config(write(tmp_path / "cluster.yaml", text))
+    assert ServerSecurity.internal(config.security).tokens == {token: INTERNAL_PEER}
+    assert ChannelSecurity.internal(config.security).metadata() == (
+        ("authorization", f"Bearer {token}"),)
+
+
+def test_internal_mutual_tls_comes_from_its_own_secret(rendered):
+    docs = rendered("full")
+    config = yaml.safe_load(configmap_cluster_yaml(docs))["security"]
+    itls = VARIANTS["full"]["security"]["internal"]["tls"]
+    assert config["internal_tls_server_name"] == itls["serverName"]
+    for group in one(docs, "RayCluster")["spec"]["workerGroupSpecs"]:
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        mounts = {m["name"]: m["mountPath"] for m in first_container(group)["volumeMounts"]}
+        assert volumes["internal-tls"]["secret"]["secretName"] == itls["existingSecret"]
+        for field, name in (("internal_tls_cert", "tls.crt"), ("internal_tls_key", "tls.key"),
+                            ("internal_tls_ca", "ca.crt")):
+            assert config[field] == f"{mounts['internal-tls']}/{name}"
+    assert config["tls_ca"] != config["internal_tls_ca"]  # tenants' CA is not the cluster's
+
+
+def test_internal_tls_without_its_secret_fails_the_render(helm, tmp_path):
+    done = helm_template(helm, tmp_path, {"security": {"internal": {"tls": {"enabled": True}}}})
+    assert done.returncode != 0 and "security.internal.tls.enabled needs" in done.stderr
+
+
+def write_tmp(text: str) -> Path:
+    import tempfile
+
+    return write(Path(tempfile.mkdtemp()) / "cluster.yaml", text)
 
 
 def _mounted_secret_name(workload: dict) -> str:

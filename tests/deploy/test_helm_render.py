@@ -101,6 +101,7 @@ def test_kuberay_crd_schema_rejects_a_broken_raycluster(rendered, kuberay, path,
 @pytest.mark.parametrize("override, where", [
     ({"ray": {"prefill": {"gpus": 0}}}, "/ray/prefill/gpus"),
     ({"router": {"grpcPort": 70000}}, "/router/grpcPort"),
+    ({"router": {"httpPort": 0}}, "/router/httpPort"),
     ({"router": {"replicas": "two"}}, "/router/replicas"),
     ({"router": {"replicas": 0}}, "/router/replicas"),
     ({"ray": {"auth": {"token": "too-short"}}}, "/ray/auth/token"),
@@ -110,6 +111,7 @@ def test_kuberay_crd_schema_rejects_a_broken_raycluster(rendered, kuberay, path,
     ({"security": {"tokens": {"short": "tenant"}}}, "propertyName 'short'"),
     ({"config": {"modle": {"path": "x"}}}, "modle"),
     ({"redis": {"externalURL": "http://redis:6379"}}, "/redis/externalURL"),
+    ({"security": {"internal": {"token": "too-short"}}}, "/security/internal/token"),
 ])
 def test_helm_rejects_bad_values_by_schema(helm, tmp_path, override, where):
     done = helm_template(helm, tmp_path, override)

@@ -102,8 +102,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         reason = (first.get("ctx") or {}).get("error", "")
+        where = loc[0] if loc else 0
         return APIError(errors.INVALID_ARGUMENT,
-                        f"request body is not valid JSON: {reason} (at byte {loc[0] if loc else 0})")
+                        f"request body is not valid JSON: {reason} (at byte {where})")
     if not loc:
         return APIError(errors.INVALID_ARGUMENT,
                         f"request body must be a JSON object: {first.get('msg')}")

@@ -138,10 +138,11 @@ class CompletionRequest(CommonRequest):
     best_of: int | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
-            if len(self.prompt) != 1:
-                return "prompt", (f"{len(self.prompt)} prompts in one request are not "
-                                  "supported: send one prompt per request")
+        batched = isinstance(self.prompt, list) and self.prompt and not isinstance(
+            self.prompt[0], int)
+        if batched and len(self.prompt) != 1:
+            return "prompt", (f"{len(self.prompt)} prompts in one request are not "
+                              "supported: send one prompt per request")
         if self.echo:
             return "echo", "echo is not supported"
         if self.suffix:

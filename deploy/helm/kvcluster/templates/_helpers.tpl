@@ -59,6 +59,19 @@
 {{- end }}
 {{- end }}
 
+{{/* The Secret and key holding the cluster-internal token: an existing one, or the chart's. */}}
+{{- define "kvcluster.internalSecretName" -}}
+{{- default (include "kvcluster.secretName" .) .Values.security.internal.existingSecret }}
+{{- end }}
+
+{{- define "kvcluster.internalSecretKey" -}}
+{{- if .Values.security.internal.existingSecret }}
+{{- .Values.security.internal.existingSecretKey }}
+{{- else }}
+{{- "internal-token" }}
+{{- end }}
+{{- end }}
+
 {{/* ------------------------------------------------------------ labels */}}
 
 {{- define "kvcluster.chart" -}}
@@ -98,6 +111,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "kvcluster.configDir" -}}/etc/kvcluster/config{{- end }}
 {{- define "kvcluster.secretDir" -}}/etc/kvcluster/secret{{- end }}
 {{- define "kvcluster.tlsDir" -}}/etc/kvcluster/tls{{- end }}
+{{- define "kvcluster.internalDir" -}}/etc/kvcluster/internal{{- end }}
+{{- define "kvcluster.internalTlsDir" -}}/etc/kvcluster/internal-tls{{- end }}
 {{- define "kvcluster.runDir" -}}/run/kvcluster{{- end }}
 {{- define "kvcluster.diskDir" -}}/var/cache/kvcluster/disk{{- end }}
 
@@ -153,6 +168,20 @@ python -m kvcluster.deploy_config render {{ include "kvcluster.configDir" . }}/c
 {{- end }}
 {{- end }}
 
+{{/* The internal token: the value, else the one in the release's Secret, else a new one (kept across upgrades). */}}
+{{- define "kvcluster.internalToken" -}}
+{{- if .Values.security.internal.token }}
+{{- .Values.security.internal.token }}
+{{- else }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "kvcluster.secretName" .) }}
+{{- if and $existing (index $existing.data "internal-token") }}
+{{- index $existing.data "internal-token" | b64dec }}
+{{- else }}
+{{- randAlphaNum 48 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* ------------------------------------------------------------ cluster.yaml */}}
 
 {{- define "kvcluster.gib" -}}
@@ -162,13 +191,17 @@ python -m kvcluster.deploy_config render {{ include "kvcluster.configDir" . }}/c
 {{/*
 The public part of cluster.yaml (the ConfigMap): .Values.config with every field
 the chart owns set from the values, so ports, paths and sizes match the
-Services and volumes. Secrets (tokens, Redis password) are not in it.
+Services and volumes. Secrets (tokens, Redis password) are not in it; the
+internal token is a file path, read in the worker pods that mount it.
 */}}
 {{- define "kvcluster.clusterConfig" -}}
 {{- $v := .Values }}
 {{- $tls := $v.security.tls }}
+{{- $itls := $v.security.internal.tls }}
+{{- $idir := include "kvcluster.internalTlsDir" . }}
 {{- $owned := dict
-  "router" (dict "host" "0.0.0.0" "port" (int $v.router.grpcPort) "metrics_port" (int $v.router.metricsPort))
+  "router" (dict "host" "0.0.0.0" "port" (int $v.router.grpcPort) "http_port" (int $v.router.httpPort)
+                 "metrics_port" (int $v.router.metricsPort))
   "transfer" (dict "host" "0.0.0.0" "port" (int $v.transfer.port))
   "workers" (dict "num_prefill" (int $v.ray.prefill.replicas) "num_decode" (int $v.ray.decode.replicas)
                   "detached" (gt (int $v.router.replicas) 1))
@@ -183,7 +216,13 @@ Services and volumes. Secrets (tokens, Redis password) are not in it.
     "tls_cert" (ternary (printf "%s/tls.crt" (include "kvcluster.tlsDir" .)) "" $tls.enabled)
     "tls_key" (ternary (printf "%s/tls.key" (include "kvcluster.tlsDir" .)) "" $tls.enabled)
     "tls_ca" (ternary (printf "%s/ca.crt" (include "kvcluster.tlsDir" .)) "" (and $tls.enabled $tls.mutual))
-    "tokens" (dict)) }}
+    "tokens" (dict)
+    "internal_token" ""
+    "internal_token_file" (printf "%s/token" (include "kvcluster.internalDir" .))
+    "internal_tls_cert" (ternary (printf "%s/tls.crt" $idir) "" $itls.enabled)
+    "internal_tls_key" (ternary (printf "%s/tls.key" $idir) "" $itls.enabled)
+    "internal_tls_ca" (ternary (printf "%s/ca.crt" $idir) "" $itls.enabled)
+    "internal_tls_server_name" (ternary $itls.serverName "" $itls.enabled)) }}
 {{- if $v.redis.enabled }}
 {{- /* Without the password: the Secret's fragment replaces both URLs in each pod. */}}
 {{- $public := printf "redis://%s:%d" (include "kvcluster.redisName" .) (int $v.redis.port) }}

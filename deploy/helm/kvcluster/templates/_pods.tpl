@@ -45,7 +45,9 @@
 {{/*
 One GPU worker group: include "kvcluster.workerGroup" (list $root "prefill" .Values.ray.prefill)
 Volumes: /dev/shm as a memory emptyDir (host tier + Ray object store), the disk
-tier (node-local emptyDir or a per-pod ephemeral PVC), TLS for the transfer server.
+tier (node-local emptyDir or a per-pod ephemeral PVC), the internal token (and the
+internal TLS certificate) the workers authenticate each other with. Not the front
+end's TLS key or the tenants' tokens: workers never serve tenants.
 */}}
 {{- define "kvcluster.workerGroup" -}}
 {{- $root := index . 0 }}
@@ -100,8 +102,9 @@ tier (node-local emptyDir or a per-pod ephemeral PVC), TLS for the transfer serv
             {{- if $disk.enabled }}
             - {name: kv-disk, mountPath: {{ include "kvcluster.diskDir" $root }}}
             {{- end }}
-            {{- if $v.security.tls.enabled }}
-            - {name: tls, mountPath: {{ include "kvcluster.tlsDir" $root }}, readOnly: true}
+            - {name: internal, mountPath: {{ include "kvcluster.internalDir" $root }}, readOnly: true}
+            {{- if $v.security.internal.tls.enabled }}
+            - {name: internal-tls, mountPath: {{ include "kvcluster.internalTlsDir" $root }}, readOnly: true}
             {{- end }}
       volumes:
         - name: dshm
@@ -131,10 +134,16 @@ tier (node-local emptyDir or a per-pod ephemeral PVC), TLS for the transfer serv
             sizeLimit: {{ $size }}
           {{- end }}
         {{- end }}
-        {{- if $v.security.tls.enabled }}
-        - name: tls
+        - name: internal
           secret:
-            secretName: {{ include "kvcluster.tlsSecretName" $root }}
+            secretName: {{ include "kvcluster.internalSecretName" $root }}
+            defaultMode: 0400
+            items:
+              - {key: {{ include "kvcluster.internalSecretKey" $root }}, path: token}
+        {{- if $v.security.internal.tls.enabled }}
+        - name: internal-tls
+          secret:
+            secretName: {{ $v.security.internal.tls.existingSecret }}
             defaultMode: 0400
         {{- end }}
       {{- with $g.nodeSelector }}
