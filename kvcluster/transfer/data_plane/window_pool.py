@@ -1,8 +1,8 @@
 """Registered memory of a receiver, lent window by window to transfers.
 
-Registering memory is the expensive part (page faults and zeroing here:
-~0.4 GB/s into fresh pages against ~11 GB/s into touched ones; pinning and
-RDMA registration on a GPU node), so buffers are made once and reused. A
+Registering memory is the expensive part (page faults and zeroing of fresh pages,
+many times slower than copying into touched ones; pinning and RDMA registration on
+a GPU node), so buffers are made once and reused. A
 transfer asks for the bytes it can use (its chunks in flight and waiting to be
 decoded, capped at ``transfer.data_plane_window_bytes``); it gets the smallest
 free buffer that is large enough, else a new one while the pool's total stays
