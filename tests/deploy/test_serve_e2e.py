@@ -94,6 +94,7 @@ def _local_overrides(model: Path, redis_port: int, grpc_port: int, metrics_port:
     sets = {
         "model.path": str(model), "model.model_id": "tiny", "model.device": "cpu", "model.dtype": "float32",
         "engine.block_size": 4, "engine.num_blocks": 256, "engine.max_model_len": 512,
+        "workers.max_local_prefill_tokens": 0,  # the prompt goes through the prefill pool
         "store.chunk_tokens": 16, "store.device.capacity_bytes": 1 << 20,
         "store.host.capacity_bytes": 4 << 20, "store.disk.enabled": "false",
         "store.redis.url": f"redis://127.0.0.1:{redis_port}/1", "redis_url": f"redis://127.0.0.1:{redis_port}/0",

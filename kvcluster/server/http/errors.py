@@ -5,7 +5,7 @@
 ``code`` is the error's status name (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...,
 as on gRPC), except where OpenAI clients look for a specific one
 (``model_not_found``). Any exception with a ``code`` attribute naming a status
-(KVClusterError, BackendError, LimitError) maps through the same table; a
+(a KVClusterError) maps through the same table; a
 TimeoutError is DEADLINE_EXCEEDED; anything else is INTERNAL, without details.
 """
 
