@@ -77,8 +77,9 @@ class EngineConfig:
     decode attention reads views instead of gathering every block in every layer."""
     native_threads: int = 0
     """Threads the native few-row kernel splits each decode matmul over (its own helper
-    threads, apart from torch's pool, which Ray keeps at one thread per actor); 0: as
-    many as torch uses (``torch.get_num_threads()``)."""
+    threads, apart from torch's pool, which Ray keeps at one thread per actor); 0: every
+    core this process may run on (the kernel never waits for a helper that is
+    descheduled before it starts; docs/benchmarks.md, serve)."""
 
     def validate(self, path: str) -> None:
         _check_choice(path + ".kind", self.kind, ENGINE_KINDS)

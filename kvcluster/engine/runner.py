@@ -11,6 +11,7 @@ and ``decode_step``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ class ModelRunner:
         self.decode_kv = (DecodeKVMirror(self.cache, self.max_model_len)
                           if self.config.decode_kv_mirror else None)
         if self.config.cpu_packed_weights and model.pack_weights():
-            small_gemm.set_num_threads(self.config.native_threads)
+            small_gemm.set_num_threads(self.config.native_threads or _num_cores())
 
     @classmethod
     def from_pretrained(
@@ -237,6 +238,11 @@ class ModelRunner:
 def _padded(block_table: list[int], num_used: int, width: int) -> list[int]:
     """The first ``num_used`` blocks, padded with block 0 (masked out) to ``width``."""
     return block_table[:num_used] + [0] * (width - num_used)
+
+
+def _num_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a container's cpuset, say)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _resolve_folder(path: str | Path) -> Path:
