@@ -87,11 +87,11 @@ class PrefillWorker:
 
     async def _prefill(self, task: PrefillTask) -> PrefillResult:
         loop = asyncio.get_running_loop()
-        result, kv, importance = await loop.run_in_executor(
+        result, keys, kv, importance = await loop.run_in_executor(
             self._compute, self._run, task, time.perf_counter())
         self.metrics.prefill_seconds.observe(result.prefill_s)
         # the new chunks go into the store while the KV streams (not before it)
-        saving = loop.run_in_executor(self._compute, self._save, task, result, kv)
+        saving = loop.run_in_executor(self._compute, self._save, task, result, keys, kv)
         try:
             if task.decode_target and kv is not None:
                 await self._send(task, kv, importance, result)
@@ -120,7 +120,13 @@ class PrefillWorker:
     # ------------------------------------------------------------ helpers
 
     def _run(self, task: PrefillTask, submitted: float):
-        """Worker thread: load cached chunks, compute the rest."""
+        """Worker thread: load cached chunks, compute the rest.
+
+        Returns:
+            The result so far, the prompt's chunk keys, its whole chunks' KV
+            ``[L, 2, num_full, H, D]`` (None without a whole chunk) and the attention
+            importance for the encode hints (or None).
+        """
         with request_context(task.request_id):
             began = time.perf_counter()
             keys = self.node.chunk_keys(task.token_ids, task.tenant)
@@ -128,7 +134,7 @@ class PrefillWorker:
             result = PrefillResult(task.request_id, len(task.token_ids), num_full,
                                    queue_s=began - submitted)
             if not keys:
-                return result, None, None
+                return result, keys, None, None
             seq = Sequence(task.request_id, list(task.token_ids[:num_full]))
             self.metrics.lookup_chunks.inc(len(keys))
             block_ids, result.cached_tokens_by_tier = self.node.load_prefix(keys)
@@ -139,14 +145,14 @@ class PrefillWorker:
                 self.node.runner.free(seq)
             result.num_computed_tokens = num_full - len(block_ids) * self.node.layout.block_size
             result.prefill_s = time.perf_counter() - began - result.prefix_load_s
-            return result, kv, importance
+            return result, keys, kv, importance
 
-    def _save(self, task: PrefillTask, result: PrefillResult, kv) -> None:
-        """Worker thread: store the chunks this prefill computed."""
+    def _save(self, task: PrefillTask, result: PrefillResult, keys, kv) -> None:
+        """Worker thread: store the chunks this prefill computed (those after the cached
+        prefix), under the keys :meth:`_run` hashed."""
         if kv is None or not result.num_computed_tokens:
             return
         with request_context(task.request_id):
-            keys = self.node.chunk_keys(task.token_ids, task.tenant)
             num_cached = result.num_transferred_tokens - result.num_computed_tokens
             self.node.save_chunks(keys[num_cached // self.node.chunk_tokens:],
                                   kv[:, :, num_cached:], task.tenant)

@@ -125,15 +125,6 @@ class WorkerNode:
             block_table[start * self.blocks_per_chunk:len(keys) * self.blocks_per_chunk])
         return keys, start, kv
 
-    def export_chunks(self, token_ids: Sequence[int], block_table: Sequence[int], tenant: str):
-        """Keys and KV ``[L, 2, n * C, H, D]`` of every whole chunk of ``token_ids``
-        held in ``block_table`` (the caller holds whatever guards the cache)."""
-        keys = self.chunk_keys(token_ids, tenant)
-        num_blocks = len(keys) * self.blocks_per_chunk
-        if not keys or len(block_table) < num_blocks:
-            return [], None
-        return keys, self.runner.cache.export_blocks(block_table[:num_blocks])
-
     def save_chunks(self, keys: Sequence[BlockHash], kv, tenant: str) -> int:
         """Store whole chunks ``kv`` ``[L, 2, len(keys) * C, H, D]`` under ``keys``."""
         if not keys:

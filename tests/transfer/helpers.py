@@ -40,8 +40,11 @@ class ReceiverNode:
 
 
 @contextlib.asynccontextmanager
-async def receiver_node(runner, levels, config, **kwargs):
+async def receiver_node(runner, levels, config, data_planes=None, **kwargs):
+    """A started :class:`ReceiverNode`; ``data_planes`` replaces its server's planes."""
     node = ReceiverNode(runner, levels, config, **kwargs)
+    if data_planes is not None:
+        node.server.data_planes = data_planes
     await node.server.start()
     try:
         yield node

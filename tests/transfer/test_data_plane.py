@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 
 import pytest
@@ -18,7 +17,7 @@ from kvcluster.transfer.security import ChannelSecurity, ServerSecurity
 from kvcluster.transfer.sender import KVSender
 from kvcluster.transfer.source import ChunkSource
 from tests.transfer.conftest import make_runner, prefill_kv, prompt, run, small_config
-from tests.transfer.helpers import ReceiverNode
+from tests.transfer.helpers import receiver_node
 from tests.transfer.test_security import _write_ca
 
 
@@ -27,17 +26,10 @@ def receiver_runner(tiny_dir):
     return make_runner(tiny_dir)
 
 
-@contextlib.asynccontextmanager
-async def node_with(runner, levels, config, node_id=None, security=None):
+def node_with(runner, levels, config, node_id=None, security=None):
     """A receiver node whose data planes see themselves on ``node_id`` (None: this one)."""
-    node = ReceiverNode(runner, levels, config, security)
-    node.server.data_planes = make_receiver_planes(config, security, node_id)
-    await node.server.start()
-    try:
-        yield node
-    finally:
-        await node.server.stop(0)
-        node.receiver.close()
+    return receiver_node(runner, levels, config, security=security,
+                         data_planes=make_receiver_planes(config, security, node_id))
 
 
 async def _send(node, levels, layout, config, tokens, kv, request_id, security=None, **kw):
