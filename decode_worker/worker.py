@@ -247,6 +247,7 @@ class DecodeWorker:
     def _keep_now(self, keys, start: int, kv, tenant: str) -> None:
         try:
             self.node.store.put(keys, kv, tenant=tenant, start=start)
+            self.node.publisher.flush()  # the events out now, not at the next flush tick
         except Exception:  # noqa: BLE001 - a failed keep costs a later hit, not this request
             log.exception("keeping %d chunks in the store failed", len(keys) - start)
 
