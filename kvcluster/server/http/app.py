@@ -39,9 +39,8 @@ def build_app(serving: OpenAIServing, security: ServerSecurity,
     Args:
         metrics_registry: what ``/metrics`` exports (None: the front end's own metrics).
     """
-    app = FastAPI(title="kvcluster", summary="OpenAI-compatible API",
-                  max_body_size=serving.config.limits.max_message_bytes)
-    install_handlers(app, serving.metrics, serving.config.limits.max_message_bytes)
+    app = FastAPI(title="kvcluster", summary="OpenAI-compatible API")
+    install_handlers(app, serving.metrics)
     tenant_of = _authenticator(security)
     registry = metrics_registry or serving.metrics.registry
     created = int(time.time())

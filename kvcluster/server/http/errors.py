@@ -67,7 +67,7 @@ def error_response(error: APIError, headers: dict[str, str] | None = None) -> JS
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-def install_handlers(app: FastAPI, metrics: FrontendMetrics, max_body_bytes: int) -> None:
+def install_handlers(app: FastAPI, metrics: FrontendMetrics) -> None:
     """Every error the app can answer, in OpenAI's shape (and counted by its code)."""
 
     @app.exception_handler(APIError)
@@ -83,11 +83,7 @@ def install_handlers(app: FastAPI, metrics: FrontendMetrics, max_body_bytes: int
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         code = _code_of_status(exc.status_code)
-        message = str(exc.detail)
-        if exc.status_code == 413:  # a body without Content-Length grew past the limit
-            message = (f"request body is larger than the limit of {max_body_bytes} bytes "
-                       "(limits.max_message_bytes)")
-        error = APIError(code, message)
+        error = APIError(code, str(exc.detail))
         return JSONResponse(error.body(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 

@@ -26,7 +26,7 @@ from kvcluster.engine.tokenizer import Tokenizer
 from kvcluster.observability.metrics import FrontendMetrics
 from kvcluster.server.backend import GenerateBackend
 from kvcluster.server.http.app import build_app
-from kvcluster.server.http.body_limit import DeclaredBodyLimit
+from kvcluster.server.http.body_limit import BodyLimit
 from kvcluster.server.http.serving import OpenAIServing
 from kvcluster.server.limits import TenantRateLimiter
 from kvcluster.transfer.security import ServerSecurity
@@ -56,8 +56,8 @@ async def serve_http(backend: GenerateBackend, tokenizer: Tokenizer, config: Clu
     security = ServerSecurity.from_config(config.security)
     serving = OpenAIServing(backend, tokenizer, config, model_names, metrics,
                             rate_limiter or TenantRateLimiter.from_config(config.limits))
-    app = DeclaredBodyLimit(build_app(serving, security, metrics_registry),
-                            config.limits.max_message_bytes)
+    app = BodyLimit(build_app(serving, security, metrics_registry),
+                    config.limits.max_message_bytes)
     uv_config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                                log_level="warning", timeout_graceful_shutdown=5,
                                **_tls_options(security))
