@@ -16,6 +16,9 @@ class SamplingParams:
     seed: int | None = None
     """Seeded sampling: the same seed and prompt give the same tokens."""
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    """Generate past the model's end-of-sequence tokens, up to max_new_tokens (what load
+    generators ask for, vLLM's name); stop_token_ids still stop."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

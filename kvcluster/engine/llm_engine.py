@@ -208,7 +208,8 @@ class LLMEngine:
         for seq, token_id in zip(seqs, token_ids):
             self._cache_full_blocks(seq)
             seq.append_token(token_id)
-            stop_ids = self.eos_ids.union(seq.params.stop_token_ids)
+            stop_ids = (frozenset(seq.params.stop_token_ids) if seq.params.ignore_eos
+                        else self.eos_ids.union(seq.params.stop_token_ids))
             seq.finish_reason = finish_reason(seq, self.capacity, stop_ids)
             if seq.finished:
                 self._finish(seq)

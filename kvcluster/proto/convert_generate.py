@@ -70,7 +70,8 @@ def prompt_from_proto(msg: pb.GenerateRequest) -> PromptInput:
 def sampling_to_proto(params: SamplingParams, stop: Sequence[str] = ()) -> pb.SamplingParams:
     msg = pb.SamplingParams(temperature=params.temperature, top_p=params.top_p,
                             top_k=params.top_k, stop=list(stop),
-                            stop_token_ids=list(params.stop_token_ids))
+                            stop_token_ids=list(params.stop_token_ids),
+                            ignore_eos=params.ignore_eos)
     if params.seed is not None:
         msg.seed = params.seed
     return msg
@@ -89,7 +90,7 @@ def sampling_from_proto(msg: pb.GenerateRequest,
         max_new_tokens=msg.max_new_tokens or default_max_new_tokens,
         temperature=float(temperature), top_p=float(top_p), top_k=s.top_k,
         seed=s.seed if s.HasField("seed") else None,
-        stop_token_ids=tuple(s.stop_token_ids))
+        stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
 
 
 def stop_strings_from_proto(msg: pb.GenerateRequest) -> tuple[str, ...]:

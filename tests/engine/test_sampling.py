@@ -69,6 +69,22 @@ def test_stop_token_and_max_new_tokens(tiny_dirs):
     assert stopped == free_run[: first_hit + 1]
 
 
+def test_ignore_eos_generates_past_end_of_sequence_but_stop_tokens_still_stop(tiny_dirs):
+    engine = _engine(tiny_dirs)
+    free_run = engine.generate([prompt(5, seed=26)], SamplingParams(max_new_tokens=10))[0]
+    eos = free_run[3]
+    engine.eos_ids = frozenset({eos})  # the tiny model's own EOS may never come up
+    stopped = engine.generate([prompt(5, seed=26)], SamplingParams(max_new_tokens=10))[0]
+    assert stopped == free_run[: free_run.index(eos) + 1]
+    past = engine.generate([prompt(5, seed=26)],
+                           SamplingParams(max_new_tokens=10, ignore_eos=True))[0]
+    assert past == free_run
+    stop_at = free_run[6]
+    cut = engine.generate([prompt(5, seed=26)], SamplingParams(
+        max_new_tokens=10, ignore_eos=True, stop_token_ids=(stop_at,)))[0]
+    assert cut == free_run[: free_run.index(stop_at) + 1]
+
+
 def test_finish_reason():
     seq = Sequence("a", [1, 2, 3], SamplingParams(max_new_tokens=2), num_prompt_tokens=3)
     seq.append_token(9)

@@ -26,7 +26,8 @@ params_st = st.builds(
     temperature=st.one_of(st.just(0.0), f32), top_p=st.one_of(st.just(1.0), st.floats(
         0.125, 1.0, width=32, allow_subnormal=False)),
     top_k=st.integers(0, 1000), seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
-    stop_token_ids=st.lists(st.integers(0, 2**32 - 1), max_size=4).map(tuple))
+    stop_token_ids=st.lists(st.integers(0, 2**32 - 1), max_size=4).map(tuple),
+    ignore_eos=st.booleans())
 prompts = st.one_of(
     st.builds(convert.PromptInput, text=st.text(max_size=30)),
     st.builds(convert.PromptInput, messages=st.lists(st.builds(

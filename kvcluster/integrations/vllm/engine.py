@@ -76,4 +76,5 @@ def vllm_sampling(params: SamplingParams) -> VLLMSamplingParams:
     return VLLMSamplingParams(
         max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
         top_k=params.top_k, seed=params.seed, stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
         detokenize=False, output_kind=RequestOutputKind.DELTA)

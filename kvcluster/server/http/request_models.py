@@ -6,7 +6,7 @@ support, where they would change the answer (``n: 2``, penalties, logprobs,
 tools, ...), are answered by :meth:`CommonRequest.unsupported` with their name.
 
 Extensions (send them with the SDK's ``extra_body``): ``top_k``, ``cache_salt``
-(vLLM's names), ``stop_token_ids``, ``slo_ms`` (time-to-first-token objective)
+(vLLM's names), ``stop_token_ids``, ``ignore_eos``, ``slo_ms`` (time-to-first-token objective)
 and ``timeout_s`` (a deadline: past it the request fails with 504).
 """
 
@@ -62,6 +62,7 @@ class CommonRequest(_Strict):
     seed: Seed | None = None
     stop: StopString | list[StopString] | None = None
     stop_token_ids: list[NonNegativeInt] | None = None
+    ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -159,7 +160,7 @@ class CompletionRequest(CommonRequest):
 
 # vLLM's sampling extensions, by the value that leaves the answer unchanged.
 _NEUTRAL_EXTENSIONS: dict[str, Any] = {
-    "repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0, "ignore_eos": False,
+    "repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0,
     "use_beam_search": False, "length_penalty": 1.0, "prompt_logprobs": None,
     "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
     "structured_outputs": None, "prediction": None, "audio": None,

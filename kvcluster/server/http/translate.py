@@ -46,7 +46,7 @@ def sampling_of(body: CommonRequest, max_new_tokens: int) -> SamplingParams:
             max_new_tokens=max_new_tokens,
             temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, seed=body.seed,
-            stop_token_ids=tuple(body.stop_token_ids or ()))
+            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos)
     except ValueError as exc:
         raise APIError(errors.INVALID_ARGUMENT, str(exc)) from exc
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvcluster/v1/generate.proto\x12\x0ckvcluster.v1\"\x88\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1a.kvcluster.v1.ChatMessagesH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.kvcluster.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.kvcluster.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x0e\n\x06slo_ms\x18\x07 \x01(\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x07\n\x05input\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.kvcluster.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa9\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"s\n\x10GenerateResponse\x12)\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.kvcluster.v1.TokenChunkH\x00\x12,\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1b.kvcluster.v1.GenerateFinalH\x00\x42\x06\n\x04kind\"-\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xca\x03\n\rGenerateFinal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x18\n\x10prefill_instance\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x04 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x07 \x01(\r\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12R\n\x15\x63\x61\x63hed_tokens_by_tier\x18\t \x03(\x0b\x32\x33.kvcluster.v1.GenerateFinal.CachedTokensByTierEntry\x12:\n\x08stage_ms\x18\n \x03(\x0b\x32(.kvcluster.v1.GenerateFinal.StageMsEntry\x1a\x39\n\x17\x43\x61\x63hedTokensByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a.\n\x0cStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32W\n\x08Generate\x12K\n\x08Generate\x12\x1d.kvcluster.v1.GenerateRequest\x1a\x1e.kvcluster.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvcluster/v1/generate.proto\x12\x0ckvcluster.v1\"\x88\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1a.kvcluster.v1.ChatMessagesH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.kvcluster.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.kvcluster.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x0e\n\x06slo_ms\x18\x07 \x01(\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x07\n\x05input\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.kvcluster.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xbd\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"s\n\x10GenerateResponse\x12)\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.kvcluster.v1.TokenChunkH\x00\x12,\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1b.kvcluster.v1.GenerateFinalH\x00\x42\x06\n\x04kind\"-\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xca\x03\n\rGenerateFinal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x18\n\x10prefill_instance\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x04 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x07 \x01(\r\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12R\n\x15\x63\x61\x63hed_tokens_by_tier\x18\t \x03(\x0b\x32\x33.kvcluster.v1.GenerateFinal.CachedTokensByTierEntry\x12:\n\x08stage_ms\x18\n \x03(\x0b\x32(.kvcluster.v1.GenerateFinal.StageMsEntry\x1a\x39\n\x17\x43\x61\x63hedTokensByTierEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a.\n\x0cStageMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32W\n\x08Generate\x12K\n\x08Generate\x12\x1d.kvcluster.v1.GenerateRequest\x1a\x1e.kvcluster.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,17 +44,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=419
   _globals['_TOKENIDS']._serialized_end=442
   _globals['_SAMPLINGPARAMS']._serialized_start=445
-  _globals['_SAMPLINGPARAMS']._serialized_end=614
-  _globals['_GENERATERESPONSE']._serialized_start=616
-  _globals['_GENERATERESPONSE']._serialized_end=731
-  _globals['_TOKENCHUNK']._serialized_start=733
-  _globals['_TOKENCHUNK']._serialized_end=778
-  _globals['_GENERATEFINAL']._serialized_start=781
-  _globals['_GENERATEFINAL']._serialized_end=1239
-  _globals['_GENERATEFINAL_CACHEDTOKENSBYTIERENTRY']._serialized_start=1134
-  _globals['_GENERATEFINAL_CACHEDTOKENSBYTIERENTRY']._serialized_end=1191
-  _globals['_GENERATEFINAL_STAGEMSENTRY']._serialized_start=1193
-  _globals['_GENERATEFINAL_STAGEMSENTRY']._serialized_end=1239
-  _globals['_GENERATE']._serialized_start=1241
-  _globals['_GENERATE']._serialized_end=1328
+  _globals['_SAMPLINGPARAMS']._serialized_end=634
+  _globals['_GENERATERESPONSE']._serialized_start=636
+  _globals['_GENERATERESPONSE']._serialized_end=751
+  _globals['_TOKENCHUNK']._serialized_start=753
+  _globals['_TOKENCHUNK']._serialized_end=798
+  _globals['_GENERATEFINAL']._serialized_start=801
+  _globals['_GENERATEFINAL']._serialized_end=1259
+  _globals['_GENERATEFINAL_CACHEDTOKENSBYTIERENTRY']._serialized_start=1154
+  _globals['_GENERATEFINAL_CACHEDTOKENSBYTIERENTRY']._serialized_end=1211
+  _globals['_GENERATEFINAL_STAGEMSENTRY']._serialized_start=1213
+  _globals['_GENERATEFINAL_STAGEMSENTRY']._serialized_end=1259
+  _globals['_GENERATE']._serialized_start=1261
+  _globals['_GENERATE']._serialized_end=1348
 # @@protoc_insertion_point(module_scope)
