@@ -36,7 +36,7 @@ INPUT_TOKENS = 64
 OUTPUT_TOKENS = 32
 FIGURES = {"ttft_p50_ms": "median_ttft_ms", "ttft_p99_ms": "p99_ttft_ms",
            "itl_p50_ms": "median_itl_ms", "output_tokps": "output_throughput",
-           "completed": "completed"}
+           "completed": "completed", "output_tokens": "total_output_tokens"}
 """Our names for the figures of vLLM's result file."""
 GENERATOR_TIMEOUT_S = 900.0
 
@@ -60,8 +60,9 @@ def main(argv=None) -> dict:
                 continue
             try:
                 for load, concurrency, prompts in loads:
-                    report["runs"][f"{spec.name}_{load}"] = _generate(
-                        server.base_url, concurrency, prompts, Path(workdir), spec.name, load)
+                    report["runs"][f"{spec.name}_{load}"] = run_generator(
+                        server.base_url, concurrency, prompts,
+                        Path(workdir) / f"{spec.name}_{load}.json")
             finally:
                 server.stop()
     report.update(_ratios(report["runs"], [load for load, _, _ in loads]))
@@ -70,26 +71,32 @@ def main(argv=None) -> dict:
     return report
 
 
-def _generate(base_url: str, concurrency: int, prompts: int, workdir: Path,
-              system: str, load: str) -> dict:
-    """Run vLLM's generator against ``base_url`` (http://host:port/v1); its figures."""
+def run_generator(base_url: str, concurrency: int, prompts: int, result: Path,
+                  model: str = MODEL, tokenizer: str = "", prefix_tokens: int = PREFIX_TOKENS,
+                  input_tokens: int = INPUT_TOKENS, output_tokens: int = OUTPUT_TOKENS) -> dict:
+    """Run vLLM's generator against ``base_url`` (http://host:port/v1); its figures.
+
+    Args:
+        result: where vLLM's generator writes its result file.
+        tokenizer: an HF folder (default: the model's, resolved as kvcluster does).
+    """
     from kvcluster.engine.models import resolve_model
 
-    result = workdir / f"{system}_{load}.json"
     root = base_url.removesuffix("/v1")
     argv = ["--backend", "openai-chat", "--base-url", root, "--endpoint", "/v1/chat/completions",
-            "--model", MODEL, "--tokenizer", str(resolve_model(MODEL)),
-            "--dataset-name", "random", "--random-prefix-len", str(PREFIX_TOKENS),
-            "--random-input-len", str(INPUT_TOKENS), "--random-output-len", str(OUTPUT_TOKENS),
+            "--model", model, "--tokenizer", tokenizer or str(resolve_model(model)),
+            "--dataset-name", "random", "--random-prefix-len", str(prefix_tokens),
+            "--random-input-len", str(input_tokens), "--random-output-len", str(output_tokens),
             "--random-range-ratio", "0", "--num-prompts", str(prompts),
             "--max-concurrency", str(concurrency), "--request-rate", "inf",
             "--num-warmups", "2", "--temperature", "0", "--seed", "0", "--disable-tqdm",
-            "--save-result", "--save-detailed", "--result-dir", str(workdir), "--result-filename", result.name]
+            "--save-result", "--save-detailed", "--result-dir", str(result.parent),
+            "--result-filename", result.name]
     code = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
             "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
             "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
-    print(f"  vllm bench serve: {system}, concurrency {concurrency}, {prompts} prompts", flush=True)
+    print(f"  vllm bench serve: {root}, concurrency {concurrency}, {prompts} prompts", flush=True)
     began = time.monotonic()
     done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True,
                           text=True, timeout=GENERATOR_TIMEOUT_S)
