@@ -77,7 +77,7 @@ def run_demo(model: str = "smollm2") -> int:
         finally:
             cluster.close()
     console.print(_answers_table(turns))
-    console.print(_summary_table(turns, results, wall_s))
+    console.print(_summary_table(turns, results, wall_s, _serving(cluster.cluster.config)))
     _plot(turns, PLOT_PATH)
     console.print(f"TTFT plot written to [bold]{PLOT_PATH}[/]")
     return 0
@@ -144,7 +144,19 @@ def _answers_table(turns: list[Turn]):
     return table
 
 
-def _summary_table(turns: list[Turn], results, wall_s: float):
+def _serving(config: ClusterConfig) -> str:
+    """Which engine served the demo, in which dtype on which device."""
+    from kvcluster.engine.placement import resolve_device, resolve_dtype
+
+    device = resolve_device(config.model.device)
+    dtype = resolve_dtype(config.model.dtype, device)
+    engine = {"native": "native (kvcluster's torch engine)",
+              "vllm": "vLLM (kvcluster's KV connector)"}.get(config.engine.kind,
+                                                              config.engine.kind)
+    return f"{engine}, {dtype} on {device}"
+
+
+def _summary_table(turns: list[Turn], results, wall_s: float, serving: str):
     from rich.table import Table
 
     ttfts = sorted(t.ttft_ms for t in turns)
@@ -158,6 +170,7 @@ def _summary_table(turns: list[Turn], results, wall_s: float):
     table = Table(title="cluster summary")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    table.add_row("engine", serving)
     table.add_row("requests", str(len(turns)))
     server = sorted(t.server_ttft_ms for t in turns)
     table.add_row("TTFT p50 / p99 (ms, client)", f"{_pct(ttfts, 50):.0f} / {_pct(ttfts, 99):.0f}")
@@ -178,6 +191,14 @@ def _summary_table(turns: list[Turn], results, wall_s: float):
                       f"{100 * by_tier.get(tier, 0) / prompt_tokens:.1f}% of prompt tokens")
     table.add_row("KV bytes on the wire / raw fp16",
                   f"{wire / 2**20:.1f} MiB / {raw / 2**20:.1f} MiB ({wire / raw:.2f}x)")
+    planes: dict[str, int] = {}
+    for r in results:
+        if r.data_plane:
+            planes[r.data_plane] = planes.get(r.data_plane, 0) + 1
+    table.add_row("requests the prefill worker prefilled (workers.max_local_prefill_tokens)",
+                  f"{len(results)} of {len(turns)}")
+    table.add_row("KV data plane (transfers)",
+                  ", ".join(f"{k}: {v}" for k, v in sorted(planes.items())) or "-")
     levels = sorted({lv for r in results for lv in r.levels})
     table.add_row("codec levels chosen", ", ".join(levels) or "-")
     return table
