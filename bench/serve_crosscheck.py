@@ -150,8 +150,8 @@ def _machine() -> str:
 
 
 def _flags(parser) -> None:
-    parser.add_argument("--systems", default=",".join(s.name for s in SYSTEMS),
-                        help="comma-separated: native, colocated, vllm")
+    parser.add_argument("--systems", default="native,colocated,vllm",
+                        help="comma-separated: " + ", ".join(s.name for s in SYSTEMS))
 
 
 if __name__ == "__main__":

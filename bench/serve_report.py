@@ -5,7 +5,7 @@ from __future__ import annotations
 from bench.common import print_table
 from kvcluster.common.requests import STAGES
 
-KVCLUSTER_SYSTEMS = ("native", "colocated")
+from bench.serve_systems import KVCLUSTER_NAMES as KVCLUSTER_SYSTEMS
 
 
 def print_report(report: dict) -> None:
@@ -28,7 +28,9 @@ def print_report(report: dict) -> None:
                                               "colocated_ttft_p50_vs_vllm",
                                               "colocated_tokps_vs_vllm", "overhead_ms_p50",
                                               "overhead_requests", "colocated_overhead_ms_p50",
-                                              "colocated_overhead_requests")])
+                                              "colocated_overhead_requests",
+                                              "vllm_engine_ttft_p50_vs_vllm",
+                                              "vllm_engine_tokps_vs_vllm")])
     for name, system in systems.items():
         if "error" in system:
             print(f"ERROR ({name}): {system['error']}")

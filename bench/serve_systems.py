@@ -2,6 +2,8 @@
 
     kvcluster      ``kvcluster serve`` (native engine, 1 prefill + 1 decode, disaggregated)
     colocated      ``kvcluster serve`` with workers.colocated: true (one actor)
+    vllm_engine    ``kvcluster serve`` with engine.kind: vllm, colocated (one vLLM engine
+                   in the actor, kvcluster's KV connector and tiers, vLLM's KV events)
     vllm           stock vLLM-CPU, one instance, prefix caching (bench/serve_vllm.py)
 
 Both kvcluster systems get the demo's engine, store and transfer sizes
@@ -38,7 +40,11 @@ SYSTEMS = (
     SystemSpec("native", "kvcluster (native, 1P+1D)"),
     SystemSpec("colocated", "kvcluster (native, colocated)"),
     SystemSpec("vllm", "vLLM-CPU 0.32 (prefix caching)"),
+    SystemSpec("vllm_engine", "kvcluster (vLLM engine, colocated)"),
 )
+KVCLUSTER_NAMES = ("native", "colocated", "vllm_engine")
+VLLM_BLOCK_TOKENS = 32
+"""vLLM-CPU pages in multiples of 32 tokens; the demo's 16-token blocks become 32."""
 
 
 def max_model_len() -> int:
@@ -47,11 +53,19 @@ def max_model_len() -> int:
         return _demo_config(disk).engine.max_model_len
 
 
-def kvcluster_config(colocated: bool, disk_dir: str, http_port: int) -> dict:
-    """``kvcluster serve``'s YAML content: the demo's sizes, 127.0.0.1, dtype auto."""
+def kvcluster_config(colocated: bool, disk_dir: str, http_port: int,
+                     engine_kind: str = "native") -> dict:
+    """``kvcluster serve``'s YAML content: the demo's sizes, 127.0.0.1, dtype auto.
+
+    engine_kind "vllm": the same KV cache in tokens, in vLLM-CPU's 32-token blocks."""
     data = json.loads(json.dumps(_to_dict(_demo_config(disk_dir))))  # tuples -> lists
     config = {section: data[section] for section in ("model", "engine", "store", "transfer")}
     config["model"]["dtype"] = "auto"
+    if engine_kind == "vllm":
+        engine = config["engine"]
+        tokens = engine["block_size"] * engine["num_blocks"]
+        engine.update(kind="vllm", block_size=VLLM_BLOCK_TOKENS,
+                      num_blocks=tokens // VLLM_BLOCK_TOKENS)
     config["router"] = {"host": "127.0.0.1", "port": 0, "http_port": http_port,
                         "metrics_port": 0}
     config["workers"] = {"num_prefill": 1, "num_decode": 1, "colocated": colocated}
@@ -65,16 +79,19 @@ def start_system(spec: SystemSpec, workdir: Path, log=print) -> ServerProcess:
 
         settings = VLLMSettings(resolve_model(MODEL), MODEL, max_model_len())
         return start_vllm(settings, workdir / "vllm.log", log)
+    if spec.name == "vllm_engine":
+        return start_kvcluster(True, workdir, log, engine_kind="vllm", name=spec.name)
     return start_kvcluster(spec.name == "colocated", workdir, log)
 
 
-def start_kvcluster(colocated: bool, workdir: Path, log=print) -> ServerProcess:
-    name = "colocated" if colocated else "native"
+def start_kvcluster(colocated: bool, workdir: Path, log=print, engine_kind: str = "native",
+                    name: str = "") -> ServerProcess:
+    name = name or ("colocated" if colocated else "native")
     port = free_port()
     disk = workdir / f"{name}-disk"
     disk.mkdir(parents=True, exist_ok=True)
     path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(kvcluster_config(colocated, str(disk), port)))
+    path.write_text(yaml.safe_dump(kvcluster_config(colocated, str(disk), port, engine_kind)))
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)  # a private local Ray, never someone else's cluster
     command = [sys.executable, "-m", "kvcluster", "serve", "--config", str(path)]

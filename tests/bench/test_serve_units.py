@@ -135,6 +135,17 @@ def test_kvcluster_config_is_the_demos_sizes_on_loopback():
         assert (config.router.host, config.router.http_port) == ("127.0.0.1", 8123)
 
 
+
+def test_vllm_engine_config_keeps_the_kv_cache_in_tokens_in_32_token_blocks():
+    from kvcluster.demo import demo_config
+
+    config = from_dict(ClusterConfig, kvcluster_config(True, "/tmp/x", 8123, "vllm"))
+    demo = demo_config("smollm2", "/tmp/x").engine
+    assert (config.engine.kind, config.engine.block_size) == ("vllm", 32)
+    assert config.engine.num_blocks * 32 == demo.num_blocks * demo.block_size
+    assert config.engine.max_model_len == demo.max_model_len and config.workers.colocated
+
+
 def test_vllm_requirements_leave_out_the_wheels_built_for_another_torch():
     reqs = ["torchvision; platform_machine != 'riscv64'", "torchaudio", "torchcodec>=0.14",
             "torch==2.13.0+cpu; platform_machine == 'x86_64'", "transformers<5.20.0,>=5.16.1",
