@@ -2,11 +2,12 @@
 
 Nothing is downloaded: the source is compiled with the system's ``cc`` (or
 ``$CC``) into ``$XDG_CACHE_HOME/kvcluster/native/``. The file name carries a
-hash of the source, the flags and, for ``-march=native`` builds, the CPU's
-model and feature flags (a cache folder shared by machines with different
-CPUs never hands one a library with instructions it lacks). The library is
-written to a temp file and renamed, so concurrent processes never load a
-half-written one. Pure Python (no torch): kvstore and the engine both use it.
+hash of the source (and of the files it includes from its folder), the flags
+and, for ``-march=native`` builds, the CPU's model and feature flags (a cache
+folder shared by machines with different CPUs never hands one a library with
+instructions it lacks). The library is written to a temp file and renamed, so
+concurrent processes never load a half-written one. Pure Python (no torch):
+kvstore and the engine both use it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -78,10 +80,18 @@ def _build(source: Path, flags: tuple[str, ...]) -> Path:
 
 def _digest(source: Path, flags: tuple[str, ...]) -> str:
     h = hashlib.sha256(source.read_bytes())
+    for header in _local_includes(source):  # an edited header must rebuild too
+        h.update(header.read_bytes())
     h.update("\0".join(flags).encode())
     if "-march=native" in flags:
         h.update(_cpu_identity().encode())
     return h.hexdigest()[:16]
+
+
+def _local_includes(source: Path) -> list[Path]:
+    """The files ``source`` includes with ``#include "name"`` from its own folder."""
+    names = re.findall(r'^\s*#\s*include\s+"([^"]+)"', source.read_text(), re.MULTILINE)
+    return [source.parent / name for name in names]
 
 
 def _cpu_identity() -> str:

@@ -55,6 +55,6 @@ def matmul(x: torch.Tensor, weight_t: torch.Tensor, packed: torch.Tensor | None)
         if rows == 1:
             return x @ weight_t
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [None], "")
-    if rows > NATIVE_MAX_ROWS:
+    if rows > NATIVE_MAX_ROWS and not small_gemm.uses_amx(x, packed):
         return x @ weight_t
     return small_gemm.matmul(x, packed, weight_t.shape[1]).to(x.dtype)

@@ -49,8 +49,8 @@ class ForwardBatch:
     """[B * H_kv] long: the new token's rows in a mirror layer's ``[2, -1, D]`` view."""
     packed_matmuls: bool = False
     """Use the packed weight copies if present (see :mod:`kvcluster.engine.cpu_linear`):
-    faster for decode, but fp32 rounding differs slightly (< 1e-4 on SmolLM2 logits)
-    from a plain matmul's, which prefill keeps for exact parity with transformers."""
+    faster for decode (and for a bf16 prefill on AMX), but fp32 rounding differs slightly
+    from a plain matmul's, which an fp32 prefill keeps for exact parity with transformers."""
     query_tap: QueryTap | None = None
     """Prefill only: gets each layer's post-RoPE queries ``[T, H_q, D]``, in layer order
     (see :mod:`kvcluster.engine.attention_importance`); None: nothing is kept."""
@@ -281,6 +281,9 @@ class LlamaModel(nn.Module):
     def _gather(self, kv_cache, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of every block in the block tables, each [B, H_kv, C, D]."""
         num_kv_heads, head_dim = kv_cache.shape[3:]
-        kv = kv_cache.index_select(1, batch.block_tables.view(-1))  # [2, B*n, block_size, H_kv, D]
+        # Whole blocks as flat rows: index_select copies rows far faster than
+        # the [block_size, H_kv, D] sub-tensors of the 5-d view.
+        flat = kv_cache.view(2, kv_cache.shape[1], -1)  # [2, num_blocks, block_size * H_kv * D]
+        kv = flat.index_select(1, batch.block_tables.view(-1))  # [2, B*n, block_size*H_kv*D]
         kv = kv.view(2, batch.num_seqs, -1, num_kv_heads, head_dim).transpose(2, 3)
         return kv[0], kv[1]  # [B, H_kv, C, D]

@@ -56,8 +56,13 @@ class ModelRunner:
         self.blocks = BlockManager(self.config.num_blocks)
         self.decode_kv = (DecodeKVMirror(self.cache, self.max_model_len)
                           if self.config.decode_kv_mirror else None)
+        self.packed_prefill = False
+        """Prefill through the packed weights too: bf16 on AMX tiles, where a prompt's
+        rows cost about one pass over the weights (fp32 keeps plain matmuls, which give
+        exactly transformers' logits)."""
         if self.config.cpu_packed_weights and model.pack_weights():
             small_gemm.set_num_threads(self.config.native_threads or _num_cores())
+            self.packed_prefill = model.dtype == torch.bfloat16 and small_gemm.amx_available()
 
     @classmethod
     def from_pretrained(
@@ -110,7 +115,7 @@ class ModelRunner:
         positions = torch.arange(start, seq.num_tokens, device=self.device)  # [Q]
         input_ids = torch.tensor(seq.token_ids[start:], device=self.device)  # [Q]
         batch = ForwardBatch(positions, self._slots(seq.block_table, positions), num_seqs=1,
-                             query_tap=query_tap)
+                             query_tap=query_tap, packed_matmuls=self.packed_prefill)
         if start > 0:
             num_blocks = self._num_blocks(seq.num_tokens)
             batch.block_tables = torch.tensor([seq.block_table[:num_blocks]], device=self.device)

@@ -8,7 +8,10 @@ copy packed into contiguous column panels, and splits the panels over
 threads, not torch's OpenMP pool, so it may use every core of a process that
 keeps torch itself at one thread (as Ray does for its actors). bf16
 weights halve the bytes streamed; they are widened to fp32 exactly and multiplied
-with fp32 rows into fp32 results.
+with fp32 rows into fp32 results. On a CPU with AMX, bf16 rows times bf16 weights
+run on the tile unit instead (:func:`amx_available`) from :data:`AMX_MIN_ROWS`
+rows on: a prefill's tens of rows then cost about one pass over the weights,
+where the FMA path takes one pass per :func:`rows_per_pass` rows.
 
 Compiled once per machine with ``-march=native`` (see :mod:`kvcluster.native`);
 :func:`available` is False without a compiler, off x86-64, or with
@@ -40,7 +43,17 @@ def rows_per_pass() -> int:
     return _lib().sg_rows_per_pass()
 
 
+@functools.cache
+def amx_available() -> bool:
+    """Whether bf16 rows can be multiplied on AMX tiles (the CPU has them, the build
+    uses them and the OS granted this process the tile state)."""
+    return _lib() is not None and bool(_lib().sg_amx_available())
+
+
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+AMX_MIN_ROWS = 2
+"""From this many bf16 rows on, AMX beats the FMA path (one row streams the weights
+at the same speed either way; docs/benchmarks.md, "engine")."""
 _threads = 0
 
 
@@ -57,29 +70,51 @@ def num_threads() -> int:
 
 
 def pack(weight_t: torch.Tensor) -> torch.Tensor:
-    """``weight_t [K, N]`` (fp32 or bf16) as contiguous column panels ``[ceil(N / P), K, P]``
-    in its own dtype.
+    """``weight_t [K, N]`` as contiguous column panels in its own dtype: fp32
+    ``[ceil(N / P), K, P]``; bf16 ``[ceil(N / P), ceil(K / 2), P, 2]``, rows 2i and
+    2i + 1 interleaved (the pair layout AMX tiles read; native/small_gemm.c).
 
-    P is the kernel's panel width; the last panel is zero-padded.
+    P is the kernel's panel width; the last panel (and an odd K's last pair) is
+    zero-padded.
     """
     assert weight_t.dtype in PACKED_DTYPES, weight_t.dtype
     k, n = weight_t.shape
     width = _lib().sg_panel_width()
-    padded = F.pad(weight_t, (0, -n % width))  # [K, panels * P]
-    return padded.view(k, -1, width).transpose(0, 1).contiguous()
+    if weight_t.dtype == torch.float32:
+        padded = F.pad(weight_t, (0, -n % width))  # [K, panels * P]
+        return padded.view(k, -1, width).transpose(0, 1).contiguous()
+    padded = F.pad(weight_t, (0, -n % width, 0, k % 2))  # [2 * pairs, panels * P]
+    pairs = padded.view(-1, 2, padded.shape[1] // width, width)  # [pairs, 2, panels, P]
+    return pairs.permute(2, 0, 3, 1).contiguous()  # [panels, pairs, P, 2]
+
+
+def packed_in_features(packed: torch.Tensor) -> int:
+    """K as rounded up by :func:`pack` (an odd K of bf16 weights reads as K + 1)."""
+    return packed.shape[1] * (2 if packed.dim() == 4 else 1)
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """``x [M, K] @ W [K, out_features] -> [M, out_features]`` (fp32) with W as :func:`pack`
-    made it; ``x`` is widened to fp32 first when it is not."""
-    x = x.float().contiguous()  # a CPU tensor, as packed (from pack: contiguous)
+    made it. bf16 ``x`` with bf16 W and enough rows runs on AMX (:func:`uses_amx`);
+    otherwise ``x`` is widened to fp32 (exactly, from bf16) first."""
     m, k = x.shape
-    assert packed.shape[1] == k, (x.shape, packed.shape)
-    y = x.new_empty(m, out_features)
-    fn = _lib().sg_matmul_bf16 if packed.dtype == torch.bfloat16 else _lib().sg_matmul
+    assert packed_in_features(packed) - k in (0, 1 if packed.dim() == 4 else 0), \
+        (x.shape, packed.shape)
+    if uses_amx(x, packed):
+        fn, x = _lib().sg_matmul_bf16_amx, x.contiguous()
+    else:
+        x = x.float().contiguous()  # a CPU tensor, as packed (from pack: contiguous)
+        fn = _lib().sg_matmul_bf16 if packed.dtype == torch.bfloat16 else _lib().sg_matmul
+    y = torch.empty(m, out_features, dtype=torch.float32)
     fn(x.data_ptr(), m, k, k, packed.data_ptr(), out_features, y.data_ptr(), out_features,
        num_threads())
     return y
+
+
+def uses_amx(x: torch.Tensor, packed: torch.Tensor) -> bool:
+    """Whether :func:`matmul` of ``x`` by ``packed`` runs on AMX tiles."""
+    return (x.dtype == packed.dtype == torch.bfloat16 and x.shape[0] >= AMX_MIN_ROWS
+            and x.shape[1] % _lib().sg_amx_k_multiple() == 0 and amx_available())
 
 
 @functools.cache
@@ -87,7 +122,7 @@ def _lib() -> ctypes.CDLL | None:
     lib = load_library(SOURCE, FLAGS, DISABLE_ENV)
     if lib is None:
         return None
-    for fn in (lib.sg_matmul, lib.sg_matmul_bf16):
+    for fn in (lib.sg_matmul, lib.sg_matmul_bf16, lib.sg_matmul_bf16_amx):
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
                        ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,

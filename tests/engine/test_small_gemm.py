@@ -1,15 +1,18 @@
-"""The native few-row matmul kernel against torch (fp64 reference), and the
-fallbacks of cpu_linear when it is disabled."""
+"""The native few-row matmul kernel against torch (fp64 reference): the FMA path, the
+AMX path for many bf16 rows, the bf16 pair layout, and the fallbacks of cpu_linear
+when it is disabled."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from kvcluster.engine import cpu_linear, small_gemm
+from kvcluster.native import _local_includes, load_library
 
 needs_native = pytest.mark.skipif(not small_gemm.available(),
                                   reason="no C compiler / not x86-64: torch path only")
@@ -157,3 +160,90 @@ def test_bf16_weights_are_not_packed_without_the_native_kernel(monkeypatch):
     finally:
         monkeypatch.undo()
         small_gemm._lib.cache_clear()
+
+
+def test_bf16_panels_interleave_row_pairs_and_pad_an_odd_k():
+    w = torch.arange(3 * 5, dtype=torch.float32).view(3, 5).bfloat16()  # K = 3: one padded pair
+    packed = small_gemm.pack(w)  # [1, 2, P, 2]
+    width = packed.shape[2]
+    assert packed.shape == (1, 2, width, 2) and small_gemm.packed_in_features(packed) == 4
+    assert torch.equal(packed[0, 0, :5, 0], w[0]) and torch.equal(packed[0, 0, :5, 1], w[1])
+    assert torch.equal(packed[0, 1, :5, 0], w[2]) and packed[0, 1, :, 1].eq(0).all()
+    assert packed[0, :, 5:].eq(0).all()
+
+
+needs_amx = pytest.mark.skipif(not (small_gemm.available() and small_gemm.amx_available()),
+                               reason="no AMX tiles on this CPU (or no native kernel)")
+
+
+@needs_amx
+@pytest.mark.parametrize("k,n", [(32, 1), (64, 31), (576, 960), (1536, 577), (96, 70)])
+@pytest.mark.parametrize("m", [2, 16, 17, 32, 33, 50])
+def test_amx_rows_match_fp64_reference(m, k, n):
+    """Many bf16 rows run on the tiles (row blocks of 16 and 32, partial column panels)
+    and give the fp64 product of the same bf16 values within fp32 accumulation error."""
+    gen = torch.Generator().manual_seed(m * 9000 + k + n)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = torch.randn(k, n, generator=gen).bfloat16()
+    packed = small_gemm.pack(w)
+    assert small_gemm.uses_amx(x, packed)
+    y = small_gemm.matmul(x, packed, n)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    reference = _reference(x.float(), w.float())
+    assert (y - reference).abs().max().item() <= _tolerance(x.float(), w.float())
+
+
+@needs_amx
+def test_amx_is_not_used_for_one_row_fp32_rows_or_a_ragged_k():
+    w = torch.randn(576, 64).bfloat16()
+    packed = small_gemm.pack(w)
+    assert not small_gemm.uses_amx(torch.randn(1, 576).bfloat16(), packed)  # decode: FMA
+    assert not small_gemm.uses_amx(torch.randn(8, 576), packed)  # fp32 rows
+    ragged = small_gemm.pack(torch.randn(33, 64).bfloat16())
+    assert not small_gemm.uses_amx(torch.randn(8, 33).bfloat16(), ragged)
+
+
+@needs_amx
+def test_amx_thread_count_and_concurrent_callers_do_not_change_the_result():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(40, 576, generator=gen).bfloat16()
+    packed = small_gemm.pack(torch.randn(576, 3000, generator=gen).bfloat16())
+    before = small_gemm._threads
+    try:
+        small_gemm.set_num_threads(1)
+        one = small_gemm.matmul(x, packed, 3000)
+        small_gemm.set_num_threads(2)
+        two = small_gemm.matmul(x, packed, 3000)
+        with ThreadPoolExecutor(3) as pool:  # helper threads load their own tile config
+            results = list(pool.map(lambda _: small_gemm.matmul(x, packed, 3000), range(12)))
+    finally:
+        small_gemm.set_num_threads(before)
+    assert torch.equal(one, two) and all(torch.equal(r, one) for r in results)
+
+
+@needs_amx
+def test_cpu_linear_keeps_amx_beyond_the_fma_row_limit():
+    gen = torch.Generator().manual_seed(10)
+    rows = cpu_linear.NATIVE_MAX_ROWS + 100
+    x = torch.randn(rows, 96, generator=gen).bfloat16()
+    w = torch.randn(96, 70, generator=gen).bfloat16()
+    y = cpu_linear.matmul(x, w, cpu_linear.pack(w))
+    reference = _reference(x.float(), w.float())
+    assert ((y.float() - reference).abs() <= reference.abs() * 2**-8 + 1e-5).all()
+
+
+def test_an_edited_included_header_rebuilds_the_library(tmp_path, monkeypatch):
+    """small_gemm.c includes small_gemm_amx.h: the build's name hashes it too, so an
+    edit of the header alone never loads a stale cached library."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source, header = tmp_path / "answer.c", tmp_path / "answer.h"
+    source.write_text('#include "answer.h"\nint answer(void) { return ANSWER; }\n')
+    header.write_text("#define ANSWER 41\n")
+    first = load_library(source, ("-O1",), "TEST_NATIVE")
+    if first is None:
+        pytest.skip("not x86-64")
+    header.write_text("#define ANSWER 42\n")
+    assert first.answer() == 41 and load_library(source, ("-O1",), "TEST_NATIVE").answer() == 42
+    assert small_gemm.SOURCE.with_name("small_gemm_amx.h") in _local_includes(small_gemm.SOURCE)

@@ -6,6 +6,16 @@
  *
  * W is fp32 (sg_matmul) or bf16 (sg_matmul_bf16: half the bytes to stream; each
  * weight is widened to fp32 exactly, a 16-bit shift, and multiplied in fp32).
+ * bf16 panels hold rows k and k+1 interleaved (the "VNNI" layout AMX reads):
+ *
+ *   packed[N/P][ceil(K/2)][P][2]:  [j][i][c] = (W[2i, jP + c], W[2i + 1, jP + c])
+ *
+ * (K odd: the last pair's second value is 0). One 32-bit word is a column's pair:
+ * its low half shifted up is W[2i], its high half masked is W[2i + 1], so the
+ * fp32 sums are the same, in the same order, as with plain rows.
+ *
+ * sg_matmul_bf16_amx multiplies bf16 rows x by the same bf16 panels on the AMX
+ * tile unit (see small_gemm_amx.h), for the many-row matmuls of a prefill.
  *
  * For each panel, up to RB rows of x are multiplied in one pass over the panel:
  * RB x P accumulators stay in registers, every weight is loaded once and used
@@ -50,7 +60,6 @@
 typedef float vec __attribute__((vector_size(VL * 4)));
 typedef int lanes __attribute__((vector_size(VL * 4)));
 typedef unsigned short bf16_t;
-typedef unsigned short halves __attribute__((vector_size(VL * 2)));
 typedef unsigned int words __attribute__((vector_size(VL * 4)));
 
 static inline vec load(const float *p) {
@@ -59,26 +68,26 @@ static inline vec load(const float *p) {
     return v;
 }
 
-static inline vec load_bf16(const bf16_t *p) { /* bf16 is fp32's top half: widen, shift */
-#if defined(__AVX512F__)
-    __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16);
-    return (vec)_mm512_castsi512_ps(w);
-#elif defined(__AVX2__)
-    __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const void *)p)), 16);
-    return (vec)_mm256_castsi256_ps(w);
-#else
-    halves h;
-    memcpy(&h, p, sizeof h);
-    words w = __builtin_convertvector(h, words) << 16;
-    vec v;
-    memcpy(&v, &w, sizeof v);
-    return v;
-#endif
+/* VL columns' bf16 pairs (2 VL values) -> their rows 2i and 2i + 1 in fp32, exactly:
+ * bf16 is fp32's top half. */
+static inline void load_bf16_pair(const bf16_t *p, vec *even, vec *odd) {
+    words w;
+    memcpy(&w, p, sizeof w);
+    words lo = w << 16, hi = w & 0xffff0000u;
+    memcpy(even, &lo, sizeof lo);
+    memcpy(odd, &hi, sizeof hi);
 }
 
 static inline vec splat(float s) {
     return __builtin_shuffle((vec){s}, (lanes){0}); /* lane 0 everywhere: a broadcast */
 }
+
+/* acc[r] += x[r, i] * w for the R rows (an inlined helper of panel_rows). */
+#define ACCUMULATE(i, w) \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) { \
+        vec b = splat(x[r * ldx + (i)]); \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[r][v] += b * (w)[v]; \
+    }
 
 /* One pass over a panel for R rows (R and BF16 constants after inlining). */
 static inline __attribute__((always_inline)) void panel_rows(
@@ -88,17 +97,21 @@ static inline __attribute__((always_inline)) void panel_rows(
     for (long i0 = 0; i0 < k; i0 += K_BLOCK) { /* blocked sums: rounding error ~ K_BLOCK + K / K_BLOCK */
         long i_end = i0 + K_BLOCK < k ? i0 + K_BLOCK : k;
         vec acc[RB][NV] = {{{0}}};
-        for (long i = i0; i < i_end; i++) {
-            vec w[NV];
+        if (BF16) { /* K_BLOCK is even: a block starts at a pair */
+            for (long i = i0; i < i_end; i += 2) {
+                vec even[NV], odd[NV];
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; v++)
-                w[v] = BF16 ? load_bf16((const bf16_t *)panel + i * P + v * VL)
-                            : load((const float *)panel + i * P + v * VL);
-#pragma GCC unroll 8
-            for (int r = 0; r < R; r++) {
-                vec b = splat(x[r * ldx + i]);
+                for (int v = 0; v < NV; v++)
+                    load_bf16_pair((const bf16_t *)panel + i * P + v * 2 * VL, &even[v], &odd[v]);
+                ACCUMULATE(i, even);
+                if (i + 1 < i_end) ACCUMULATE(i + 1, odd); /* K odd: no x[k] to read */
+            }
+        } else {
+            for (long i = i0; i < i_end; i++) {
+                vec w[NV];
 #pragma GCC unroll 4
-                for (int v = 0; v < NV; v++) acc[r][v] += b * w[v];
+                for (int v = 0; v < NV; v++) w[v] = load((const float *)panel + i * P + v * VL);
+                ACCUMULATE(i, w);
             }
         }
 #pragma GCC unroll 8
@@ -139,12 +152,15 @@ static const panel_fn PANELS[2][RB] = {
 
 /* One matmul, cut into chunks of panels. */
 typedef struct {
-    const float *x;
+    const void *x; /* fp32 rows, or bf16 rows for the AMX pass */
     const void *packed;
     float *y;
     long m, k, ldx, n, ldy, panels_per_chunk, num_chunks;
     int bf16; /* packed holds bf16 weights */
+    int amx;  /* x is bf16, multiplied on the AMX tiles */
 } job_t;
+
+#include "small_gemm_amx.h"
 
 static void run_chunk(const job_t *job, long c);
 static void share_chunks(const job_t *job, int num_helpers);
@@ -155,14 +171,14 @@ int sg_panel_width(void) { return P; }
 /* Rows done in one pass over the weights. */
 int sg_rows_per_pass(void) { return RB; }
 
-static void matmul(const float *x, long m, long k, long ldx, const void *packed, int bf16,
-                   long n, float *y, long ldy, int num_threads) {
+static void matmul(const void *x, long m, long k, long ldx, const void *packed, int bf16,
+                   int amx, long n, float *y, long ldy, int num_threads) {
     long num_panels = (n + P - 1) / P;
     if (num_threads < 1) num_threads = 1;
     /* ~8 chunks a thread: a descheduled helper holds up at most one chunk. */
     long per_chunk = num_panels / (8L * num_threads) + 1;
     job_t job = {x, packed, y, m, k, ldx, n, ldy, per_chunk,
-                 (num_panels + per_chunk - 1) / per_chunk, bf16};
+                 (num_panels + per_chunk - 1) / per_chunk, bf16, amx};
     long helpers = num_threads - 1 < job.num_chunks - 1 ? num_threads - 1 : job.num_chunks - 1;
     if (helpers > 0 && m * k * n >= MIN_SHARED_MACS) {
         share_chunks(&job, (int)helpers);
@@ -175,24 +191,41 @@ static void matmul(const float *x, long m, long k, long ldx, const void *packed,
  * on up to num_threads threads (the caller's included). */
 void sg_matmul(const float *x, long m, long k, long ldx, const float *packed, long n,
                float *y, long ldy, int num_threads) {
-    matmul(x, m, k, ldx, packed, 0, n, y, ldy, num_threads);
+    matmul(x, m, k, ldx, packed, 0, 0, n, y, ldy, num_threads);
 }
 
 /* The same with W packed in bf16 (x and y stay fp32). */
 void sg_matmul_bf16(const float *x, long m, long k, long ldx, const bf16_t *packed, long n,
                     float *y, long ldy, int num_threads) {
-    matmul(x, m, k, ldx, packed, 1, n, y, ldy, num_threads);
+    matmul(x, m, k, ldx, packed, 1, 0, n, y, ldy, num_threads);
+}
+
+/* bf16 rows x (row stride ldx) @ W bf16-packed, on the AMX tiles; K a multiple of
+ * sg_amx_k_multiple() and sg_amx_available() true (the caller checks both). */
+void sg_matmul_bf16_amx(const bf16_t *x, long m, long k, long ldx, const bf16_t *packed,
+                        long n, float *y, long ldy, int num_threads) {
+    matmul(x, m, k, ldx, packed, 1, 1, n, y, ldy, num_threads);
 }
 
 static void run_chunk(const job_t *job, long c) {
-    long num_panels = (job->n + P - 1) / P, j_end = (c + 1) * job->panels_per_chunk;
-    size_t value_bytes = job->bf16 ? sizeof(bf16_t) : sizeof(float);
-    for (long j = c * job->panels_per_chunk; j < j_end && j < num_panels; j++) {
-        const char *panel = (const char *)job->packed + (size_t)(j * job->k * P) * value_bytes;
+    long num_panels = (job->n + P - 1) / P, j0 = c * job->panels_per_chunk;
+    long j1 = j0 + job->panels_per_chunk < num_panels ? j0 + job->panels_per_chunk : num_panels;
+#if HAVE_AMX
+    if (job->amx) {
+        amx_chunk(job, j0, j1);
+        return;
+    }
+#endif
+    /* bf16 panels hold ceil(K / 2) pairs of rows */
+    size_t panel_bytes = job->bf16 ? (size_t)((job->k + 1) / 2 * 2 * P) * sizeof(bf16_t)
+                                   : (size_t)(job->k * P) * sizeof(float);
+    const float *x = job->x;
+    for (long j = j0; j < j1; j++) {
+        const char *panel = (const char *)job->packed + (size_t)j * panel_bytes;
         long cols = job->n - j * P < P ? job->n - j * P : P;
         for (long r0 = 0; r0 < job->m; r0 += RB) {
             long rows = job->m - r0 < RB ? job->m - r0 : RB;
-            PANELS[job->bf16][rows - 1](job->x + r0 * job->ldx, job->ldx, panel, job->k,
+            PANELS[job->bf16][rows - 1](x + r0 * job->ldx, job->ldx, panel, job->k,
                                         job->y + r0 * job->ldy + j * P, job->ldy, cols);
         }
     }
