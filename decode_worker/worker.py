@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from decode_worker.base import DecodeWorkerBase
 from decode_worker.paged_sink import PagedCacheSink
 from kvcluster.common.config import ClusterConfig
 from kvcluster.common.errors import InvalidRequestError, OverloadedError
@@ -37,6 +38,7 @@ from kvcluster.transfer.security import ServerSecurity
 from kvcluster.transfer.server import TransferServer
 from kvcluster.transfer.sink import RecomputeSpeed
 from kvcluster.worker.node import WorkerNode
+from kvcluster.worker.relay import drain
 from kvstore.codec.factory import level_set
 from router.event_bus import EventBus
 
@@ -60,7 +62,7 @@ class _Active:
     so the KV events of a finished request describe where its chunks now are."""
 
 
-class DecodeWorker:
+class DecodeWorker(DecodeWorkerBase):
     def __init__(self, config: ClusterConfig, instance_id: str,
                  runner: ModelRunner | None = None, bus: EventBus | None = None):
         self.config = config
@@ -131,6 +133,22 @@ class DecodeWorker:
 
     def load(self):
         return self.node.load(active_decode_requests=len(self._active))
+
+    def info(self) -> dict:
+        runner = self.node.runner
+        return {"model_id": runner.model_id, "block_size": runner.block_size,
+                "layout": runner.layout.identity, "engine": "native"}
+
+    def registries(self) -> list:
+        return [self.metrics.registry, self.node.store.metrics.registry]
+
+    def take_event_batches(self, resync: bool) -> list:
+        return drain(self.node.bus, self.instance_id, resync)
+
+    def stats(self) -> dict:
+        lookups = self.metrics.value("kvcluster_worker_prefix_lookup_chunks_total")
+        return dict(self.node.stats(), lookup_chunks=lookups,
+                    data_plane=self.receiver.data_plane_stats())
 
     def _add_request(self, task: DecodeTask, blocks: list[int]) -> None:
         with self._lock:

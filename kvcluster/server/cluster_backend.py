@@ -196,9 +196,13 @@ class RayClusterBackend(GenerateBackend):
                 request.slo_ms))
             prefill_done = asyncio.ensure_future(
                 self._collect_prefill(prefill_ref, prefill, decode, task, served_by))
+        ended = False
         try:
             async for ref in stream:
-                yield await ref
+                step = await ref
+                ended = step.finish_reason is not None
+                yield step
+            ended = True
         except ray.exceptions.RayActorError as exc:
             raise _ActorDied(str(exc)) from exc
         except ray.exceptions.RayTaskError as exc:  # D raised: no one will take P's KV
@@ -206,6 +210,8 @@ class RayClusterBackend(GenerateBackend):
                 ray.cancel(prefill_ref)
             raise worker_error(exc) from None
         finally:
+            if not ended:  # closed or cancelled here (a client gone): stop D's generator
+                _cancel(stream)  # too, which aborts the request in its engine
             if prefill_done is not None:
                 await prefill_done
 
@@ -288,6 +294,15 @@ class RayClusterBackend(GenerateBackend):
                 handle.actor.poll.remote(resync), self.poll_interval_s * 4)
             forward(router.bus, batches)
         return load, address
+
+
+def _cancel(stream) -> None:
+    import ray
+
+    try:
+        ray.cancel(stream)
+    except Exception:  # noqa: BLE001 - its actor is gone: nothing left to stop
+        log.debug("cancelling a decode stream failed", exc_info=True)
 
 
 def worker_error(exc) -> BaseException:

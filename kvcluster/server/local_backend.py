@@ -38,6 +38,18 @@ from kvcluster.server.backend import FINISH, GenerateBackend
 log = logging.getLogger("kvcluster.local_backend")
 
 
+async def start_local_backend(config: ClusterConfig, instance_id: str = "local-0"
+                              ) -> GenerateBackend:
+    """The embedded backend for ``config.engine.kind``: this module's LocalBackend for
+    the native engine, a :class:`~kvcluster.server.worker_backend.WorkerBackend` over a
+    vLLM decode worker for ``vllm``."""
+    if config.engine.kind == "native":
+        return LocalBackend.from_config(config, instance_id)
+    from kvcluster.server.worker_backend import WorkerBackend
+
+    return await WorkerBackend.start(config, instance_id)
+
+
 @dataclass
 class _Entry:
     """One in-flight request, shared by both sides (events cross by call_soon_threadsafe)."""

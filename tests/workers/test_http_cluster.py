@@ -57,9 +57,6 @@ def test_sdk_streams_through_prefill_and_decode_with_cached_tokens(cluster, tiny
     assert "".join(c.choices[0].text for c in chunks if c.choices)
 
 
-@pytest.mark.xfail(strict=True, reason="RayClusterBackend._decode does not ray.cancel() the "
-                   "decode actor's streaming generator when its own generator is closed, so "
-                   "the actor decodes to the end (the front end's side is cancelled)")
 def test_disconnect_mid_stream_cancels_the_decode_task(cluster):
     decode = cluster.cluster.pools.decode[0]
     finished_before = _decode_requests_ok(decode)

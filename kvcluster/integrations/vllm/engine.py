@@ -45,24 +45,44 @@ class VLLMEngine:
         self.config = config
         self.instance_id = instance_id
         self.folder, self.model_id = model_folder(config)
-        self.llm = AsyncLLM.from_engine_args(engine_args(config, instance_id, events))
+        args = engine_args(config, instance_id, events)
+        self.kv_bytes_per_token = args.kv_cache_memory_bytes // (
+            config.engine.num_blocks * config.engine.block_size)
+        self.llm = AsyncLLM.from_engine_args(args)
         self.block_size = config.engine.block_size
 
     async def generate(self, request_id: str, token_ids: Sequence[int],
                        params: SamplingParams, tenant: str = "") -> AsyncIterator[EngineStep]:
-        """Steps of one request; cancelling the iterator aborts it in vLLM."""
+        """Steps of one request; closing or cancelling the iterator before its final
+        step aborts the request in vLLM (its blocks are freed now, not at GC).
+
+        Raises:
+            vLLM's errors as they are (:func:`kvcluster.integrations.vllm.errors.
+            as_kvcluster_error` gives them our codes).
+        """
         prompt = TokensPrompt(prompt_token_ids=list(token_ids))
         if tenant:
             prompt["cache_salt"] = tenant
-        async for out in self.llm.generate(prompt, vllm_sampling(params), request_id):
-            completion = out.outputs[0]
-            if not out.finished:
-                yield EngineStep(tuple(completion.token_ids))
-                continue
-            loaded = (out.kv_transfer_params or {}).get("kvcluster_loaded_tokens", {})
-            yield EngineStep(tuple(completion.token_ids), True,
-                             FINISH_REASONS.get(completion.finish_reason or "", "stop"),
-                             out.num_cached_tokens or 0, dict(loaded))
+        outputs = self.llm.generate(prompt, vllm_sampling(params), request_id)
+        finished = False
+        try:
+            async for out in outputs:
+                completion = out.outputs[0]
+                if not out.finished:
+                    yield EngineStep(tuple(completion.token_ids))
+                    continue
+                finished = True
+                loaded = (out.kv_transfer_params or {}).get("kvcluster_loaded_tokens", {})
+                yield EngineStep(tuple(completion.token_ids), True,
+                                 FINISH_REASONS.get(completion.finish_reason or "", "stop"),
+                                 out.num_cached_tokens or 0, dict(loaded))
+        finally:
+            if not finished:  # AsyncLLM.generate aborts the request when closed early
+                await outputs.aclose()
+
+    def num_unfinished(self) -> int:
+        """Requests vLLM still holds (waiting or running)."""
+        return self.llm.output_processor.get_num_unfinished_requests()
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)

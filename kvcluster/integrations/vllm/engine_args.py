@@ -68,7 +68,7 @@ def engine_args(config: ClusterConfig, instance_id: str,
         model=str(folder),
         served_model_name=[model_id],
         dtype=config.model.dtype,
-        max_model_len=min(engine.max_model_len, arch.max_position_embeddings),
+        max_model_len=max_model_len(config, arch),
         block_size=engine.block_size,
         num_gpu_blocks_override=engine.num_blocks,
         kv_cache_memory_bytes=engine.num_blocks * kv_bytes_per_block(config, arch),
@@ -82,6 +82,17 @@ def engine_args(config: ClusterConfig, instance_id: str,
     if unknown:
         raise ValueError(f"engine.vllm_args: {unknown} are not vLLM engine arguments")
     return dataclasses.replace(args, **engine.vllm_args)
+
+
+def max_model_len(config: ClusterConfig, arch) -> int:
+    """engine.max_model_len, within what the model and the KV cache can hold: vLLM
+    refuses to start when one request of that length does not fit its blocks (one of
+    which it keeps as its null block)."""
+    engine = config.engine
+    fits_cache = (engine.num_blocks - 1) * engine.block_size
+    if fits_cache <= 0:
+        raise ValueError(f"engine.num_blocks {engine.num_blocks}: vLLM needs at least 2")
+    return min(engine.max_model_len, arch.max_position_embeddings, fits_cache)
 
 
 def check_block_size(block_size: int) -> None:

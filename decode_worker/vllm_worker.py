@@ -1,0 +1,200 @@
+"""VLLMDecodeWorker: a decode instance whose engine is vLLM v1 (engine.kind: vllm).
+
+    DecodeTask (Ray) -> VLLMEngine.generate(token ids, tenant as cache_salt)
+                        vLLM's scheduler + kvcluster's connector: its own prefix cache,
+                        then the kvstore tiers (host, disk, Redis), then compute
+                     -> one DecodeStep per token, then the final step with cached tokens
+                        by source (the connector's tier loads, vLLM's prefix cache)
+
+vLLM keeps its KV, its batch and its store (the connector's worker half) in its own
+processes; this object only passes token ids and keeps the request bookkeeping the
+backends rely on (bounded admission, error codes, stage timings). Closing a request's
+iterator aborts it in vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from decode_worker.base import DecodeWorkerBase
+from kvcluster.common.config import ClusterConfig
+from kvcluster.common.errors import KVClusterError, OverloadedError
+from kvcluster.common.tasks import DecodeStep, DecodeTask
+from kvcluster.integrations.vllm.engine import EngineStep, VLLMEngine
+from kvcluster.integrations.vllm.engine_args import EventEndpoints, model_folder
+from kvcluster.integrations.vllm.errors import as_kvcluster_error
+from kvcluster.observability.logs import request_context
+from kvcluster.observability.metrics import WorkerMetrics
+from router.load import InstanceLoad
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Active:
+    arrived_s: float
+    first_token_s: float = 0.0
+    first_token_time: float = 0.0
+    num_tokens: int = 0
+    stage_ms: dict[str, float] = field(default_factory=dict)
+
+
+class VLLMDecodeWorker(DecodeWorkerBase):
+    def __init__(self, config: ClusterConfig, instance_id: str):
+        """The engine starts in :meth:`start` (minutes with torch.compile), on the
+        caller's event loop: vLLM's client sockets belong to the loop that made them."""
+        if config.engine.kind != "vllm":
+            raise ValueError(f"VLLMDecodeWorker needs engine.kind vllm, not "
+                             f"{config.engine.kind!r}")
+        self.config = config
+        self.instance_id = instance_id
+        self.folder, self.model_id = model_folder(config)
+        self.engine: VLLMEngine | None = None
+        self.events: EventEndpoints | None = None
+        self.metrics = WorkerMetrics(instance_id, "decode")
+        self._active: dict[str, _Active] = {}
+        self._ids = itertools.count()
+        self.metrics.watch_queue(lambda: 0, lambda: len(self._active))
+
+    async def start(self, events: EventEndpoints | None = None) -> str:
+        """Start vLLM (once); its KV events go to ``events.publish`` when given."""
+        if self.engine is None:
+            self.events = events
+            _threads_for_vllm()
+            self.engine = VLLMEngine(self.config, self.instance_id, events)
+        return ""
+
+    async def generate(self, task: DecodeTask) -> AsyncIterator[DecodeStep]:
+        engine = self._engine()
+        if len(self._active) >= self.config.workers.max_queue:
+            self.metrics.count("overloaded")
+            raise OverloadedError(f"decode worker {self.instance_id} has "
+                                  f"{len(self._active)} active requests")
+        if task.expect_kv:  # no prefill pool feeds a vLLM decoder yet: it computes
+            log.warning("request %s: vLLM decode worker takes no KV stream; computing",
+                        task.request_id)
+        engine_id = f"{task.request_id}#{next(self._ids)}"  # unique even if ids repeat
+        active = self._active[engine_id] = _Active(time.perf_counter())
+        steps = engine.generate(engine_id, task.token_ids, task.params, task.tenant)
+        try:
+            async with contextlib.aclosing(steps):
+                async for step in self._checked(steps, active):
+                    for token_id in step.token_ids:
+                        yield DecodeStep(token_id)
+                    if step.finished:
+                        with request_context(task.request_id):
+                            self._observe_done(active)
+                        yield self._final(step, active, task.expect_kv)
+                        return
+        except KVClusterError:
+            self.metrics.count("error")
+            raise
+        finally:
+            self._active.pop(engine_id, None)
+
+    def abandon_kv(self, request_id: str) -> None:
+        return  # it never waits for a KV stream
+
+    def load(self) -> InstanceLoad:
+        return InstanceLoad(0, len(self._active), 0, self._kv_capacity_bytes())
+
+    def info(self) -> dict:
+        return {"model_id": self.model_id, "block_size": self.config.engine.block_size,
+                "layout": "", "engine": "vllm"}
+
+    def registries(self) -> list:
+        return [self.metrics.registry]
+
+    def take_event_batches(self, resync: bool) -> list:
+        return []  # vLLM publishes its KV events over ZMQ itself (EventEndpoints)
+
+    def stats(self) -> dict:
+        """Requests vLLM still holds (``engine_requests``): an aborted one leaves."""
+        engine_requests = self.engine.num_unfinished() if self.engine is not None else 0
+        return {"instance_id": self.instance_id, "engine": "vllm", "tiers": {}, "misses": 0,
+                "active_requests": len(self._active), "engine_requests": engine_requests,
+                "lookup_chunks": 0, "data_plane": {}}
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    # ------------------------------------------------------------ helpers
+
+    def _engine(self) -> VLLMEngine:
+        if self.engine is None:
+            raise RuntimeError(f"decode worker {self.instance_id}: start() first")
+        return self.engine
+
+    async def _checked(self, steps: AsyncIterator[EngineStep], active: _Active
+                       ) -> AsyncIterator[EngineStep]:
+        """vLLM's steps, its errors with our codes (a prompt too long or a token id past
+        the vocabulary: INVALID_ARGUMENT; a dead engine: UNAVAILABLE)."""
+        while True:
+            try:
+                step = await anext(steps)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                error = as_kvcluster_error(exc)
+                if error is None:
+                    raise
+                raise error from None
+            if step.token_ids and not active.first_token_s:
+                active.first_token_s = time.perf_counter() - active.arrived_s
+                active.first_token_time = time.time()
+                # vLLM queues and prefills in its own process: one stage, arrival to token
+                active.stage_ms["first_decode_step"] = active.first_token_s * 1e3
+            active.num_tokens += len(step.token_ids)
+            yield step
+
+    def _final(self, step: EngineStep, active: _Active, expected_kv: bool) -> DecodeStep:
+        by_tier = {tier: n for tier, n in step.loaded_tokens_by_tier.items() if n}
+        engine_cached = step.num_cached_tokens - sum(by_tier.values())
+        if engine_cached > 0:
+            by_tier["prefix_cache"] = engine_cached
+        kv_source = ("local-store" if step.loaded_tokens_by_tier else
+                     "prefix-cache" if engine_cached > 0 else
+                     "recompute" if expected_kv else "none")
+        return DecodeStep(finish_reason=step.finish_reason,
+                          num_cached_tokens=step.num_cached_tokens, kv_source=kv_source,
+                          first_token_s=active.first_token_s,
+                          first_token_time=active.first_token_time,
+                          cached_tokens_by_tier=by_tier, stage_ms=dict(active.stage_ms))
+
+    def _observe_done(self, active: _Active) -> None:
+        elapsed_s = time.perf_counter() - active.arrived_s
+        self.metrics.count("ok")
+        self.metrics.decode_seconds.observe(elapsed_s)
+        self.metrics.decode_first_token.observe(active.first_token_s)
+        log.info("decode done (vLLM): tokens=%d first token %.3f s, total %.3f s",
+                 active.num_tokens, active.first_token_s, elapsed_s)
+
+    def _kv_capacity_bytes(self) -> int:
+        """The KV cache vLLM was given (engine.num_blocks blocks), as the router's
+        load denominator; vLLM's own usage stays in its process."""
+        if self.engine is None:
+            return 0
+        per_token = self.engine.kv_bytes_per_token
+        return self.config.engine.num_blocks * self.config.engine.block_size * per_token
+
+
+def _threads_for_vllm() -> None:
+    """vLLM's processes inherit this one's environment: a Ray actor's OMP_NUM_THREADS is
+    1 (its CPU share), which would run vLLM's forward on one core. vLLM sizes its own
+    thread pool from every core it may run on, as engine.native_threads 0 does."""
+    if os.environ.get("OMP_NUM_THREADS") == "1" and _in_ray_actor():
+        os.environ["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
+
+
+def _in_ray_actor() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray and ray.is_initialized() and ray.get_runtime_context().get_actor_id())
