@@ -51,6 +51,9 @@ class ForwardBatch:
     """Use the packed weight copies if present (see :mod:`kvcluster.engine.cpu_linear`):
     faster for decode (and for a bf16 prefill on AMX), but fp32 rounding differs slightly
     from a plain matmul's, which an fp32 prefill keeps for exact parity with transformers."""
+    grouped_mask: torch.Tensor | None = None
+    """A cached-prefix prefill's ``mask`` repeated for each query head of a KV head
+    ``[1, 1, group * Q, C]``; made once per forward by :class:`LlamaModel`."""
     query_tap: QueryTap | None = None
     """Prefill only: gets each layer's post-RoPE queries ``[T, H_q, D]``, in layer order
     (see :mod:`kvcluster.engine.attention_importance`); None: nothing is kept."""
@@ -128,6 +131,9 @@ class LlamaModel(nn.Module):
             fp32 logits ``[R, vocab]``.
         """
         x = self.embed[input_ids]  # [T, hidden]
+        if batch.block_tables is not None and batch.mask.shape[2] > 1:  # cached-prefix prefill
+            group = self.arch.num_heads // self.arch.num_kv_heads
+            batch.grouped_mask = batch.mask.repeat(1, 1, group, 1)
         cos = self.rope_cos[batch.positions].unsqueeze(1)  # [T, 1, D]
         sin = self.rope_sin[batch.positions].unsqueeze(1)  # [T, 1, D]
         for index, layer in enumerate(self.layers):
@@ -272,11 +278,20 @@ class LlamaModel(nn.Module):
         return out.reshape(num_seqs, -1, head_dim)
 
     def _attend_cached_prefix(self, q, kv_cache, batch: ForwardBatch) -> torch.Tensor:
-        """One sequence whose Q new tokens follow a cached prefix. q [Q, H_q, D]."""
+        """One sequence whose Q new tokens follow a cached prefix. q [Q, H_q, D] -> same.
+
+        GQA as in :meth:`_attend_decode`: a KV head's query heads are its query rows
+        ``[H_kv, group * Q, D]`` (faster than SDPA's enable_gqa; the same sums).
+        """
+        num_tokens, num_heads, head_dim = q.shape
+        num_kv_heads = self.arch.num_kv_heads
+        group = num_heads // num_kv_heads
         k, v = self._gather(kv_cache, batch)  # [1, H_kv, C, D] each
-        q = q.transpose(0, 1).unsqueeze(0)  # [1, H_q, Q, D]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, enable_gqa=True)
-        return out[0].transpose(0, 1)
+        q = q.view(num_tokens, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        q = q.reshape(1, num_kv_heads, group * num_tokens, head_dim)  # [1, H_kv, group * Q, D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.grouped_mask)
+        out = out.view(num_kv_heads, group, num_tokens, head_dim).permute(2, 0, 1, 3)
+        return out.reshape(num_tokens, num_heads, head_dim)
 
     def _gather(self, kv_cache, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of every block in the block tables, each [B, H_kv, C, D]."""
