@@ -57,4 +57,5 @@ def matmul(x: torch.Tensor, weight_t: torch.Tensor, packed: torch.Tensor | None)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [None], "")
     if rows > NATIVE_MAX_ROWS and not small_gemm.uses_amx(x, packed):
         return x @ weight_t
-    return small_gemm.matmul(x, packed, weight_t.shape[1]).to(x.dtype)
+    out_dtype = x.dtype if x.dtype == packed.dtype else torch.float32  # bf16: rounded in C
+    return small_gemm.matmul(x, packed, weight_t.shape[1], out_dtype).to(x.dtype)

@@ -93,10 +93,17 @@ def packed_in_features(packed: torch.Tensor) -> int:
     return packed.shape[1] * (2 if packed.dim() == 4 else 1)
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``x [M, K] @ W [K, out_features] -> [M, out_features]`` (fp32) with W as :func:`pack`
+def matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int,
+           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x [M, K] @ W [K, out_features] -> [M, out_features]`` with W as :func:`pack`
     made it. bf16 ``x`` with bf16 W and enough rows runs on AMX (:func:`uses_amx`);
-    otherwise ``x`` is widened to fp32 (exactly, from bf16) first."""
+    otherwise ``x`` is widened to fp32 (exactly, from bf16) first.
+
+    Sums are fp32; ``out_dtype`` bf16 (bf16 W only) rounds them as ``.to(torch.bfloat16)``
+    would, in the kernel.
+    """
+    if out_dtype not in (torch.float32, packed.dtype):
+        raise ValueError(f"out_dtype {out_dtype} with {packed.dtype} weights")
     m, k = x.shape
     assert packed_in_features(packed) - k in (0, 1 if packed.dim() == 4 else 0), \
         (x.shape, packed.shape)
@@ -105,9 +112,10 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Te
     else:
         x = x.float().contiguous()  # a CPU tensor, as packed (from pack: contiguous)
         fn = _lib().sg_matmul_bf16 if packed.dtype == torch.bfloat16 else _lib().sg_matmul
-    y = torch.empty(m, out_features, dtype=torch.float32)
-    fn(x.data_ptr(), m, k, k, packed.data_ptr(), out_features, y.data_ptr(), out_features,
-       num_threads())
+    y = torch.empty(m, out_features, dtype=out_dtype)
+    args = [x.data_ptr(), m, k, k, packed.data_ptr(), out_features, y.data_ptr(), out_features,
+            num_threads()]
+    fn(*args, *([out_dtype == torch.bfloat16] if packed.dtype == torch.bfloat16 else []))
     return y
 
 
@@ -122,9 +130,11 @@ def _lib() -> ctypes.CDLL | None:
     lib = load_library(SOURCE, FLAGS, DISABLE_ENV)
     if lib is None:
         return None
-    for fn in (lib.sg_matmul, lib.sg_matmul_bf16, lib.sg_matmul_bf16_amx):
+    args = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,  # x, m, k, ldx
+            ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,  # W, n, y, ldy
+            ctypes.c_int]  # threads
+    for fn, extra in ((lib.sg_matmul, []), (lib.sg_matmul_bf16, [ctypes.c_int]),  # y_bf16
+                      (lib.sg_matmul_bf16_amx, [ctypes.c_int])):
         fn.restype = None
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
-                       ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
-                       ctypes.c_int]
+        fn.argtypes = args + extra
     return lib

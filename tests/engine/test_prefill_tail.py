@@ -50,8 +50,8 @@ def test_bf16_prefill_goes_through_amx_and_fp32_stays_plain(tiny_dirs, bf16_runn
     assert not make_runner(tiny_dirs["llama"], block_size=BLOCK).packed_prefill
     calls = []
     real = small_gemm.matmul
-    monkeypatch.setattr(small_gemm, "matmul", lambda x, packed, n: (
-        calls.append((x.shape[0], small_gemm.uses_amx(x, packed))) or real(x, packed, n)))
+    monkeypatch.setattr(small_gemm, "matmul", lambda x, packed, *args: (
+        calls.append((x.shape[0], small_gemm.uses_amx(x, packed))) or real(x, packed, *args)))
     _tail_logits(bf16_runner, prompt(PREFIX + 17, seed=1), PREFIX, all_logits=False)
     layers = len(bf16_runner.model.layers)
     # the donor's 448 rows and the tail's 17 through every layer's four matrices on AMX;

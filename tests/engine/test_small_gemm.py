@@ -247,3 +247,22 @@ def test_an_edited_included_header_rebuilds_the_library(tmp_path, monkeypatch):
     header.write_text("#define ANSWER 42\n")
     assert first.answer() == 41 and load_library(source, ("-O1",), "TEST_NATIVE").answer() == 42
     assert small_gemm.SOURCE.with_name("small_gemm_amx.h") in _local_includes(small_gemm.SOURCE)
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 3, 9, 17, 40])  # FMA passes, and AMX where it is there
+def test_bf16_output_is_rounded_in_the_kernel_as_torch_rounds(m):
+    gen = torch.Generator().manual_seed(11 + m)
+    x = torch.randn(m, 576, generator=gen).bfloat16()
+    w = (torch.randn(576, 333, generator=gen) * 3).bfloat16()
+    w[:, 0] = float("inf")  # +-inf and NaN (inf - inf) columns round like torch too
+    w[:7, 1], w[7:, 1] = float("inf"), float("-inf")
+    packed = small_gemm.pack(w)
+    y = small_gemm.matmul(x, packed, 333, torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    expected = small_gemm.matmul(x, packed, 333).to(torch.bfloat16)
+    assert torch.equal(y.view(torch.int16)[:, 2:], expected.view(torch.int16)[:, 2:])
+    assert torch.equal(y[:, :2].isnan(), expected[:, :2].isnan())
+    assert torch.equal(y[:, :2].nan_to_num(0), expected[:, :2].nan_to_num(0))
+    with pytest.raises(ValueError, match="out_dtype"):
+        small_gemm.matmul(x.float(), small_gemm.pack(w.float()), 333, torch.bfloat16)

@@ -15,7 +15,9 @@
  * fp32 sums are the same, in the same order, as with plain rows.
  *
  * sg_matmul_bf16_amx multiplies bf16 rows x by the same bf16 panels on the AMX
- * tile unit (see small_gemm_amx.h), for the many-row matmuls of a prefill.
+ * tile unit (see small_gemm_amx.h), for the many-row matmuls of a prefill. Both
+ * bf16-weight calls can write y in bf16 (y_bf16), rounded to nearest even as
+ * torch's .to(torch.bfloat16) rounds, which saves the caller a pass over y.
  *
  * For each panel, up to RB rows of x are multiplied in one pass over the panel:
  * RB x P accumulators stay in registers, every weight is loaded once and used
@@ -154,11 +156,31 @@ static const panel_fn PANELS[2][RB] = {
 typedef struct {
     const void *x; /* fp32 rows, or bf16 rows for the AMX pass */
     const void *packed;
-    float *y;
+    void *y;       /* fp32, or bf16 with y_bf16 */
     long m, k, ldx, n, ldy, panels_per_chunk, num_chunks;
-    int bf16; /* packed holds bf16 weights */
-    int amx;  /* x is bf16, multiplied on the AMX tiles */
+    int bf16;   /* packed holds bf16 weights */
+    int amx;    /* x is bf16, multiplied on the AMX tiles */
+    int y_bf16; /* y is written in bf16 */
 } job_t;
+
+/* dst[0 .. n) = src rounded to bf16, nearest even (NaN stays a quiet NaN), as torch
+ * rounds; branch-free so the loop vectorises. */
+static inline void store_bf16(bf16_t *dst, const float *src, long n) {
+    for (long i = 0; i < n; i++) {
+        unsigned u;
+        memcpy(&u, &src[i], sizeof u);
+        unsigned rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        dst[i] = (bf16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
+    }
+}
+
+/* Row r of a panel's result (fp32 in out) into y at column col0. */
+static inline void store_row(const job_t *job, long r, long col0, const float *out, long cols) {
+    if (job->y_bf16)
+        store_bf16((bf16_t *)job->y + r * job->ldy + col0, out, cols);
+    else
+        memcpy((float *)job->y + r * job->ldy + col0, out, (size_t)cols * sizeof(float));
+}
 
 #include "small_gemm_amx.h"
 
@@ -172,13 +194,13 @@ int sg_panel_width(void) { return P; }
 int sg_rows_per_pass(void) { return RB; }
 
 static void matmul(const void *x, long m, long k, long ldx, const void *packed, int bf16,
-                   int amx, long n, float *y, long ldy, int num_threads) {
+                   int amx, long n, void *y, long ldy, int y_bf16, int num_threads) {
     long num_panels = (n + P - 1) / P;
     if (num_threads < 1) num_threads = 1;
     /* ~8 chunks a thread: a descheduled helper holds up at most one chunk. */
     long per_chunk = num_panels / (8L * num_threads) + 1;
     job_t job = {x, packed, y, m, k, ldx, n, ldy, per_chunk,
-                 (num_panels + per_chunk - 1) / per_chunk, bf16, amx};
+                 (num_panels + per_chunk - 1) / per_chunk, bf16, amx, y_bf16};
     long helpers = num_threads - 1 < job.num_chunks - 1 ? num_threads - 1 : job.num_chunks - 1;
     if (helpers > 0 && m * k * n >= MIN_SHARED_MACS) {
         share_chunks(&job, (int)helpers);
@@ -191,20 +213,20 @@ static void matmul(const void *x, long m, long k, long ldx, const void *packed, 
  * on up to num_threads threads (the caller's included). */
 void sg_matmul(const float *x, long m, long k, long ldx, const float *packed, long n,
                float *y, long ldy, int num_threads) {
-    matmul(x, m, k, ldx, packed, 0, 0, n, y, ldy, num_threads);
+    matmul(x, m, k, ldx, packed, 0, 0, n, y, ldy, 0, num_threads);
 }
 
-/* The same with W packed in bf16 (x and y stay fp32). */
+/* The same with W packed in bf16 (x stays fp32; y fp32, or bf16 with y_bf16). */
 void sg_matmul_bf16(const float *x, long m, long k, long ldx, const bf16_t *packed, long n,
-                    float *y, long ldy, int num_threads) {
-    matmul(x, m, k, ldx, packed, 1, 0, n, y, ldy, num_threads);
+                    void *y, long ldy, int num_threads, int y_bf16) {
+    matmul(x, m, k, ldx, packed, 1, 0, n, y, ldy, y_bf16, num_threads);
 }
 
 /* bf16 rows x (row stride ldx) @ W bf16-packed, on the AMX tiles; K a multiple of
  * sg_amx_k_multiple() and sg_amx_available() true (the caller checks both). */
 void sg_matmul_bf16_amx(const bf16_t *x, long m, long k, long ldx, const bf16_t *packed,
-                        long n, float *y, long ldy, int num_threads) {
-    matmul(x, m, k, ldx, packed, 1, 1, n, y, ldy, num_threads);
+                        long n, void *y, long ldy, int num_threads, int y_bf16) {
+    matmul(x, m, k, ldx, packed, 1, 1, n, y, ldy, y_bf16, num_threads);
 }
 
 static void run_chunk(const job_t *job, long c) {
@@ -220,13 +242,14 @@ static void run_chunk(const job_t *job, long c) {
     size_t panel_bytes = job->bf16 ? (size_t)((job->k + 1) / 2 * 2 * P) * sizeof(bf16_t)
                                    : (size_t)(job->k * P) * sizeof(float);
     const float *x = job->x;
+    float out[RB * P]; /* a pass's results, then stored (rounded) into y */
     for (long j = j0; j < j1; j++) {
         const char *panel = (const char *)job->packed + (size_t)j * panel_bytes;
         long cols = job->n - j * P < P ? job->n - j * P : P;
         for (long r0 = 0; r0 < job->m; r0 += RB) {
             long rows = job->m - r0 < RB ? job->m - r0 : RB;
-            PANELS[job->bf16][rows - 1](x + r0 * job->ldx, job->ldx, panel, job->k,
-                                        job->y + r0 * job->ldy + j * P, job->ldy, cols);
+            PANELS[job->bf16][rows - 1](x + r0 * job->ldx, job->ldx, panel, job->k, out, P, cols);
+            for (long r = 0; r < rows; r++) store_row(job, r0 + r, j * P, out + r * P, cols);
         }
     }
 }

@@ -57,9 +57,12 @@ static void amx_configure(long m0, long m1) {
     _tile_loadconfig(&cfg);
 }
 
-/* y[0 .. m0 + m1, 0 .. cols) = x rows @ one panel, with the tiles as configured. */
-static void amx_panel(const bf16_t *x, long ldx, long m0, long m1, const bf16_t *panel,
-                      long k, float *y, long ldy, long cols) {
+/* Rows r0 .. r0 + m0 + m1 of y, panel j's columns = x rows @ the panel, with the
+ * tiles as configured. */
+static void amx_panel(const job_t *job, long r0, long m0, long m1, long j) {
+    const bf16_t *x = (const bf16_t *)job->x + r0 * job->ldx;
+    const bf16_t *panel = (const bf16_t *)job->packed + j * job->k * P; /* K is even */
+    long ldx = job->ldx, k = job->k, cols = job->n - j * P < P ? job->n - j * P : P;
     _tile_zero(0);
     _tile_zero(1);
     if (m1) {
@@ -86,23 +89,16 @@ static void amx_panel(const bf16_t *x, long ldx, long m0, long m1, const bf16_t 
         _tile_stored(2, out[AMX_ROWS], P * sizeof(float));
         _tile_stored(3, out[AMX_ROWS] + P / 2, P * sizeof(float));
     }
-    for (long r = 0; r < m0 + m1; r++) memcpy(y + r * ldy, out[r], (size_t)cols * sizeof(float));
+    for (long r = 0; r < m0 + m1; r++) store_row(job, r0 + r, j * P, out[r], cols);
 }
 
 /* Every row of x against panels [j0, j1): passes of up to 32 rows. */
 static void amx_chunk(const job_t *job, long j0, long j1) {
-    const bf16_t *x = job->x;
-    long panel_values = job->k * P; /* K is even here (a multiple of AMX_K) */
     for (long r0 = 0; r0 < job->m; r0 += 2 * AMX_ROWS) {
         long rows = job->m - r0 < 2 * AMX_ROWS ? job->m - r0 : 2 * AMX_ROWS;
         long m0 = rows < AMX_ROWS ? rows : AMX_ROWS;
         amx_configure(m0, rows - m0);
-        for (long j = j0; j < j1; j++) {
-            long cols = job->n - j * P < P ? job->n - j * P : P;
-            amx_panel(x + r0 * job->ldx, job->ldx, m0, rows - m0,
-                      (const bf16_t *)job->packed + j * panel_values, job->k,
-                      job->y + r0 * job->ldy + j * P, job->ldy, cols);
-        }
+        for (long j = j0; j < j1; j++) amx_panel(job, r0, m0, rows - m0, j);
     }
     _tile_release(); /* no tile state kept across context switches */
 }
