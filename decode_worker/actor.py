@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from decode_worker.factory import build_decode_worker
@@ -34,8 +35,9 @@ class DecodeActor:
 
     async def generate(self, task: DecodeTask):
         """Streaming generator (call with ``num_returns="streaming"``)."""
-        async for step in self.worker.generate(task):
-            yield step
+        async with contextlib.aclosing(self.worker.generate(task)) as steps:
+            async for step in steps:  # closed or cancelled: the worker aborts the request
+                yield step
 
     async def info(self) -> dict:
         """What the front end needs to hash like the workers do."""

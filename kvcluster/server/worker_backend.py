@@ -10,6 +10,7 @@ codes. ``engine.kind: vllm`` is served this way in-process (the native engine ke
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from decode_worker.base import DecodeWorkerBase
@@ -42,12 +43,13 @@ class WorkerBackend(GenerateBackend):
         began = time.perf_counter()
         num_tokens = 0
         final: DecodeStep | None = None
-        async for step in self.worker.generate(task):
-            if step.finish_reason is not None:
-                final = step
-                break
-            num_tokens += 1
-            yield TokenEvent((step.token_id,))
+        async with contextlib.aclosing(self.worker.generate(task)) as steps:  # closed here:
+            async for step in steps:                                      # aborted there
+                if step.finish_reason is not None:
+                    final = step
+                    break
+                num_tokens += 1
+                yield TokenEvent((step.token_id,))
         assert final is not None, "a decode worker's stream ends with its final step"
         instance = self.worker.instance_id
         yield FinalEvent(final.finish_reason, final.first_token_s * 1e3 or
