@@ -14,7 +14,9 @@ from kvcluster.observability.metrics import MetricsEndpoint, advertised
 
 
 class DecodeActor:
-    def __init__(self, config: dict, instance_id: str):
+    def __init__(self, config: dict, instance_id: str, kv_events_publish: str = ""):
+        """``kv_events_publish``: the front end's ZMQ subscriber, for engines that publish
+        their own KV events (vLLM); kept across Ray's restarts of this actor."""
         self.logs = install_worker_logging()
         cluster_config = from_dict(ClusterConfig, config)
         self.config_digest = worker_config_digest(cluster_config)
@@ -23,13 +25,14 @@ class DecodeActor:
         self.metrics = MetricsEndpoint(self.worker.registries())
         self.metrics_address = advertised(self.metrics.start(cluster_config.transfer.host))
         self.address = ""
+        self.kv_events_publish = kv_events_publish
         self._started = False
 
     async def ready(self) -> str:
         """Start the worker (once: its KV receiver, a vLLM engine); returns the
         receiver's host:port ("" when it has none)."""
         if not self._started:
-            self.address = _reachable(await self.worker.start())
+            self.address = _reachable(await self.worker.start(self.kv_events_publish))
             self._started = True
         return self.address
 

@@ -24,9 +24,14 @@ class DecodeWorkerBase(abc.ABC):
     instance_id: str
 
     @abc.abstractmethod
-    async def start(self) -> str:
+    async def start(self, kv_events_publish: str = "") -> str:
         """Load what is not loaded yet; returns the KV receiver's ``host:port`` ("" when
-        this worker receives no KV streams). Idempotent."""
+        this worker receives no KV streams). Idempotent.
+
+        Args:
+            kv_events_publish: a ZMQ address the front end's subscriber bound, for
+                engines that publish their KV events themselves (vLLM); "" otherwise.
+        """
 
     @abc.abstractmethod
     def generate(self, task: DecodeTask) -> AsyncIterator[DecodeStep]:

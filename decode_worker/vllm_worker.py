@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,12 +64,17 @@ class VLLMDecodeWorker(DecodeWorkerBase):
         self._ids = itertools.count()
         self.metrics.watch_queue(lambda: 0, lambda: len(self._active))
 
-    async def start(self, events: EventEndpoints | None = None) -> str:
-        """Start vLLM (once); its KV events go to ``events.publish`` when given."""
+    async def start(self, kv_events_publish: str = "") -> str:
+        """Start vLLM (once). With ``kv_events_publish``, vLLM's KV events (its own
+        blocks and the connector's tier events) go there, topic = instance id, and vLLM
+        binds its replay socket on ``transfer.host`` (:attr:`info`'s
+        ``kv_events_replay``)."""
         if self.engine is None:
-            self.events = events
+            if kv_events_publish:
+                replay = f"tcp://{self.config.transfer.host}:{_free_port(self.config.transfer.host)}"
+                self.events = EventEndpoints(kv_events_publish, replay)
             _threads_for_vllm()
-            self.engine = VLLMEngine(self.config, self.instance_id, events)
+            self.engine = VLLMEngine(self.config, self.instance_id, self.events)
         return ""
 
     async def generate(self, task: DecodeTask) -> AsyncIterator[DecodeStep]:
@@ -107,7 +113,8 @@ class VLLMDecodeWorker(DecodeWorkerBase):
 
     def info(self) -> dict:
         return {"model_id": self.model_id, "block_size": self.config.engine.block_size,
-                "layout": "", "engine": "vllm"}
+                "layout": "", "engine": "vllm",
+                "kv_events_replay": self.events.replay if self.events else ""}
 
     def registries(self) -> list:
         return [self.metrics.registry]
@@ -198,3 +205,11 @@ def _threads_for_vllm() -> None:
 def _in_ray_actor() -> bool:
     ray = sys.modules.get("ray")
     return bool(ray and ray.is_initialized() and ray.get_runtime_context().get_actor_id())
+
+
+def _free_port(host: str) -> int:
+    """A port free on ``host`` now, for vLLM's replay socket (vLLM binds it in its engine
+    process, so it cannot report a port the OS picked; another bind may race this one)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]

@@ -90,8 +90,9 @@ class DecodeWorker(DecodeWorkerBase):
     def instance_id(self) -> str:
         return self.node.instance_id
 
-    async def start(self) -> str:
-        """Start the KV receiver; returns its ``host:port``."""
+    async def start(self, kv_events_publish: str = "") -> str:
+        """Start the KV receiver; returns its ``host:port``. (Its KV events go out
+        through the node's publisher, so ``kv_events_publish`` is not used.)"""
         await self.server.start()
         if not self.server.security.authenticates:
             log.warning("KV receiver %s takes streams from anyone: no security."

@@ -29,6 +29,7 @@ from kvcluster.observability.metrics import (
     MetricsEndpoint,
     RouterMetrics,
 )
+from kvcluster.runtime import vllm_events
 from kvcluster.runtime.pools import WorkerPools, init_local_ray
 from kvcluster.server.cluster_backend import RayClusterBackend
 from kvcluster.server.frontend import serve_frontend
@@ -61,13 +62,17 @@ class LocalCluster:
     async def start(self) -> str:
         """Start everything; returns the front end's ``host:port``."""
         init_local_ray(self.num_cpus)
-        await asyncio.to_thread(self.pools.start)
+        if self.config.engine.kind == "vllm":
+            routers, kv_events = await self._start_vllm_pools()
+        else:
+            await asyncio.to_thread(self.pools.start)
+            info = self.pools.decode[0].info
+            settings = hash_settings(info["model_id"], info["block_size"],
+                                     self.config.store.chunk_tokens)
+            routers, kv_events = [self._router(r, settings) for r in ("prefill", "decode")], None
         info = self.pools.decode[0].info
-        settings = hash_settings(info["model_id"], info["block_size"],
-                                 self.config.store.chunk_tokens)
-        routers = [self._router(role, settings) for role in ("prefill", "decode")]
         self.backend = RayClusterBackend(self.config, self.pools, info["model_id"], *routers,
-                                         metrics=self.router_metrics)
+                                         metrics=self.router_metrics, kv_events=kv_events)
         await self.backend.start()
         tokenizer = Tokenizer.from_pretrained(resolve_model(self.config.model.path))
         rc = self.config.router
@@ -100,6 +105,23 @@ class LocalCluster:
             for router in self.backend.routers.values():
                 router.stop()
         self.pools.shutdown()
+
+    async def _start_vllm_pools(self):
+        """Routers and the vLLM event subscriber first: every engine's publisher is given
+        the subscriber's address when it starts (kvcluster.runtime.vllm_events)."""
+        settings = vllm_events.configured_hash_settings(self.config)
+        routers = [self._router(role, settings) for role in ("prefill", "decode")]
+        kv_events = vllm_events.start_subscriber(routers[1].bus, settings,
+                                                 self.config.router.host)
+        self.pools = WorkerPools(self.config, kv_events.endpoint if kv_events else "")
+        try:
+            await asyncio.to_thread(self.pools.start)
+            vllm_events.check_workers_hash_like(settings, [h.info for h in self.pools.decode])
+        except BaseException:
+            if kv_events is not None:
+                kv_events.close()
+            raise
+        return routers, kv_events
 
     def _router(self, role: str, settings) -> Router:
         """One router per pool; in cluster mode each reads its own stream prefix."""

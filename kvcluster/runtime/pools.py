@@ -81,8 +81,11 @@ def stop_pools(config: ClusterConfig) -> int:
 
 
 class WorkerPools:
-    def __init__(self, config: ClusterConfig):
+    def __init__(self, config: ClusterConfig, kv_events_publish: str = ""):
+        """``kv_events_publish``: the front end's ZMQ subscriber address, handed to every
+        decode actor whose engine publishes its own KV events (engine.kind vllm)."""
         self.config = config
+        self.kv_events_publish = kv_events_publish
         self.prefill: list[WorkerHandle] = []
         self.decode: list[WorkerHandle] = []
 
@@ -136,10 +139,11 @@ class WorkerPools:
         instance_id = f"{role}-{number}"
         cls = PrefillActor if role == PREFILL else DecodeActor
         lifetime = {"lifetime": "detached"} if self.config.workers.detached else {}
+        args = (self.kv_events_publish,) if role == DECODE and self.kv_events_publish else ()
         actor = ray.remote(cls).options(
             name=f"kvcluster-{instance_id}", namespace=NAMESPACE, get_if_exists=True,
             max_restarts=-1, max_concurrency=64, **lifetime,
-            **_placement(role)).remote(to_dict(self.config), instance_id)
+            **_placement(role)).remote(to_dict(self.config), instance_id, *args)
         return WorkerHandle(instance_id, role, actor)
 
     def _check_digests(self) -> None:

@@ -50,8 +50,12 @@ MAX_DECODE_ATTEMPTS = 3
 class RayClusterBackend(GenerateBackend):
     def __init__(self, config: ClusterConfig, pools: WorkerPools, model_id: str,
                  prefill_router: Router, decode_router: Router,
-                 poll_interval_s: float = 0.5, metrics: RouterMetrics | None = None):
+                 poll_interval_s: float = 0.5, metrics: RouterMetrics | None = None,
+                 kv_events=None):
+        """``kv_events``: the vLLM event subscriber (router.vllm_subscriber) feeding the
+        decode router, for engine.kind vllm; watched per instance here, closed at close()."""
         self.config = config
+        self.kv_events = kv_events
         self.pools = pools
         self.model_id = model_id
         self.routers = {"prefill": prefill_router, "decode": decode_router}
@@ -69,6 +73,9 @@ class RayClusterBackend(GenerateBackend):
         for handle in self.pools.prefill + self.pools.decode:
             self.routers[handle.role].registry.register(handle.instance_id, handle.address,
                                                         handle.role)
+            replay = handle.info.get("kv_events_replay", "")
+            if self.kv_events is not None and replay:
+                self.kv_events.watch(handle.instance_id, replay)
         await self._poll_once()
         self._poller = asyncio.create_task(self._poll_forever())
 
@@ -130,6 +137,9 @@ class RayClusterBackend(GenerateBackend):
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
             self._poller = None
+        if self.kv_events is not None:
+            self.kv_events.close()
+            self.kv_events = None
 
     # ------------------------------------------------------------ planning
 
