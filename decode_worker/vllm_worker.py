@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from decode_worker.base import DecodeWorkerBase
+from decode_worker.vllm_receive import VLLMKVReceiver
 from kvcluster.common.config import ClusterConfig
 from kvcluster.common.errors import KVClusterError, OverloadedError
 from kvcluster.common.tasks import DecodeStep, DecodeTask
@@ -59,6 +60,9 @@ class VLLMDecodeWorker(DecodeWorkerBase):
         self.folder, self.model_id = model_folder(config)
         self.engine: VLLMEngine | None = None
         self.events: EventEndpoints | None = None
+        self.kv_in: VLLMKVReceiver | None = None
+        """Disaggregated: the KV receiver a prefill instance streams to."""
+        self.address = ""
         self.metrics = WorkerMetrics(instance_id, "decode")
         self._active: dict[str, _Active] = {}
         self._ids = itertools.count()
@@ -75,7 +79,10 @@ class VLLMDecodeWorker(DecodeWorkerBase):
                 self.events = EventEndpoints(kv_events_publish, replay)
             _threads_for_vllm()
             self.engine = VLLMEngine(self.config, self.instance_id, self.events)
-        return ""
+            if not self.config.workers.colocated:  # a prefill pool streams KV here
+                self.kv_in = VLLMKVReceiver(self.config, self.engine, self.model_id)
+                self.address = await self.kv_in.start()
+        return self.address
 
     async def generate(self, task: DecodeTask) -> AsyncIterator[DecodeStep]:
         engine = self._engine()
@@ -83,13 +90,12 @@ class VLLMDecodeWorker(DecodeWorkerBase):
             self.metrics.count("overloaded")
             raise OverloadedError(f"decode worker {self.instance_id} has "
                                   f"{len(self._active)} active requests")
-        if task.expect_kv:  # no prefill pool feeds a vLLM decoder yet: it computes
-            log.warning("request %s: vLLM decode worker takes no KV stream; computing",
-                        task.request_id)
         engine_id = f"{task.request_id}#{next(self._ids)}"  # unique even if ids repeat
         active = self._active[engine_id] = _Active(time.perf_counter())
-        steps = engine.generate(engine_id, task.token_ids, task.params, task.tenant)
         try:
+            received = await self._received_chunks(task, active)
+            steps = engine.generate(engine_id, task.token_ids, task.params, task.tenant,
+                                    received)
             async with contextlib.aclosing(steps):
                 async for step in self._checked(steps, active):
                     for token_id in step.token_ids:
@@ -97,7 +103,8 @@ class VLLMDecodeWorker(DecodeWorkerBase):
                     if step.finished:
                         with request_context(task.request_id):
                             self._observe_done(active)
-                        yield self._final(step, active, task.expect_kv)
+                        yield self._final(step, active, task.expect_kv,
+                                          received * self.config.store.chunk_tokens)
                         return
         except KVClusterError:
             self.metrics.count("error")
@@ -106,7 +113,8 @@ class VLLMDecodeWorker(DecodeWorkerBase):
             self._active.pop(engine_id, None)
 
     def abandon_kv(self, request_id: str) -> None:
-        return  # it never waits for a KV stream
+        if self.kv_in is not None:
+            self.kv_in.abandon(request_id)
 
     def load(self) -> InstanceLoad:
         return InstanceLoad(0, len(self._active), 0, self._kv_capacity_bytes())
@@ -127,9 +135,12 @@ class VLLMDecodeWorker(DecodeWorkerBase):
         engine_requests = self.engine.num_unfinished() if self.engine is not None else 0
         return {"instance_id": self.instance_id, "engine": "vllm", "tiers": {}, "misses": 0,
                 "active_requests": len(self._active), "engine_requests": engine_requests,
-                "lookup_chunks": 0, "data_plane": {}}
+                "lookup_chunks": 0,
+                "data_plane": self.kv_in.data_plane_stats() if self.kv_in else {}}
 
     async def close(self) -> None:
+        if self.kv_in is not None:
+            await self.kv_in.close()
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
@@ -163,12 +174,28 @@ class VLLMDecodeWorker(DecodeWorkerBase):
             active.num_tokens += len(step.token_ids)
             yield step
 
-    def _final(self, step: EngineStep, active: _Active, expected_kv: bool) -> DecodeStep:
+    async def _received_chunks(self, task: DecodeTask, active: _Active) -> int:
+        """Chunks a prefill instance streamed for ``task``, now in vLLM's host tier."""
+        if not task.expect_kv or self.kv_in is None:
+            return 0
+        began = time.perf_counter()
+        received = await self.kv_in.receive(task)
+        active.stage_ms["kv_transfer"] = (time.perf_counter() - began) * 1e3
+        return received
+
+    def _final(self, step: EngineStep, active: _Active, expected_kv: bool,
+               received_tokens: int) -> DecodeStep:
         by_tier = {tier: n for tier, n in step.loaded_tokens_by_tier.items() if n}
+        transferred = min(received_tokens, by_tier.get("host", 0))
+        if transferred:  # loaded from the host tier, where the stream was put
+            by_tier["transfer"] = transferred
+            by_tier["host"] -= transferred
+            by_tier = {tier: n for tier, n in by_tier.items() if n}
         engine_cached = step.num_cached_tokens - sum(by_tier.values())
         if engine_cached > 0:
             by_tier["prefix_cache"] = engine_cached
-        kv_source = ("local-store" if step.loaded_tokens_by_tier else
+        kv_source = ("transfer" if transferred else
+                     "local-store" if by_tier.keys() - {"prefix_cache"} else
                      "prefix-cache" if engine_cached > 0 else
                      "recompute" if expected_kv else "none")
         return DecodeStep(finish_reason=step.finish_reason,

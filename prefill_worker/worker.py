@@ -31,6 +31,7 @@ from kvcluster.transfer.security import ChannelSecurity
 from kvcluster.transfer.sender import KVSender
 from kvcluster.transfer.source import ChunkSource
 from kvcluster.worker.node import WorkerNode
+from kvcluster.worker.relay import drain
 from kvstore.codec.factory import sender_levels
 from kvstore.codec.hint import chunk_hints
 from router.event_bus import EventBus
@@ -84,6 +85,26 @@ class PrefillWorker:
 
     def load(self):
         return self.node.load(queued_prefill_tokens=self._queued_tokens)
+
+    async def start(self) -> None:
+        return  # the model loaded in the constructor
+
+    def info(self) -> dict:
+        runner = self.node.runner
+        return {"model_id": runner.model_id, "block_size": runner.block_size,
+                "layout": runner.layout.identity, "engine": "native"}
+
+    def registries(self) -> list:
+        return [self.metrics.registry, self.transfer_metrics.registry,
+                self.node.store.metrics.registry]
+
+    def take_event_batches(self, resync: bool) -> list:
+        return drain(self.node.bus, self.instance_id, resync)
+
+    def stats(self) -> dict:
+        lookups = self.metrics.value("kvcluster_worker_prefix_lookup_chunks_total")
+        return dict(self.node.stats(), lookup_chunks=lookups,
+                    data_plane=self.data_plane_stats())
 
     async def _prefill(self, task: PrefillTask) -> PrefillResult:
         loop = asyncio.get_running_loop()

@@ -97,7 +97,6 @@ class WorkerPools:
         """
         import ray
 
-        check_engine_placement(self.config)
         self.config = with_internal_secret(self.config)
         workers = self.config.workers
         if not workers.colocated:
@@ -156,14 +155,6 @@ class WorkerPools:
                     f"{str(info.get('config_digest'))[:12]}, ours {ours[:12]}): serve with the "
                     f"config the pools were started with, or stop them first "
                     f"(kvcluster pools stop --config ...)")
-
-
-def check_engine_placement(config: ClusterConfig) -> None:
-    """Raises: ValueError for pools the engine kind cannot run yet: vLLM engines serve
-    colocated (``workers.colocated``); no vLLM prefill worker streams KV to them."""
-    if config.engine.kind == "vllm" and not config.workers.colocated:
-        raise ValueError("engine.kind vllm runs colocated only for now (workers.colocated: "
-                         "true): the disaggregated vLLM path has no prefill worker yet")
 
 
 INTERNAL_SECRET_KEY = b"kvcluster:internal-token"

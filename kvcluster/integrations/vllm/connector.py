@@ -26,7 +26,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                KVConnectorRole)
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvcluster.integrations.vllm.metadata import ConnectorMeta, ConnectorSettings, KVClusterEvents
+from kvcluster.integrations.vllm.metadata import (RECEIVED_CHUNKS, ConnectorMeta,
+                                                  ConnectorSettings, KVClusterEvents)
 from kvcluster.integrations.vllm.paged_kv import PagedShape
 from kvcluster.integrations.vllm.scheduler_side import SchedulerSide
 from kvcluster.integrations.vllm.worker_side import WorkerSide
@@ -103,9 +104,11 @@ class KVClusterConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------ scheduler role
 
     def on_new_request(self, request: "Request") -> None:
+        params = request.kv_transfer_params or {}
         self._scheduler_side().on_new_request(request.request_id,
                                               list(request.prompt_token_ids or []),
-                                              request.cache_salt)
+                                              request.cache_salt,
+                                              int(params.get(RECEIVED_CHUNKS, 0)))
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int
                                    ) -> tuple[int | None, bool]:

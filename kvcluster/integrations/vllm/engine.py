@@ -21,8 +21,12 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from kvcluster.common.config import ClusterConfig
+from kvcluster.common.hashing import BlockHash
+from kvcluster.common.layout import KVLayout
 from kvcluster.common.sampling import SamplingParams
 from kvcluster.integrations.vllm.engine_args import EventEndpoints, engine_args, model_folder
+from kvcluster.integrations.vllm.metadata import RECEIVED_CHUNKS
+from kvcluster.integrations.vllm.worker_extension import from_bytes, to_bytes
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 
@@ -50,9 +54,11 @@ class VLLMEngine:
             config.engine.num_blocks * config.engine.block_size)
         self.llm = AsyncLLM.from_engine_args(args)
         self.block_size = config.engine.block_size
+        self._layout: KVLayout | None = None
 
     async def generate(self, request_id: str, token_ids: Sequence[int],
-                       params: SamplingParams, tenant: str = "") -> AsyncIterator[EngineStep]:
+                       params: SamplingParams, tenant: str = "",
+                       received_chunks: int = 0) -> AsyncIterator[EngineStep]:
         """Steps of one request; closing or cancelling the iterator before its final
         step aborts the request in vLLM (its blocks are freed now, not at GC).
 
@@ -63,7 +69,10 @@ class VLLMEngine:
         prompt = TokensPrompt(prompt_token_ids=list(token_ids))
         if tenant:
             prompt["cache_salt"] = tenant
-        outputs = self.llm.generate(prompt, vllm_sampling(params), request_id)
+        sampling = vllm_sampling(params)
+        if received_chunks:  # put into the worker's host tier just before (put_chunks)
+            sampling.extra_args = {"kv_transfer_params": {RECEIVED_CHUNKS: received_chunks}}
+        outputs = self.llm.generate(prompt, sampling, request_id)
         finished = False
         try:
             async for out in outputs:
@@ -79,6 +88,30 @@ class VLLMEngine:
         finally:
             if not finished:  # AsyncLLM.generate aborts the request when closed early
                 await outputs.aclose()
+
+    async def layout(self) -> KVLayout:
+        """The layout of the KV this engine's store holds (and the transfer carries)."""
+        if self._layout is None:
+            (fields,) = await self.llm.collective_rpc("kvcluster_layout")
+            self._layout = KVLayout(**fields)
+        return self._layout
+
+    async def get_chunks(self, keys: Sequence[BlockHash]):
+        """KV ``[L, 2, n * C, H, D]`` of the first n of ``keys`` the tiers hold (None: not
+        the first), read in vLLM's worker process (worker_extension)."""
+        (data,) = await self.llm.collective_rpc("kvcluster_get_chunks",
+                                                args=([k.digest for k in keys],))
+        if not data:
+            return None
+        layout = await self.layout()
+        num_tokens = len(data) // (layout.dtype_size * layout.elements_per_token)
+        return from_bytes(data, layout, num_tokens)
+
+    async def put_chunks(self, keys: Sequence[BlockHash], kv, tenant: str) -> int:
+        """Store whole chunks ``kv`` ``[L, 2, len(keys) * C, H, D]`` in the worker's tiers."""
+        (num,) = await self.llm.collective_rpc(
+            "kvcluster_put_chunks", args=([k.digest for k in keys], to_bytes(kv), tenant))
+        return num
 
     def num_unfinished(self) -> int:
         """Requests vLLM still holds (waiting or running)."""

@@ -21,6 +21,7 @@ from kvcluster.common.layout import DTYPE_SIZES
 from kvcluster.engine.hf_loader import load_arch
 from kvcluster.engine.models import default_model_id, resolve_model
 from kvcluster.integrations.vllm import CONNECTOR_CLASS, CONNECTOR_MODULE
+from kvcluster.integrations.vllm.worker_extension import EXTENSION_CLASS
 
 CPU_BLOCK_MULTIPLE = 32
 """vLLM-CPU's attention kernel pages in multiples of this many tokens (CPU_ATTN)."""
@@ -76,6 +77,7 @@ def engine_args(config: ClusterConfig, instance_id: str,
         enable_prefix_caching=True,
         kv_transfer_config=connector_config(config, instance_id, model_id),
         kv_events_config=events_config(events, instance_id) if events else None,
+        worker_extension_cls=EXTENSION_CLASS,
     )
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     unknown = sorted(set(engine.vllm_args) - known)
@@ -111,6 +113,7 @@ def connector_config(config: ClusterConfig, instance_id: str, model_id: str
         kv_connector=CONNECTOR_CLASS,
         kv_connector_module_path=CONNECTOR_MODULE,
         kv_role="kv_both",
+        kv_load_failure_policy="recompute",  # a chunk gone from the tiers: compute it
         kv_connector_extra_config={"cluster_config": to_dict(config),
                                    "instance_id": instance_id, "model_id": model_id},
     )

@@ -18,7 +18,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 from kvcluster.common.config import ClusterConfig, from_dict
 from kvcluster.common.event_media import KVCLUSTER_OWNERSHIP as OWNERSHIP
 
-__all__ = ["OWNERSHIP", "ConnectorSettings", "LoadSpec", "SaveSpec", "ConnectorMeta",
+RECEIVED_CHUNKS = "kvcluster_received_chunks"
+"""kv_transfer_params key: the request's first N store chunks were just put into the
+worker's host tier (received from a prefill instance)."""
+
+__all__ = ["OWNERSHIP", "RECEIVED_CHUNKS", "ConnectorSettings", "LoadSpec", "SaveSpec", "ConnectorMeta",
            "KVClusterEvents"]
 
 

@@ -61,11 +61,18 @@ class SchedulerSide:
     # ------------------------------------------------------------ vLLM hooks
 
     def on_new_request(self, request_id: str, prompt_token_ids: list[int],
-                       cache_salt: str | None) -> None:
+                       cache_salt: str | None, received_chunks: int = 0) -> None:
+        """``received_chunks``: the request's first chunks, received from a prefill
+        instance, were put into the worker's host tier just before the request was added
+        (``kvcluster_received_chunks`` in its kv_transfer_params): the mirror counts them
+        now, before their tier events come back with a step. Should they be gone when
+        loaded, the load fails and vLLM recomputes them."""
         tenant = cache_salt or ""
         extra = ExtraKeys(self.settings.model_id, tenant)
         keys = chunk_hashes(prompt_token_ids, self.settings.hash_block_size,
                             self.chunk_tokens, extra)
+        for key in keys[:received_chunks]:
+            self.held.setdefault(key.u64, Tier.HOST)
         self._requests[request_id] = _Request(tenant, len(prompt_token_ids), keys)
 
     def num_new_matched_tokens(self, request_id: str, num_computed_tokens: int) -> int:

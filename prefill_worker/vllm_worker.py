@@ -1,0 +1,177 @@
+"""VLLMPrefillWorker: a prefill instance whose engine is vLLM v1 (engine.kind: vllm).
+
+    PrefillTask -> vLLM computes the prompt (one sampled token, discarded): its prefix
+                   cache and kvcluster's connector serve what they hold, the connector
+                   stores every whole chunk in this instance's tiers
+                -> the whole chunks (all but the last token's) read back from the tiers
+                   in vLLM's worker process (worker_extension.kvcluster_get_chunks)
+                -> kvcluster's transfer to the decode instance (KVSender: adaptive
+                   level per chunk, text fallback, checksums)
+
+The decode instance computes the tail itself; a failed transfer only costs it the
+recompute (the PrefillResult says so).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+from kvcluster.common.config import ClusterConfig
+from kvcluster.common.errors import OverloadedError
+from kvcluster.common.hashing import ExtraKeys, chunk_hashes
+from kvcluster.common.sampling import SamplingParams
+from kvcluster.common.tasks import PrefillResult, PrefillTask
+from kvcluster.integrations.vllm.engine import VLLMEngine
+from kvcluster.integrations.vllm.engine_args import model_folder
+from kvcluster.observability.logs import request_context
+from kvcluster.observability.metrics import TransferMetrics, WorkerMetrics
+from kvcluster.transfer.security import ChannelSecurity
+from kvcluster.transfer.sender import KVSender
+from kvcluster.transfer.source import ChunkSource
+from kvstore.codec.factory import sender_levels
+from router.load import InstanceLoad
+
+log = logging.getLogger(__name__)
+
+ONE_TOKEN = SamplingParams(max_new_tokens=1, temperature=0.0)
+
+
+class VLLMPrefillWorker:
+    def __init__(self, config: ClusterConfig, instance_id: str):
+        self.config = config
+        self.instance_id = instance_id
+        self.folder, self.model_id = model_folder(config)
+        self.engine: VLLMEngine | None = None
+        self.levels = sender_levels(config.transfer.best_level, config.transfer.policy,
+                                    config.codec)
+        self.channel_security = ChannelSecurity.internal(config.security)
+        self._senders: dict[str, KVSender] = {}
+        self._queued_tokens = 0
+        self._num_queued = 0
+        self._ids = itertools.count()
+        self.metrics = WorkerMetrics(instance_id, "prefill")
+        self.metrics.watch_queue(lambda: self._queued_tokens, lambda: 0)
+        self.transfer_metrics = TransferMetrics()
+
+    async def start(self) -> None:
+        if self.engine is None:
+            self.engine = VLLMEngine(self.config, self.instance_id)
+
+    async def prefill(self, task: PrefillTask) -> PrefillResult:
+        """Compute ``task``'s prompt in vLLM and send its whole chunks on.
+
+        Raises:
+            OverloadedError: ``workers.max_queue`` tasks are already waiting.
+        """
+        if self._num_queued >= self.config.workers.max_queue:
+            self.metrics.count("overloaded")
+            raise OverloadedError(f"prefill worker {self.instance_id} has "
+                                  f"{self._num_queued} queued requests")
+        self._num_queued += 1
+        self._queued_tokens += len(task.token_ids)
+        try:
+            with request_context(task.request_id):
+                result = await self._prefill(task)
+            self.metrics.count("ok")
+            return result
+        except Exception:
+            self.metrics.count("error")
+            raise
+        finally:
+            self._num_queued -= 1
+            self._queued_tokens -= len(task.token_ids)
+
+    def load(self) -> InstanceLoad:
+        return InstanceLoad(self._queued_tokens, 0, 0, 0)
+
+    def info(self) -> dict:
+        return {"model_id": self.model_id, "block_size": self.config.engine.block_size,
+                "layout": "", "engine": "vllm"}
+
+    def registries(self) -> list:
+        return [self.metrics.registry, self.transfer_metrics.registry]
+
+    def take_event_batches(self, resync: bool) -> list:
+        return []  # its engine publishes no events to the prefill router yet
+
+    def stats(self) -> dict:
+        counts: dict[str, int] = {}
+        for sender in self._senders.values():
+            for plane, n in sender.data_planes.used.items():
+                counts[plane] = counts.get(plane, 0) + n
+        return {"instance_id": self.instance_id, "engine": "vllm", "tiers": {}, "misses": 0,
+                "lookup_chunks": 0,
+                "data_plane": {"data_plane": self.config.transfer.data_plane,
+                               "transfers": counts}}
+
+    async def close(self) -> None:
+        for sender in self._senders.values():
+            await sender.close()
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    # ------------------------------------------------------------ helpers
+
+    async def _prefill(self, task: PrefillTask) -> PrefillResult:
+        engine = self._engine()
+        began = time.perf_counter()
+        final = None
+        async for step in engine.generate(f"{task.request_id}#p{next(self._ids)}",
+                                          task.token_ids, ONE_TOKEN, task.tenant):
+            final = step if step.finished else final
+        prefill_s = time.perf_counter() - began
+        self.metrics.prefill_seconds.observe(prefill_s)
+        # the chunks the decoder can use: vLLM computes at least the last prompt token
+        chunk_tokens = self.config.store.chunk_tokens
+        num_chunks = (len(task.token_ids) - 1) // chunk_tokens
+        keys = chunk_hashes(task.token_ids[: num_chunks * chunk_tokens],
+                            self.config.engine.block_size, chunk_tokens,
+                            ExtraKeys(self.model_id, task.tenant))
+        kv = await engine.get_chunks(keys) if keys else None  # [L, 2, n * C, H, D]
+        num_tokens = 0 if kv is None else kv.shape[2]
+        cached = final.num_cached_tokens if final else 0
+        by_tier = dict(final.loaded_tokens_by_tier) if final else {}
+        if cached > sum(by_tier.values()):
+            by_tier["prefix_cache"] = cached - sum(by_tier.values())
+        result = PrefillResult(task.request_id, len(task.token_ids), num_tokens,
+                               cached_tokens_by_tier=by_tier,
+                               num_computed_tokens=len(task.token_ids) - cached,
+                               prefill_s=prefill_s)
+        if task.decode_target and kv is not None:
+            await self._send(task, kv, await engine.layout(), result)
+        log.info("prefill done (vLLM): prompt=%d cached=%d sent=%d tokens, %d B in "
+                 "%.3f+%.3f s", result.num_prompt_tokens, cached, num_tokens,
+                 result.wire_bytes, result.prefill_s, result.transfer_s)
+        return result
+
+    async def _send(self, task: PrefillTask, kv, layout, result: PrefillResult) -> None:
+        num_tokens = result.num_transferred_tokens
+        source = ChunkSource(task.token_ids[:num_tokens], layout, self.levels,
+                             self.config.transfer.chunk_tokens, kv=kv)
+        sent = await self._sender(task.decode_target).send(source, task.request_id,
+                                                           task.slo_ms or None)
+        result.transfer_s = sent.elapsed_s
+        result.wire_bytes = sent.bytes_sent
+        result.levels = list(sent.levels)
+        result.raw_bytes = layout.with_dtype("float16").bytes_per_chunk(num_tokens)
+        result.transfer_ok = sent.status is not None and sent.status.ok
+        result.message = sent.error or (sent.status.message if sent.status else "")
+        result.data_plane = sent.data_plane
+        if not result.transfer_ok:
+            log.warning("request %s: KV transfer to %s failed: %s", task.request_id,
+                        task.decode_target, result.message)
+
+    def _sender(self, target: str) -> KVSender:
+        if target not in self._senders:
+            self._senders[target] = KVSender(target, self.levels, self.config.transfer,
+                                             security=self.channel_security,
+                                             metrics=self.transfer_metrics)
+        return self._senders[target]
+
+    def _engine(self) -> VLLMEngine:
+        if self.engine is None:
+            raise RuntimeError(f"prefill worker {self.instance_id}: start() first")
+        return self.engine
