@@ -12,8 +12,10 @@ So a packed copy is made at load (doubling the weight memory, hence optional:
 builds, else oneDNN's blocked layout (used for 2+ rows only: one row is
 faster through MKL). Packed paths round differently from a plain matmul
 (max |diff| of SmolLM2 decode logits, up to ~33 in magnitude: 7e-5 native,
-8e-5 oneDNN); plain ``x @ w`` gives exactly transformers' fp32 logits, so
-prefill keeps it.
+8e-5 oneDNN); plain ``x @ w`` gives exactly transformers' fp32 logits, so an
+fp32 prefill keeps it. bf16 rows on a CPU with AMX go through the native panels
+for any number of rows (the tile unit; ``ModelRunner.packed_prefill``), and the
+kernel rounds their results to bf16 itself.
 """
 
 from __future__ import annotations
