@@ -140,12 +140,12 @@ class VLLMEventSubscriber:
         self._command(("unwatch", instance_id, ""))
 
     def close(self) -> None:
-        """Stop the thread and close the sockets; bounded by the replay timeout."""
+        """Stop the thread and close the sockets (within a few poll intervals)."""
         if self._closed:
             return
         self._closed = True
         self._stop.set()
-        self._thread.join(timeout=self.replay_timeout_s + 5 * self.poll_interval_s + 2.0)
+        self._thread.join(timeout=10 * self.poll_interval_s + 2.0)
         if self._thread.is_alive():
             log.error("vLLM KV event subscriber thread did not stop; its sockets are left open")
             return
@@ -216,6 +216,9 @@ class VLLMEventSubscriber:
         topic = frames[0].decode("utf-8", "replace") if frames else ""
         stream = self._streams.get(topic)
         if stream is None:
+            self._run_commands()  # a watch() made before this batch was sent counts
+            stream = self._streams.get(topic)
+        if stream is None:
             self._unwatched[topic] += 1
             if self._unwatched[topic] == 1:
                 log.warning("vLLM KV events for unwatched topic %r dropped (watch() replays "
@@ -248,15 +251,37 @@ class VLLMEventSubscriber:
         self._apply(stream, seq, payload)
 
     def _probe(self) -> None:
-        for stream in list(self._streams.values()):
-            if stream.replay_endpoint:
-                self._catch_up(stream, stat="probes")
+        """Replay every instance's tail, all requests at once: a PUB drops what it sends
+        before the SUB's subscription reaches it, and an idle engine sends nothing that
+        would reveal that gap (an idle vLLM publisher answers within its 0.1 s poll)."""
+        streams = [s for s in self._streams.values() if s.replay_endpoint]
+        for stream, replayed in zip(streams, self._replay([(s, _tail(s)) for s in streams])):
+            stream.stats["probes"] += 1
+            self._apply_answer(stream, replayed)
 
-    def _catch_up(self, stream: _Stream, until: int | None = None,
-                  stat: str = "replays") -> None:
-        """Apply replayed batches from ``stream.expected`` on (a lost range: a reset)."""
-        stream.stats[stat] += 1
-        for seq, payload in self._replay(stream, stream.expected):
+    def _catch_up(self, stream: _Stream, until: int | None = None) -> None:
+        """Replay the batches after the last applied one, up to the live batch ``until``."""
+        stream.stats["replays"] += 1
+        self._apply_answer(stream, self._replay([(stream, _tail(stream))])[0], until)
+
+    def _apply_answer(self, stream: _Stream, replayed: list[tuple[int, bytes]] | None,
+                      until: int | None = None) -> None:
+        """Apply a replay answer that starts at :func:`_tail`; one from a restarted
+        engine (a new buffer from seq 0) rebuilds the view instead."""
+        if replayed is None:
+            return  # no answer (logged): the next probe or gap asks again
+        if _restarted(stream, replayed):
+            log.warning("vLLM %s: its replay buffer no longer holds batch %d as applied: the "
+                        "engine restarted; rebuilding its view", stream.instance_id,
+                        stream.expected - 2)
+            self._rebuild(stream, "engine restarted")
+        else:
+            self._apply_replayed(stream, replayed, until)
+
+    def _apply_replayed(self, stream: _Stream, replayed: list[tuple[int, bytes]],
+                        until: int | None = None) -> None:
+        """Apply replayed batches in order; a range missing from them is lost (a reset)."""
+        for seq, payload in replayed:
             if seq < stream.expected:
                 continue
             if seq > stream.expected:
@@ -343,30 +368,59 @@ class VLLMEventSubscriber:
 
     # ------------------------------------------------------------ replay
 
-    def _replay(self, stream: _Stream, start: int) -> list[tuple[int, bytes]]:
-        """Every batch vLLM's replay buffer holds from ``start`` on, in order."""
-        if not stream.replay_endpoint:
-            return []
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        out: list[tuple[int, bytes]] = []
+    def _replay(self, requests: list[tuple[_Stream, int]]
+                ) -> list[list[tuple[int, bytes]] | None]:
+        """Per (instance, start seq): every batch its vLLM replay buffer holds from
+        ``start`` on, in order; None where no end marker came (logged) within
+        ``replay_timeout_s`` of the last frame, or the instance has no replay address.
+        All requests are in flight at once."""
+        results: list[list[tuple[int, bytes]]] = [[] for _ in requests]
+        poller, pending = zmq.Poller(), {}
         try:
-            sock.connect(stream.replay_endpoint)
-            sock.send_multipart([b"", start.to_bytes(8, "big")])
-            while sock.poll(int(self.replay_timeout_s * 1000)):
-                frames = sock.recv_multipart()
-                if len(frames) != 4 or len(frames[2]) != 8:
-                    log.error("vLLM %s: malformed replay frame skipped", stream.instance_id)
-                    continue
-                if frames[2] == END_SEQ:
-                    return out
-                out.append((int.from_bytes(frames[2], "big"), frames[3]))
-            log.error("vLLM %s: replay from %d at %s got no end marker within %.1f s (%d "
-                      "batches)", stream.instance_id, start, stream.replay_endpoint,
-                      self.replay_timeout_s, len(out))
-            return out
+            for i, (stream, start) in enumerate(requests):
+                if stream.replay_endpoint:
+                    sock = self._ctx.socket(zmq.DEALER)
+                    sock.setsockopt(zmq.LINGER, 0)
+                    pending[sock] = i
+                    sock.connect(stream.replay_endpoint)
+                    sock.send_multipart([b"", start.to_bytes(8, "big")])
+                    poller.register(sock, zmq.POLLIN)
+            deadline = time.monotonic() + self.replay_timeout_s
+            while pending and not self._stop.is_set() and time.monotonic() < deadline:
+                wait_ms = int(min(deadline - time.monotonic(), self.poll_interval_s) * 1000) + 1
+                for sock, _ in poller.poll(wait_ms):
+                    deadline = time.monotonic() + self.replay_timeout_s  # progress
+                    stream = requests[pending[sock]][0]
+                    if self._read_replay(sock, stream, results[pending[sock]]):
+                        poller.unregister(sock)
+                        sock.close(0)
+                        del pending[sock]
+            for i in pending.values():
+                results[i] = None
+                if not self._stop.is_set():
+                    stream, start = requests[i]
+                    log.error("vLLM %s: replay from %d at %s got no end marker within %.1f s "
+                              "(%d batches)", stream.instance_id, start, stream.replay_endpoint,
+                              self.replay_timeout_s, len(results[i]))
         finally:
-            sock.close(0)
+            for sock in pending:
+                sock.close(0)
+        return [r if stream.replay_endpoint else None for r, (stream, _) in zip(results, requests)]
+
+    def _read_replay(self, sock: zmq.Socket, stream: _Stream,
+                     out: list[tuple[int, bytes]]) -> bool:
+        """Read the frames ready on one replay socket. Returns True at the end marker."""
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)  # [b"", topic, seq, payload]
+            except zmq.Again:
+                return False
+            if len(frames) != 4 or len(frames[2]) != 8:
+                log.error("vLLM %s: malformed replay frame skipped", stream.instance_id)
+            elif frames[2] == END_SEQ:
+                return True
+            else:
+                out.append((int.from_bytes(frames[2], "big"), frames[3]))
 
 
 def _decode(payload: bytes) -> list[dict]:
@@ -382,6 +436,27 @@ def _decode(payload: bytes) -> list[dict]:
     if not all(isinstance(e, dict) for e in events):
         raise ValueError("a KV event that is not a map")
     return events
+
+
+def _tail(stream: _Stream) -> int:
+    """Where a replay for ``stream`` starts: two batches before the next expected one.
+
+    vLLM appends a batch to its replay buffer just *after* sending it, so the newest
+    batch applied may not be there yet; the one before it is, and it tells a live
+    buffer from a restarted engine's (:func:`_restarted`).
+    """
+    return max(stream.expected - 2, 0)
+
+
+def _restarted(stream: _Stream, replayed: list[tuple[int, bytes]]) -> bool:
+    """Whether an answer from ``_tail(stream)`` comes from another publisher."""
+    if stream.expected < 2:
+        return False  # nothing to compare yet; a restart shows once it publishes
+    if not replayed:
+        return True  # a live buffer holds batch expected - 2 or newer ones
+    seq, payload = replayed[0]
+    known = stream.digests.get(seq)
+    return seq == stream.expected - 2 and known is not None and known != _digest(payload)
 
 
 def _digest(payload: bytes) -> bytes:
