@@ -16,6 +16,7 @@ import pytest
 
 from kvcluster.client import KVClusterClient
 from kvcluster.client.sync_client import GenerateError
+from kvcluster.common.hashing import ExtraKeys
 from kvcluster.common.sampling import SamplingParams
 from kvcluster.runtime.launcher import ClusterThread
 from tests.integrations.vllm.conftest import CHUNK_TOKENS, MAX_NEW_TOKENS, vllm_config
@@ -85,6 +86,29 @@ def test_evicted_prefix_comes_back_from_the_host_tier(grpc_client, prompts, stoc
     assert back.final.cached_tokens_by_tier.get("host") == 2 * CHUNK_TOKENS
     assert back.final.num_cached_tokens == sum(back.final.cached_tokens_by_tier.values())
     assert back.final.num_cached_tokens >= 2 * CHUNK_TOKENS
+
+
+def test_the_router_learns_the_prefix_from_vllms_kv_events(cluster, grpc_client, prompts):
+    """vLLM's own event stream (its blocks, re-hashed by router.vllm_subscriber, and the
+    connector's tier events) tells the decode router that decode-0 holds the prompt's
+    whole chunks; another tenant's salt matches nothing."""
+    backend = cluster.cluster.backend
+    assert backend.kv_events is not None
+    _generate(grpc_client, prompts["long"], tenant="routed")
+    decode = cluster.cluster.pools.decode[0]
+
+    def lacking(tenant: str) -> int:
+        route = backend.routers["decode"].request_for(
+            prompts["long"], ExtraKeys(backend.model_id, tenant), "probe")
+        assert len(route.block_hashes) == 2  # two whole store chunks
+        return backend._uncached_on(decode, route)
+
+    deadline = time.monotonic() + 10
+    while lacking("routed"):
+        assert time.monotonic() < deadline, "the index never learned the prefix"
+        time.sleep(0.1)
+    assert lacking("nobody") == 2 * CHUNK_TOKENS
+    assert backend.kv_events.stats("decode-0")["batches"] > 0
 
 
 def test_the_tenant_salts_vllms_prefix_cache(grpc_client, prompts):

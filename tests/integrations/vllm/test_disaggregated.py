@@ -8,9 +8,12 @@ One cluster (two vLLM engines, the only module with two) for the module.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from kvcluster.client import KVClusterClient
+from kvcluster.common.hashing import ExtraKeys
 from kvcluster.common.sampling import SamplingParams
 from kvcluster.runtime.launcher import ClusterThread
 from tests.integrations.vllm.conftest import CHUNK_TOKENS, MAX_NEW_TOKENS, vllm_config
@@ -51,6 +54,28 @@ def test_prefill_streams_whole_chunks_into_the_decoders_paged_blocks(cluster, cl
     sent = cluster.cluster.backend.stats["prefill_results"][-1]
     assert sent.transfer_ok and sent.num_transferred_tokens == 2 * CHUNK_TOKENS
     assert sent.wire_bytes > 0
+
+
+def test_the_next_turn_skips_the_prefill_hop_by_vllms_kv_events(cluster, client, prompts,
+                                                                stock_outputs, tokenizer):
+    """Turn 1 went through prefill-0; the decode instance's KV events (vLLM's, through
+    router.vllm_subscriber) tell the decode router it now holds both whole chunks, so
+    turn 2 (turn 1 + its answer + a question) is decoded there with no prefill hop."""
+    turn1 = prompts["long"]
+    _generate(client, turn1, "pd-chat")
+    turn2 = turn1 + stock_outputs["long"] + tokenizer.encode(" And then?")
+    assert len(turn2) // CHUNK_TOKENS == len(turn1) // CHUNK_TOKENS == 2
+    backend = cluster.cluster.backend
+    decode = cluster.cluster.pools.decode[0]
+    route = backend.routers["decode"].request_for(
+        turn2, ExtraKeys(backend.model_id, "pd-chat"), "probe")
+    deadline = time.monotonic() + 10
+    while backend._uncached_on(decode, route):
+        assert time.monotonic() < deadline, "the decode router never learned turn 1"
+        time.sleep(0.1)
+    result = _generate(client, turn2, "pd-chat")
+    assert result.final.prefill_instance == ""  # no hop: decode-0 holds the prefix
+    assert result.final.num_cached_tokens >= 2 * CHUNK_TOKENS
 
 
 def test_short_prompt_needs_no_transfer(client, prompts, stock_outputs):
