@@ -150,7 +150,8 @@ class VLLMRehasher:
         hashes = list(event["block_hashes"])
         if event.get("ownership") == KVCLUSTER_OWNERSHIP:
             self._check_connector(event)
-            return [BlockStored(tuple(int(h) for h in hashes), tier, event.get("parent_block_hash"))]
+            parent = event.get("parent_block_hash")
+            return [BlockStored(tuple(int(h) for h in hashes), tier, parent)]
         if not self._first_group(event):
             return []
         block_size = int(event["block_size"])

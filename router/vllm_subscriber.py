@@ -62,6 +62,10 @@ class _Stream:
     reset_pending: bool = True
     """The next forwarded batch starts with AllCleared(None)."""
     mismatch: RehashMismatch | None = None
+    replay_silent_since: float | None = None
+    """When its replay endpoint stopped answering (None: it answers)."""
+    probe_after: float = 0.0
+    """No probe before this (time.monotonic()): backoff while the replay is silent."""
     digests: dict[int, bytes] = field(default_factory=dict)
     stats: Counter = field(default_factory=Counter)
 
@@ -230,6 +234,7 @@ class VLLMEventSubscriber:
                       "dropped; the sequence check catches a lost batch", topic, len(frames),
                       len(frames[1]) if len(frames) > 1 else 0)
             return
+        stream.probe_after = 0.0  # it is up: its tail is worth probing again
         self._on_batch(stream, int.from_bytes(frames[1], "big"), frames[2])
 
     # ------------------------------------------------------------ sequence handling
@@ -254,7 +259,8 @@ class VLLMEventSubscriber:
         """Replay every instance's tail, all requests at once: a PUB drops what it sends
         before the SUB's subscription reaches it, and an idle engine sends nothing that
         would reveal that gap (an idle vLLM publisher answers within its 0.1 s poll)."""
-        streams = [s for s in self._streams.values() if s.replay_endpoint]
+        now = time.monotonic()
+        streams = [s for s in self._streams.values() if s.replay_endpoint and s.probe_after <= now]
         for stream, replayed in zip(streams, self._replay([(s, _tail(s)) for s in streams])):
             stream.stats["probes"] += 1
             self._apply_answer(stream, replayed)
@@ -396,16 +402,30 @@ class VLLMEventSubscriber:
                         sock.close(0)
                         del pending[sock]
             for i in pending.values():
-                results[i] = None
                 if not self._stop.is_set():
-                    stream, start = requests[i]
-                    log.error("vLLM %s: replay from %d at %s got no end marker within %.1f s "
-                              "(%d batches)", stream.instance_id, start, stream.replay_endpoint,
-                              self.replay_timeout_s, len(results[i]))
+                    self._unanswered(requests[i][0], requests[i][1], len(results[i]))
+                results[i] = None
         finally:
             for sock in pending:
                 sock.close(0)
+        for (stream, _), result in zip(requests, results):
+            if result is not None and stream.replay_silent_since is not None:
+                log.warning("vLLM %s: its replay endpoint answers again", stream.instance_id)
+                stream.replay_silent_since, stream.probe_after = None, 0.0
         return [r if stream.replay_endpoint else None for r, (stream, _) in zip(results, requests)]
+
+    def _unanswered(self, stream: _Stream, start: int, num_batches: int) -> None:
+        """A replay got no end marker: say so once, and probe that instance less often
+        (backing off to 30 s) so a down or still-starting engine does not stall the
+        others' events."""
+        now = time.monotonic()
+        if stream.replay_silent_since is None:
+            stream.replay_silent_since = now
+            log.warning("vLLM %s: replay from %d at %s got no end marker within %.1f s (%d "
+                        "batches); engine down or not started yet?", stream.instance_id, start,
+                        stream.replay_endpoint, self.replay_timeout_s, num_batches)
+        silent_s = now - stream.replay_silent_since
+        stream.probe_after = now + min(30.0, max(self.probe_interval_s, silent_s))
 
     def _read_replay(self, sock: zmq.Socket, stream: _Stream,
                      out: list[tuple[int, bytes]]) -> bool:
