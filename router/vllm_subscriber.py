@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import msgpack
 import zmq
 
+from kvcluster.common.config import RouterConfig
 from kvcluster.common.events import AllCleared, HashSettings, KVEvent, KVEventBatch
 from router.event_bus import EventBus
 from router.vllm_rehash import RehashMismatch, UnknownParent, VLLMRehasher
@@ -120,6 +121,14 @@ class VLLMEventSubscriber:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="vllm-kv-events", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def from_config(cls, bus: EventBus, settings: HashSettings,
+                    config: RouterConfig) -> "VLLMEventSubscriber":
+        """One bound to ``config.vllm_events_bind`` with the config's replay timing."""
+        return cls(bus, settings, bind=config.vllm_events_bind,
+                   replay_timeout_s=config.vllm_replay_timeout_s,
+                   probe_interval_s=config.vllm_probe_interval_s)
 
     # ------------------------------------------------------------ public API
 

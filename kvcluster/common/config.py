@@ -350,9 +350,21 @@ class RouterConfig:
     """Approximate cap on the event stream's length (batches)."""
     registry_refresh_s: float = 0.2
     """How often a Redis-backed registry re-reads instance keys."""
+    vllm_events_bind: str = "tcp://127.0.0.1:0"
+    """ZMQ address the router's SUB socket for vLLM engines' KV events binds (engine.kind
+    vllm); every engine's publisher connects to it. Port 0: a free one."""
+    vllm_replay_timeout_s: float = 1.0
+    """How long a replay request to a vLLM engine waits for each answer frame."""
+    vllm_probe_interval_s: float = 1.0
+    """How often each vLLM engine's replay buffer is asked for batches the SUB missed."""
 
     def validate(self, path: str) -> None:
         _check_choice(path + ".policy", self.policy, names.ROUTING_POLICIES)
+        if not self.vllm_events_bind.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(path + ".vllm_events_bind",
+                              f"must be a ZMQ address (tcp://HOST:PORT), got {self.vllm_events_bind!r}")
+        _check_positive(path + ".vllm_replay_timeout_s", self.vllm_replay_timeout_s)
+        _check_positive(path + ".vllm_probe_interval_s", self.vllm_probe_interval_s)
         _check_positive(path + ".heartbeat_ttl_s", self.heartbeat_ttl_s)
         _check_positive(path + ".prefill_tokens_per_s", self.prefill_tokens_per_s)
         _check_positive(path + ".silent_window_s", self.silent_window_s)

@@ -337,3 +337,15 @@ def _rebind(make, timeout_s: float = 3.0):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def test_from_config_binds_the_configured_address():
+    from kvcluster.common.config import ConfigError
+
+    config = RouterConfig(vllm_events_bind=f"tcp://127.0.0.1:{_free_port()}",
+                          vllm_probe_interval_s=0.5)
+    config.validate("router")
+    with VLLMEventSubscriber.from_config(InProcessEventBus(), SETTINGS, config) as sub:
+        assert sub.endpoint == config.vllm_events_bind and sub.probe_interval_s == 0.5
+    with pytest.raises(ConfigError, match="vllm_events_bind"):
+        RouterConfig(vllm_events_bind="127.0.0.1:5557").validate("router")
