@@ -115,7 +115,9 @@ def build_workloads(args, tokenizer) -> tuple[list[Workload], list[str]]:
     slices = [("sharegpt_c1", "closed", 1, count), ("sharegpt_c4", "closed", 4, count)]
     if not args.quick:
         slices.append(("sharegpt_poisson", "poisson", 0, 2 * count))
-    slices.append((TIERED_WORKLOAD, "interleaved", 1, 6 if args.quick else 8))
+    # Enough conversations that their KV together is several times the small cache
+    # (the quick ones hold ~300-500 tokens each after 3 turns; the cache ~2k).
+    slices.append((TIERED_WORKLOAD, "interleaved", 1, 12 if args.quick else 16))
     first = 0
     for name, schedule, concurrency, n in slices:
         # Each workload gets conversations of its own, so none starts on another's cache.
