@@ -32,12 +32,19 @@ are skipped and counted (``opaque_blocks``), since no text prompt can match them
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any
 
 from kvcluster.common.event_media import KVCLUSTER_OWNERSHIP, tier_of_medium
-from kvcluster.common.events import (AllCleared, BlockRemoved, BlockStored, HashSettings,
-                                     KVEvent, Tier)
+from kvcluster.common.events import (
+    AllCleared,
+    BlockRemoved,
+    BlockStored,
+    HashSettings,
+    KVEvent,
+    Tier,
+)
 from kvcluster.common.hashing import BlockHash, ExtraKeys, hash_block, root_hash
 
 log = logging.getLogger("router.vllm")

@@ -32,18 +32,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import msgpack
 import zmq
 
 from kvcluster.common.config import RouterConfig
 from kvcluster.common.events import AllCleared, HashSettings, KVEvent, KVEventBatch
 from router.event_bus import EventBus
 from router.vllm_rehash import RehashMismatch, UnknownParent, VLLMRehasher
+from router.vllm_replay import ReplayClient, Replayed, decode_batch
 
 log = logging.getLogger("router.vllm")
 
-END_SEQ = (-1).to_bytes(8, "big", signed=True)
-"""The seq frame of vLLM's end-of-replay marker."""
 _DIGESTS_KEPT = 4096
 """Recent batches remembered per instance, to tell a duplicate from an engine restart."""
 
@@ -118,13 +116,14 @@ class VLLMEventSubscriber:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._unwatched: Counter = Counter()
         self._stop = threading.Event()
+        self._replayer = ReplayClient(self._ctx, replay_timeout_s, poll_interval_s, self._stop)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="vllm-kv-events", daemon=True)
         self._thread.start()
 
     @classmethod
     def from_config(cls, bus: EventBus, settings: HashSettings,
-                    config: RouterConfig) -> "VLLMEventSubscriber":
+                    config: RouterConfig) -> VLLMEventSubscriber:
         """One bound to ``config.vllm_events_bind`` with the config's replay timing."""
         return cls(bus, settings, bind=config.vllm_events_bind,
                    replay_timeout_s=config.vllm_replay_timeout_s,
@@ -169,7 +168,7 @@ class VLLMEventSubscriber:
         stream = self._streams.get(instance_id)
         return {} if stream is None else dict(stream.stats)
 
-    def __enter__(self) -> "VLLMEventSubscriber":
+    def __enter__(self) -> VLLMEventSubscriber:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -279,7 +278,7 @@ class VLLMEventSubscriber:
         stream.stats["replays"] += 1
         self._apply_answer(stream, self._replay([(stream, _tail(stream))])[0], until)
 
-    def _apply_answer(self, stream: _Stream, replayed: list[tuple[int, bytes]] | None,
+    def _apply_answer(self, stream: _Stream, replayed: Replayed | None,
                       until: int | None = None) -> None:
         """Apply a replay answer that starts at :func:`_tail`; one from a restarted
         engine (a new buffer from seq 0) rebuilds the view instead."""
@@ -293,7 +292,7 @@ class VLLMEventSubscriber:
         else:
             self._apply_replayed(stream, replayed, until)
 
-    def _apply_replayed(self, stream: _Stream, replayed: list[tuple[int, bytes]],
+    def _apply_replayed(self, stream: _Stream, replayed: Replayed,
                         until: int | None = None) -> None:
         """Apply replayed batches in order; a range missing from them is lost (a reset)."""
         for seq, payload in replayed:
@@ -333,7 +332,7 @@ class VLLMEventSubscriber:
             self._forward(stream, [])  # keeps the ingestor refusing, and it sees why
             return
         try:
-            events = _decode(payload)
+            events = decode_batch(payload)
         except ValueError as exc:
             self._reset(stream, f"batch {seq} undecodable ({exc})")
             return
@@ -383,89 +382,34 @@ class VLLMEventSubscriber:
 
     # ------------------------------------------------------------ replay
 
-    def _replay(self, requests: list[tuple[_Stream, int]]
-                ) -> list[list[tuple[int, bytes]] | None]:
-        """Per (instance, start seq): every batch its vLLM replay buffer holds from
-        ``start`` on, in order; None where no end marker came (logged) within
-        ``replay_timeout_s`` of the last frame, or the instance has no replay address.
-        All requests are in flight at once."""
-        results: list[list[tuple[int, bytes]]] = [[] for _ in requests]
-        poller, pending = zmq.Poller(), {}
-        try:
-            for i, (stream, start) in enumerate(requests):
-                if stream.replay_endpoint:
-                    sock = self._ctx.socket(zmq.DEALER)
-                    sock.setsockopt(zmq.LINGER, 0)
-                    pending[sock] = i
-                    sock.connect(stream.replay_endpoint)
-                    sock.send_multipart([b"", start.to_bytes(8, "big")])
-                    poller.register(sock, zmq.POLLIN)
-            deadline = time.monotonic() + self.replay_timeout_s
-            while pending and not self._stop.is_set() and time.monotonic() < deadline:
-                wait_ms = int(min(deadline - time.monotonic(), self.poll_interval_s) * 1000) + 1
-                for sock, _ in poller.poll(wait_ms):
-                    deadline = time.monotonic() + self.replay_timeout_s  # progress
-                    stream = requests[pending[sock]][0]
-                    if self._read_replay(sock, stream, results[pending[sock]]):
-                        poller.unregister(sock)
-                        sock.close(0)
-                        del pending[sock]
-            for i in pending.values():
-                if not self._stop.is_set():
-                    self._unanswered(requests[i][0], requests[i][1], len(results[i]))
-                results[i] = None
-        finally:
-            for sock in pending:
-                sock.close(0)
-        for (stream, _), result in zip(requests, results):
-            if result is not None and stream.replay_silent_since is not None:
+    def _replay(self, requests: list[tuple[_Stream, int]]) -> list[Replayed | None]:
+        """Per (instance, start seq): its replay buffer's batches from ``start`` on;
+        None where it has no replay address or did not answer (then probed less)."""
+        asked = [(stream, start) for stream, start in requests if stream.replay_endpoint]
+        answers = iter(self._replayer.fetch([(s.replay_endpoint, start) for s, start in asked]))
+        results = [next(answers) if stream.replay_endpoint else None for stream, _ in requests]
+        for (stream, start), result in zip(requests, results):
+            if not stream.replay_endpoint or self._stop.is_set():
+                continue
+            if result is None:
+                self._unanswered(stream, start)
+            elif stream.replay_silent_since is not None:
                 log.warning("vLLM %s: its replay endpoint answers again", stream.instance_id)
                 stream.replay_silent_since, stream.probe_after = None, 0.0
-        return [r if stream.replay_endpoint else None for r, (stream, _) in zip(results, requests)]
+        return results
 
-    def _unanswered(self, stream: _Stream, start: int, num_batches: int) -> None:
+    def _unanswered(self, stream: _Stream, start: int) -> None:
         """A replay got no end marker: say so once, and probe that instance less often
         (backing off to 30 s) so a down or still-starting engine does not stall the
         others' events."""
         now = time.monotonic()
         if stream.replay_silent_since is None:
             stream.replay_silent_since = now
-            log.warning("vLLM %s: replay from %d at %s got no end marker within %.1f s (%d "
-                        "batches); engine down or not started yet?", stream.instance_id, start,
-                        stream.replay_endpoint, self.replay_timeout_s, num_batches)
+            log.warning("vLLM %s: replay from %d at %s got no end marker within %.1f s; "
+                        "engine down or not started yet?", stream.instance_id, start,
+                        stream.replay_endpoint, self.replay_timeout_s)
         silent_s = now - stream.replay_silent_since
         stream.probe_after = now + min(30.0, max(self.probe_interval_s, silent_s))
-
-    def _read_replay(self, sock: zmq.Socket, stream: _Stream,
-                     out: list[tuple[int, bytes]]) -> bool:
-        """Read the frames ready on one replay socket. Returns True at the end marker."""
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)  # [b"", topic, seq, payload]
-            except zmq.Again:
-                return False
-            if len(frames) != 4 or len(frames[2]) != 8:
-                log.error("vLLM %s: malformed replay frame skipped", stream.instance_id)
-            elif frames[2] == END_SEQ:
-                return True
-            else:
-                out.append((int.from_bytes(frames[2], "big"), frames[3]))
-
-
-def _decode(payload: bytes) -> list[dict]:
-    """The events of one msgpack vLLM KVEventBatch ``[ts, events, dp_rank?]``."""
-    try:
-        batch = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several types for bad bytes
-        raise ValueError(f"not msgpack: {exc}") from exc
-    if not isinstance(batch, (list, tuple)) or len(batch) < 2 \
-            or not isinstance(batch[1], (list, tuple)):
-        raise ValueError(f"not a vLLM KVEventBatch [ts, events, ...]: {batch!r:.100}")
-    events = list(batch[1])
-    if not all(isinstance(e, dict) for e in events):
-        raise ValueError("a KV event that is not a map")
-    return events
-
 
 def _tail(stream: _Stream) -> int:
     """Where a replay for ``stream`` starts: two batches before the next expected one.
@@ -477,7 +421,7 @@ def _tail(stream: _Stream) -> int:
     return max(stream.expected - 2, 0)
 
 
-def _restarted(stream: _Stream, replayed: list[tuple[int, bytes]]) -> bool:
+def _restarted(stream: _Stream, replayed: Replayed) -> bool:
     """Whether an answer from ``_tail(stream)`` comes from another publisher."""
     if stream.expected < 2:
         return False  # nothing to compare yet; a restart shows once it publishes

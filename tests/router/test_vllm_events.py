@@ -8,20 +8,26 @@ import hashlib
 import logging
 import socket
 import time
+from typing import ClassVar
 
 import msgspec
 import pytest
 import zmq
 
 pytest.importorskip("vllm")
-from vllm.distributed.kv_events import (AllBlocksCleared, BlockRemoved, BlockStored,  # noqa: E402
-                                        KVEventBatch, ZmqEventPublisher)
+from vllm.distributed.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventBatch,
+    ZmqEventPublisher,
+)
 
-from kvcluster.common.config import RouterConfig  # noqa: E402
-from kvcluster.common.events import HashSettings, Tier  # noqa: E402
-from kvcluster.common.hashing import ExtraKeys, chunk_hashes  # noqa: E402
-from router import InProcessEventBus, Router, ViewState  # noqa: E402
-from router.vllm_subscriber import VLLMEventSubscriber  # noqa: E402
+from kvcluster.common.config import RouterConfig
+from kvcluster.common.events import HashSettings, Tier
+from kvcluster.common.hashing import ExtraKeys, chunk_hashes
+from router import InProcessEventBus, Router, ViewState
+from router.vllm_subscriber import VLLMEventSubscriber
 
 SETTINGS = HashSettings("vllm-test", 16, 64)
 """Our chain steps every 16 tokens, one chunk key per 64."""
@@ -174,7 +180,7 @@ def test_batches_published_before_watch_are_replayed(cluster):
 class LossySubscriber(VLLMEventSubscriber):
     """Loses the live messages whose (topic, seq) is listed: a transport gap."""
 
-    drop: set = set()
+    drop: ClassVar[set] = set()
 
     def _on_message(self, frames):
         if (frames[0].decode(), int.from_bytes(frames[1], "big")) in self.drop:

@@ -6,7 +6,13 @@ import hashlib
 
 import pytest
 
-from kvcluster.common.events import AllCleared, BlockRemoved, BlockStored, HashSettings, Tier
+from kvcluster.common.events import (
+    AllCleared,
+    BlockRemoved,
+    BlockStored,
+    HashSettings,
+    Tier,
+)
 from kvcluster.common.hashing import ExtraKeys, chunk_hashes
 from router.vllm_rehash import RehashMismatch, UnknownParent, VLLMRehasher
 
