@@ -18,7 +18,6 @@ import contextlib
 import itertools
 import logging
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from kvcluster.common.config import ClusterConfig
 from kvcluster.common.errors import KVClusterError, OverloadedError
 from kvcluster.common.tasks import DecodeStep, DecodeTask
 from kvcluster.integrations.vllm.engine import EngineStep, VLLMEngine
-from kvcluster.integrations.vllm.engine_args import EventEndpoints, model_folder
+from kvcluster.integrations.vllm.engine_args import EventEndpoints, loopback_events, model_folder
 from kvcluster.integrations.vllm.errors import as_kvcluster_error
 from kvcluster.observability.logs import request_context
 from kvcluster.observability.metrics import WorkerMetrics
@@ -75,8 +74,7 @@ class VLLMDecodeWorker(DecodeWorkerBase):
         ``kv_events_replay``)."""
         if self.engine is None:
             if kv_events_publish:
-                replay = f"tcp://{self.config.transfer.host}:{_free_port(self.config.transfer.host)}"
-                self.events = EventEndpoints(kv_events_publish, replay)
+                self.events = loopback_events(kv_events_publish, self.config.transfer.host)
             _threads_for_vllm()
             self.engine = VLLMEngine(self.config, self.instance_id, self.events)
             if not self.config.workers.colocated:  # a prefill pool streams KV here
@@ -232,11 +230,3 @@ def _threads_for_vllm() -> None:
 def _in_ray_actor() -> bool:
     ray = sys.modules.get("ray")
     return bool(ray and ray.is_initialized() and ray.get_runtime_context().get_actor_id())
-
-
-def _free_port(host: str) -> int:
-    """A port free on ``host`` now, for vLLM's replay socket (vLLM binds it in its engine
-    process, so it cannot report a port the OS picked; another bind may race this one)."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]

@@ -13,7 +13,9 @@ from prefill_worker.factory import build_prefill_worker
 
 
 class PrefillActor:
-    def __init__(self, config: dict, instance_id: str):
+    def __init__(self, config: dict, instance_id: str, kv_events_publish: str = ""):
+        """``kv_events_publish``: the front end's ZMQ subscriber for this pool, for
+        engines that publish their own KV events (vLLM)."""
         self.logs = install_worker_logging()
         cluster_config = from_dict(ClusterConfig, config)
         self.config_digest = worker_config_digest(cluster_config)
@@ -21,10 +23,11 @@ class PrefillActor:
         self.worker = build_prefill_worker(cluster_config, instance_id)
         self.metrics = MetricsEndpoint(self.worker.registries())
         self.metrics_address = advertised(self.metrics.start(cluster_config.transfer.host))
+        self.kv_events_publish = kv_events_publish
 
     async def ready(self) -> str:
         """Start the worker (once: a vLLM engine); returns the instance id."""
-        await self.worker.start()
+        await self.worker.start(self.kv_events_publish)
         return self.worker.instance_id
 
     async def prefill(self, task: PrefillTask) -> PrefillResult:

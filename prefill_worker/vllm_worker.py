@@ -24,7 +24,7 @@ from kvcluster.common.hashing import ExtraKeys, chunk_hashes
 from kvcluster.common.sampling import SamplingParams
 from kvcluster.common.tasks import PrefillResult, PrefillTask
 from kvcluster.integrations.vllm.engine import VLLMEngine
-from kvcluster.integrations.vllm.engine_args import model_folder
+from kvcluster.integrations.vllm.engine_args import EventEndpoints, loopback_events, model_folder
 from kvcluster.observability.logs import request_context
 from kvcluster.observability.metrics import TransferMetrics, WorkerMetrics
 from kvcluster.transfer.security import ChannelSecurity
@@ -44,6 +44,7 @@ class VLLMPrefillWorker:
         self.instance_id = instance_id
         self.folder, self.model_id = model_folder(config)
         self.engine: VLLMEngine | None = None
+        self.events: EventEndpoints | None = None
         self.levels = sender_levels(config.transfer.best_level, config.transfer.policy,
                                     config.codec)
         self.channel_security = ChannelSecurity.internal(config.security)
@@ -55,9 +56,13 @@ class VLLMPrefillWorker:
         self.metrics.watch_queue(lambda: self._queued_tokens, lambda: 0)
         self.transfer_metrics = TransferMetrics()
 
-    async def start(self) -> None:
+    async def start(self, kv_events_publish: str = "") -> None:
+        """Start vLLM (once); with ``kv_events_publish`` its KV events go there and its
+        replay socket is bound on ``transfer.host`` (``info()["kv_events_replay"]``)."""
         if self.engine is None:
-            self.engine = VLLMEngine(self.config, self.instance_id)
+            if kv_events_publish:
+                self.events = loopback_events(kv_events_publish, self.config.transfer.host)
+            self.engine = VLLMEngine(self.config, self.instance_id, self.events)
 
     async def prefill(self, task: PrefillTask) -> PrefillResult:
         """Compute ``task``'s prompt in vLLM and send its whole chunks on.
@@ -88,13 +93,14 @@ class VLLMPrefillWorker:
 
     def info(self) -> dict:
         return {"model_id": self.model_id, "block_size": self.config.engine.block_size,
-                "layout": "", "engine": "vllm"}
+                "layout": "", "engine": "vllm",
+                "kv_events_replay": self.events.replay if self.events else ""}
 
     def registries(self) -> list:
         return [self.metrics.registry, self.transfer_metrics.registry]
 
     def take_event_batches(self, resync: bool) -> list:
-        return []  # its engine publishes no events to the prefill router yet
+        return []  # vLLM publishes its KV events over ZMQ itself (EventEndpoints)
 
     def stats(self) -> dict:
         counts: dict[str, int] = {}

@@ -86,8 +86,8 @@ class PrefillWorker:
     def load(self):
         return self.node.load(queued_prefill_tokens=self._queued_tokens)
 
-    async def start(self) -> None:
-        return  # the model loaded in the constructor
+    async def start(self, kv_events_publish: str = "") -> None:
+        return  # the model loaded in the constructor; events go through the node's bus
 
     def info(self) -> dict:
         runner = self.node.runner

@@ -69,7 +69,7 @@ class LocalCluster:
             info = self.pools.decode[0].info
             settings = hash_settings(info["model_id"], info["block_size"],
                                      self.config.store.chunk_tokens)
-            routers, kv_events = [self._router(r, settings) for r in ("prefill", "decode")], None
+            routers, kv_events = [self._router(r, settings) for r in ("prefill", "decode")], {}
         info = self.pools.decode[0].info
         self.backend = RayClusterBackend(self.config, self.pools, info["model_id"], *routers,
                                          metrics=self.router_metrics, kv_events=kv_events)
@@ -107,19 +107,25 @@ class LocalCluster:
         self.pools.shutdown()
 
     async def _start_vllm_pools(self):
-        """Routers and the vLLM event subscriber first: every engine's publisher is given
-        the subscriber's address when it starts (kvcluster.runtime.vllm_events)."""
+        """Routers and one vLLM event subscriber per pool first: every engine's publisher
+        is given its pool's subscriber address when it starts (runtime.vllm_events)."""
         settings = vllm_events.configured_hash_settings(self.config)
         routers = [self._router(role, settings) for role in ("prefill", "decode")]
-        kv_events = vllm_events.start_subscriber(routers[1].bus, settings,
-                                                 self.config.router.host)
-        self.pools = WorkerPools(self.config, kv_events.endpoint if kv_events else "")
+        roles = ["decode"] + ([] if self.config.workers.colocated else ["prefill"])
+        kv_events = {}
+        for role, router in zip(("prefill", "decode"), routers):
+            subscriber = role in roles and vllm_events.start_subscriber(
+                router.bus, settings, self.config.router.host)
+            if subscriber:
+                kv_events[role] = subscriber
+        self.pools = WorkerPools(self.config, {r: s.endpoint for r, s in kv_events.items()})
         try:
             await asyncio.to_thread(self.pools.start)
-            vllm_events.check_workers_hash_like(settings, [h.info for h in self.pools.decode])
+            vllm_events.check_workers_hash_like(
+                settings, [h.info for h in self.pools.decode + self.pools.prefill])
         except BaseException:
-            if kv_events is not None:
-                kv_events.close()
+            for subscriber in kv_events.values():
+                subscriber.close()
             raise
         return routers, kv_events
 

@@ -81,11 +81,12 @@ def stop_pools(config: ClusterConfig) -> int:
 
 
 class WorkerPools:
-    def __init__(self, config: ClusterConfig, kv_events_publish: str = ""):
-        """``kv_events_publish``: the front end's ZMQ subscriber address, handed to every
-        decode actor whose engine publishes its own KV events (engine.kind vllm)."""
+    def __init__(self, config: ClusterConfig, kv_events_publish: dict[str, str] | None = None):
+        """``kv_events_publish``: role -> the front end's ZMQ subscriber address for that
+        pool, handed to its actors, whose engines publish their own KV events
+        (engine.kind vllm)."""
         self.config = config
-        self.kv_events_publish = kv_events_publish
+        self.kv_events_publish = dict(kv_events_publish or {})
         self.prefill: list[WorkerHandle] = []
         self.decode: list[WorkerHandle] = []
 
@@ -138,7 +139,8 @@ class WorkerPools:
         instance_id = f"{role}-{number}"
         cls = PrefillActor if role == PREFILL else DecodeActor
         lifetime = {"lifetime": "detached"} if self.config.workers.detached else {}
-        args = (self.kv_events_publish,) if role == DECODE and self.kv_events_publish else ()
+        publish = self.kv_events_publish.get(role, "")
+        args = (publish,) if publish else ()
         actor = ray.remote(cls).options(
             name=f"kvcluster-{instance_id}", namespace=NAMESPACE, get_if_exists=True,
             max_restarts=-1, max_concurrency=64, **lifetime,

@@ -51,11 +51,12 @@ class RayClusterBackend(GenerateBackend):
     def __init__(self, config: ClusterConfig, pools: WorkerPools, model_id: str,
                  prefill_router: Router, decode_router: Router,
                  poll_interval_s: float = 0.5, metrics: RouterMetrics | None = None,
-                 kv_events=None):
-        """``kv_events``: the vLLM event subscriber (router.vllm_subscriber) feeding the
-        decode router, for engine.kind vllm; watched per instance here, closed at close()."""
+                 kv_events: dict | None = None):
+        """``kv_events``: role -> the vLLM event subscriber (router.vllm_subscriber)
+        feeding that pool's router, for engine.kind vllm; each instance is watched here,
+        and they are closed at close()."""
         self.config = config
-        self.kv_events = kv_events
+        self.kv_events = dict(kv_events or {})
         self.pools = pools
         self.model_id = model_id
         self.routers = {"prefill": prefill_router, "decode": decode_router}
@@ -74,8 +75,8 @@ class RayClusterBackend(GenerateBackend):
             self.routers[handle.role].registry.register(handle.instance_id, handle.address,
                                                         handle.role)
             replay = handle.info.get("kv_events_replay", "")
-            if self.kv_events is not None and replay:
-                self.kv_events.watch(handle.instance_id, replay)
+            if handle.role in self.kv_events and replay:
+                self.kv_events[handle.role].watch(handle.instance_id, replay)
         await self._poll_once()
         self._poller = asyncio.create_task(self._poll_forever())
 
@@ -137,9 +138,9 @@ class RayClusterBackend(GenerateBackend):
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
             self._poller = None
-        if self.kv_events is not None:
-            self.kv_events.close()
-            self.kv_events = None
+        for subscriber in self.kv_events.values():
+            subscriber.close()
+        self.kv_events = {}
 
     # ------------------------------------------------------------ planning
 

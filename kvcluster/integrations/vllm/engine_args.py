@@ -10,6 +10,7 @@ keeps vLLM's defaults.
 from __future__ import annotations
 
 import dataclasses
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,16 @@ class EventEndpoints:
         if "*" in self.publish:
             raise ValueError(f"publish endpoint {self.publish!r} would make vLLM bind every "
                              "interface; give the subscriber's own address")
+
+
+def loopback_events(publish: str, host: str) -> EventEndpoints:
+    """Events to ``publish``, the replay ROUTER on a port of ``host`` free now (vLLM
+    binds it in its engine process, so it cannot report a port the OS picked; another
+    bind may race this one)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    return EventEndpoints(publish, f"tcp://{host}:{port}")
 
 
 def model_folder(config: ClusterConfig) -> tuple[Path, str]:

@@ -93,7 +93,7 @@ def test_the_router_learns_the_prefix_from_vllms_kv_events(cluster, grpc_client,
     connector's tier events) tells the decode router that decode-0 holds the prompt's
     whole chunks; another tenant's salt matches nothing."""
     backend = cluster.cluster.backend
-    assert backend.kv_events is not None
+    assert set(backend.kv_events) == {"decode"}
     _generate(grpc_client, prompts["long"], tenant="routed")
     decode = cluster.cluster.pools.decode[0]
 
@@ -108,7 +108,7 @@ def test_the_router_learns_the_prefix_from_vllms_kv_events(cluster, grpc_client,
         assert time.monotonic() < deadline, "the index never learned the prefix"
         time.sleep(0.1)
     assert lacking("nobody") == 2 * CHUNK_TOKENS
-    assert backend.kv_events.stats("decode-0")["batches"] > 0
+    assert backend.kv_events["decode"].stats("decode-0")["batches"] > 0
 
 
 def test_the_tenant_salts_vllms_prefix_cache(grpc_client, prompts):

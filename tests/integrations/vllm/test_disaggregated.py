@@ -51,6 +51,7 @@ def test_prefill_streams_whole_chunks_into_the_decoders_paged_blocks(cluster, cl
     assert (final.prefill_instance, final.decode_instance) == ("prefill-0", "decode-0")
     assert final.cached_tokens_by_tier.get("transfer") == 2 * CHUNK_TOKENS  # vLLM loaded them
     assert final.num_cached_tokens == sum(final.cached_tokens_by_tier.values())
+    assert set(cluster.cluster.backend.kv_events) == {"prefill", "decode"}
     sent = cluster.cluster.backend.stats["prefill_results"][-1]
     assert sent.transfer_ok and sent.num_transferred_tokens == 2 * CHUNK_TOKENS
     assert sent.wire_bytes > 0
