@@ -286,6 +286,20 @@ def test_malformed_bytes_reset_the_instance_and_the_subscriber_keeps_serving(clu
         raw.close(0)
 
 
+def test_an_unknown_parent_resets_the_view_loudly(cluster, caplog):
+    a = cluster.engine("a")
+    a.publish(batch(stored(OTHER)))
+    cluster.wait(lambda: cluster.held("a") == set(keys(OTHER)))
+    with caplog.at_level(logging.ERROR, logger="router.vllm"):
+        a.publish(batch(stored(PROMPT, start_block=4)))            # parent never announced
+        cluster.wait(lambda: cluster.sub.stats("a").get("resets", 0) == 1)
+        cluster.wait(lambda: not cluster.held("a"))                # what it held is unknown now
+    assert any("never announced" in r.message and "reset" in r.message for r in caplog.records)
+    a.publish(batch(stored(PROMPT)))                               # new sequences still count
+    cluster.wait(lambda: cluster.held("a") == set(keys(PROMPT)))
+    assert cluster.sub.stats("a")["resets"] == 1
+
+
 def test_resync_request_and_unwatch(cluster):
     a = cluster.engine("a")
     a.publish(batch(stored(PROMPT)))
