@@ -17,6 +17,11 @@ Events whose settings cannot be re-hashed (:class:`RehashMismatch`) are never ro
 on: the instance's batches are forwarded with the settings vLLM effectively uses, so
 the ingestor flags it HASH_MISMATCH, until it is watched again or its engine restarts.
 
+A PUB drops what it sends before the SUB's subscription reaches it, and an idle engine
+sends nothing that would reveal that gap, so every ``probe_interval_s`` each instance's
+replay tail is asked for too (all at once); the same answer tells a restarted engine (a
+new buffer from seq 0), whose view is then rebuilt.
+
 Forwarded batches are numbered 0, 1, 2... per instance, the first a reset batch, so the
 ingestor sees one unbroken stream whatever vLLM's numbering did; when the ingestor asks
 for a resync (its bus lost a batch), the instance is rebuilt from replay.
@@ -145,6 +150,8 @@ class VLLMEventSubscriber:
         """
         if not instance_id:
             raise ValueError("instance_id must be non-empty (it is the events' topic)")
+        if replay_endpoint and not replay_endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"replay endpoint {replay_endpoint!r} is not a ZMQ address")
         self._command(("watch", instance_id, replay_endpoint))
 
     def unwatch(self, instance_id: str) -> None:

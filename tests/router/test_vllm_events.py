@@ -330,6 +330,13 @@ def test_a_dead_replay_endpoint_is_reported_once_and_close_returns_promptly(capl
         c.sub.watch("late")
 
 
+def test_watch_refuses_what_cannot_be_a_topic_or_a_replay_address(cluster):
+    with pytest.raises(ValueError, match="non-empty"):
+        cluster.sub.watch("")
+    with pytest.raises(ValueError, match="not a ZMQ address"):
+        cluster.sub.watch("a", "127.0.0.1:5558")
+
+
 def test_a_restarted_engine_is_rebuilt_from_its_new_stream(cluster):
     a = cluster.engine("a")
     replay = a.get_publisher_config().replay_endpoint
