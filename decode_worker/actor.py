@@ -60,7 +60,7 @@ class DecodeActor:
         return self.worker.load(), self.worker.take_event_batches(resync), address
 
     async def stats(self) -> dict:
-        return dict(self.worker.stats(), role="decode", pid=os.getpid(),
+        return dict(await self.worker.stats(), role="decode", pid=os.getpid(),
                     metrics_address=self.metrics_address)
 
     async def recent_logs(self) -> list[dict]:

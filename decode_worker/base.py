@@ -65,7 +65,7 @@ class DecodeWorkerBase(abc.ABC):
         """KV event batches queued for the front end to relay (embedded default)."""
 
     @abc.abstractmethod
-    def stats(self) -> dict:
+    async def stats(self) -> dict:
         """Per-tier usage and hits, the data plane, for ``kvcluster status``."""
 
     @abc.abstractmethod

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Active:
     arrived_s: float
+    submitted_s: float = 0.0
+    """When the request went to vLLM (after any KV transfer)."""
     first_token_s: float = 0.0
     first_token_time: float = 0.0
     num_tokens: int = 0
@@ -92,6 +94,7 @@ class VLLMDecodeWorker(DecodeWorkerBase):
         active = self._active[engine_id] = _Active(time.perf_counter())
         try:
             received = await self._received_chunks(task, active)
+            active.submitted_s = time.perf_counter()
             steps = engine.generate(engine_id, task.token_ids, task.params, task.tenant,
                                     received)
             async with contextlib.aclosing(steps):
@@ -128,11 +131,14 @@ class VLLMDecodeWorker(DecodeWorkerBase):
     def take_event_batches(self, resync: bool) -> list:
         return []  # vLLM publishes its KV events over ZMQ itself (EventEndpoints)
 
-    def stats(self) -> dict:
-        """Requests vLLM still holds (``engine_requests``): an aborted one leaves."""
-        engine_requests = self.engine.num_unfinished() if self.engine is not None else 0
-        return {"instance_id": self.instance_id, "engine": "vllm", "tiers": {}, "misses": 0,
-                "active_requests": len(self._active), "engine_requests": engine_requests,
+    async def stats(self) -> dict:
+        """The connector's tiers (in vLLM's worker process), and the requests vLLM still
+        holds (``engine_requests``: an aborted one leaves)."""
+        engine = self._engine()
+        return {"instance_id": self.instance_id, "engine": "vllm",
+                **await engine.tier_stats(),
+                "active_requests": len(self._active),
+                "engine_requests": engine.num_unfinished(),
                 "lookup_chunks": 0,
                 "data_plane": self.kv_in.data_plane_stats() if self.kv_in else {}}
 
@@ -167,8 +173,9 @@ class VLLMDecodeWorker(DecodeWorkerBase):
             if step.token_ids and not active.first_token_s:
                 active.first_token_s = time.perf_counter() - active.arrived_s
                 active.first_token_time = time.time()
-                # vLLM queues and prefills in its own process: one stage, arrival to token
-                active.stage_ms["first_decode_step"] = active.first_token_s * 1e3
+                # vLLM queues and prefills in its own process: one stage, submit to token
+                active.stage_ms["first_decode_step"] = (
+                    time.perf_counter() - active.submitted_s) * 1e3
             active.num_tokens += len(step.token_ids)
             yield step
 

@@ -146,7 +146,7 @@ class DecodeWorker(DecodeWorkerBase):
     def take_event_batches(self, resync: bool) -> list:
         return drain(self.node.bus, self.instance_id, resync)
 
-    def stats(self) -> dict:
+    async def stats(self) -> dict:
         lookups = self.metrics.value("kvcluster_worker_prefix_lookup_chunks_total")
         return dict(self.node.stats(), lookup_chunks=lookups,
                     data_plane=self.receiver.data_plane_stats())

@@ -43,7 +43,7 @@ class PrefillActor:
         return self.worker.load(), self.worker.take_event_batches(resync), ""
 
     async def stats(self) -> dict:
-        return dict(self.worker.stats(), role="prefill", pid=os.getpid(),
+        return dict(await self.worker.stats(), role="prefill", pid=os.getpid(),
                     metrics_address=self.metrics_address)
 
     async def recent_logs(self) -> list[dict]:

@@ -102,13 +102,13 @@ class VLLMPrefillWorker:
     def take_event_batches(self, resync: bool) -> list:
         return []  # vLLM publishes its KV events over ZMQ itself (EventEndpoints)
 
-    def stats(self) -> dict:
+    async def stats(self) -> dict:
         counts: dict[str, int] = {}
         for sender in self._senders.values():
             for plane, n in sender.data_planes.used.items():
                 counts[plane] = counts.get(plane, 0) + n
-        return {"instance_id": self.instance_id, "engine": "vllm", "tiers": {}, "misses": 0,
-                "lookup_chunks": 0,
+        return {"instance_id": self.instance_id, "engine": "vllm",
+                **await self._engine().tier_stats(), "lookup_chunks": 0,
                 "data_plane": {"data_plane": self.config.transfer.data_plane,
                                "transfers": counts}}
 

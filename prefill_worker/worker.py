@@ -101,7 +101,7 @@ class PrefillWorker:
     def take_event_batches(self, resync: bool) -> list:
         return drain(self.node.bus, self.instance_id, resync)
 
-    def stats(self) -> dict:
+    async def stats(self) -> dict:
         lookups = self.metrics.value("kvcluster_worker_prefix_lookup_chunks_total")
         return dict(self.node.stats(), lookup_chunks=lookups,
                     data_plane=self.data_plane_stats())

@@ -113,6 +113,12 @@ class VLLMEngine:
             "kvcluster_put_chunks", args=([k.digest for k in keys], to_bytes(kv), tenant))
         return num
 
+    async def tier_stats(self) -> dict:
+        """``{"tiers": {name: {used_bytes, capacity_bytes, hits, up}}, "misses": n}`` of
+        the connector's store in vLLM's worker process."""
+        (stats,) = await self.llm.collective_rpc("kvcluster_tier_stats")
+        return stats
+
     def num_unfinished(self) -> int:
         """Requests vLLM still holds (waiting or running)."""
         return self.llm.output_processor.get_num_unfinished_requests()

@@ -31,6 +31,15 @@ class KVClusterWorkerExtension:
         """The KV layout of the worker's store (KVLayout's fields): what travels."""
         return dataclasses.asdict(_worker_side().layout)
 
+    def kvcluster_tier_stats(self) -> dict:
+        """Per-tier usage and hits of the worker's store, for ``kvcluster status``."""
+        store = _worker_side().store
+        metrics = store.metrics
+        return {"tiers": {
+            t.name: {"used_bytes": t.used_bytes, "capacity_bytes": t.capacity_bytes,
+                     "hits": metrics.value("kvstore_hits_total", tier=t.name), "up": t.is_up}
+            for t in store.tiers}, "misses": metrics.value("kvstore_misses_total")}
+
     def kvcluster_get_chunks(self, chunk_keys: list[bytes]) -> bytes:
         """The stored prefix of ``chunk_keys``: the raw bytes of KV ``[L, 2, n * C, H, D]``
         (the store's layout and dtype) of its first n chunks found in the tiers; b"" when

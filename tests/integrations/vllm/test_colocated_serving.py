@@ -69,11 +69,13 @@ def test_greedy_text_over_http_equals_stock_vllm(cluster, prompts, stock_outputs
     assert chunks[-1].usage.completion_tokens == len(stock_outputs["short"])
 
 
-def test_evicted_prefix_comes_back_from_the_host_tier(grpc_client, prompts, stock_outputs):
+def test_evicted_prefix_comes_back_from_the_host_tier(cluster, grpc_client, prompts,
+                                                      stock_outputs):
     """``long`` is stored in the host tier while computed; two prompts as long evict it
     from vLLM's 40 blocks; asked again, the connector loads its two whole chunks
     (vLLM counts them as cached: not prefilled) and the greedy tokens are stock's."""
     tenant = "evict-tenant"  # no other test's blocks share its salt
+    decode = cluster.cluster.pools.decode[0]
     first = _generate(grpc_client, prompts["long"], tenant=tenant)
     assert first.final.num_cached_tokens == 0
     again = _generate(grpc_client, prompts["long"], tenant=tenant)
@@ -86,6 +88,8 @@ def test_evicted_prefix_comes_back_from_the_host_tier(grpc_client, prompts, stoc
     assert back.final.cached_tokens_by_tier.get("host") == 2 * CHUNK_TOKENS
     assert back.final.num_cached_tokens == sum(back.final.cached_tokens_by_tier.values())
     assert back.final.num_cached_tokens >= 2 * CHUNK_TOKENS
+    host = ray.get(decode.actor.stats.remote(), timeout=30)["tiers"]["host"]
+    assert host["used_bytes"] > 0 and host["hits"] >= 2  # kvcluster status sees the tier
 
 
 def test_the_router_learns_the_prefix_from_vllms_kv_events(cluster, grpc_client, prompts):
