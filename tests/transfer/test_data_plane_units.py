@@ -107,6 +107,17 @@ def test_window_pool_reuses_then_drops_to_stay_in_budget():
     assert pool.registered_bytes == 0 and dropped[-1] is c
 
 
+def test_window_pool_warm_registers_one_window_the_first_transfer_reuses():
+    made = []
+    pool = WindowPool(lambda n: made.append(n) or bytearray(n), lambda b: None, len,
+                      budget_bytes=4 * 4096)
+    assert pool.warm(2 * 4096) and made == [2 * 4096] and pool.num_free == 1
+    window = pool.take(3000)  # smaller: the warm window serves it, nothing new is made
+    assert len(window) == 2 * 4096 and made == [2 * 4096]
+    assert not pool.warm(8 * 4096)  # over the budget: nothing registered
+    assert made == [2 * 4096]
+
+
 class _Plane:
     name = "tcp"
 

@@ -88,6 +88,13 @@ class ReceiverPlane(abc.ABC):
         """Why this plane cannot serve a sender with ``offer``; "" when it can."""
         return ""
 
+    def warm(self, num_bytes: int) -> None:
+        """Register one window of ``num_bytes`` now, so the first transfer does not pay
+        for it (backends with a window pool; the others need nothing)."""
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.warm(num_bytes)
+
     @abc.abstractmethod
     def open(self, header: StreamHeader, window_bytes: int) -> Window | None:
         """A window of at least ``window_bytes`` for one transfer; None when none is free."""

@@ -70,8 +70,14 @@ class ReceiverDataPlanes:
         self.grants: Counter[str] = Counter()
 
     async def start(self) -> None:
+        """Start every plane, each with one window of the largest size registered: the
+        first transfer would otherwise wait for its pages to be faulted in and zeroed."""
         for plane in self.planes.values():
             await plane.start()
+            try:
+                plane.warm(self.config.data_plane_window_bytes)
+            except OSError as exc:  # e.g. a small /dev/shm: transfers go inline or elsewhere
+                log.warning("%s data plane: no window registered ahead (%s)", plane.name, exc)
 
     async def stop(self) -> None:
         for plane in self.planes.values():

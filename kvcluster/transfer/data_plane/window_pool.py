@@ -65,6 +65,15 @@ class WindowPool(Generic[B]):
                 self._registered_bytes -= num_bytes
             raise
 
+    def warm(self, num_bytes: int) -> bool:
+        """Register one free buffer of ``num_bytes`` ahead of the first transfer (registering
+        is what costs); False when the budget has no room for it."""
+        buffer = self.take(num_bytes)
+        if buffer is None:
+            return False
+        self.give(buffer)
+        return True
+
     def give(self, buffer: B, reuse: bool = True) -> None:
         """Return a buffer; ``reuse=False`` drops it (a late write may still hit it)."""
         if reuse:
