@@ -1,9 +1,11 @@
 """``engine.kind: vllm`` disaggregated: a vLLM prefill actor computes the prompt and
 streams its whole chunks over kvcluster's transfer to a vLLM decode actor, whose
-connector loads them into vLLM's paged blocks; greedy tokens equal stock vLLM's. A
-prefill actor gone before streaming: the decoder computes the prompt, same tokens.
+connector loads them into vLLM's paged blocks; greedy tokens equal stock vLLM's. The
+next turn goes to the decode instance vLLM's KV events say holds its prefix, with no
+prefill hop. A prefill actor gone before streaming: the decoder computes the prompt; a
+decode actor killed mid-stream: the other one finishes the request; same tokens.
 
-One cluster (two vLLM engines, the only module with two) for the module.
+One cluster (three vLLM engines: one prefill, two decode) for the module.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def cluster(stock_outputs):
-    config = vllm_config(workers={"colocated": False, "num_prefill": 1, "num_decode": 1,
+    config = vllm_config(workers={"colocated": False, "num_prefill": 1, "num_decode": 2,
                                   "max_queue": 4, "max_local_prefill_tokens": 0},
                          transfer={"timeout_s": 30.0})
     handle = ClusterThread(config, num_cpus=2, start_timeout_s=400)
@@ -38,9 +40,9 @@ def client(cluster):
         yield grpc_client
 
 
-def _generate(client, ids, tenant):
+def _generate(client, ids, tenant, max_new_tokens=MAX_NEW_TOKENS):
     return client.generate(token_ids=ids, params=SamplingParams(
-        max_new_tokens=MAX_NEW_TOKENS, temperature=0.0), tenant=tenant, timeout_s=180)
+        max_new_tokens=max_new_tokens, temperature=0.0), tenant=tenant, timeout_s=180)
 
 
 def test_prefill_streams_whole_chunks_into_the_decoders_paged_blocks(cluster, client,
@@ -48,7 +50,8 @@ def test_prefill_streams_whole_chunks_into_the_decoders_paged_blocks(cluster, cl
     result = _generate(client, prompts["long"], "pd-tenant")
     assert result.token_ids == stock_outputs["long"]
     final = result.final
-    assert (final.prefill_instance, final.decode_instance) == ("prefill-0", "decode-0")
+    assert final.prefill_instance == "prefill-0"
+    assert final.decode_instance in ("decode-0", "decode-1")
     assert final.cached_tokens_by_tier.get("transfer") == 2 * CHUNK_TOKENS  # vLLM loaded them
     assert final.num_cached_tokens == sum(final.cached_tokens_by_tier.values())
     assert set(cluster.cluster.backend.kv_events) == {"prefill", "decode"}
@@ -59,15 +62,16 @@ def test_prefill_streams_whole_chunks_into_the_decoders_paged_blocks(cluster, cl
 
 def test_the_next_turn_skips_the_prefill_hop_by_vllms_kv_events(cluster, client, prompts,
                                                                 stock_outputs, tokenizer):
-    """Turn 1 went through prefill-0; the decode instance's KV events (vLLM's, through
-    router.vllm_subscriber) tell the decode router it now holds both whole chunks, so
-    turn 2 (turn 1 + its answer + a question) is decoded there with no prefill hop."""
+    """Turn 1 went through prefill-0 to one of two decode instances; that instance's KV
+    events (vLLM's, through router.vllm_subscriber) tell the decode router it now holds
+    both whole chunks, so turn 2 (turn 1 + its answer + a question) is routed to it and
+    decoded there with no prefill hop."""
     turn1 = prompts["long"]
-    _generate(client, turn1, "pd-chat")
+    holder = _generate(client, turn1, "pd-chat").final.decode_instance
     turn2 = turn1 + stock_outputs["long"] + tokenizer.encode(" And then?")
     assert len(turn2) // CHUNK_TOKENS == len(turn1) // CHUNK_TOKENS == 2
     backend = cluster.cluster.backend
-    decode = cluster.cluster.pools.decode[0]
+    decode = cluster.cluster.pools.by_id(holder)
     route = backend.routers["decode"].request_for(
         turn2, ExtraKeys(backend.model_id, "pd-chat"), "probe")
     deadline = time.monotonic() + 10
@@ -75,7 +79,8 @@ def test_the_next_turn_skips_the_prefill_hop_by_vllms_kv_events(cluster, client,
         assert time.monotonic() < deadline, "the decode router never learned turn 1"
         time.sleep(0.1)
     result = _generate(client, turn2, "pd-chat")
-    assert result.final.prefill_instance == ""  # no hop: decode-0 holds the prefix
+    assert result.final.decode_instance == holder
+    assert result.final.prefill_instance == ""  # no hop: the holder computes the tail
     assert result.final.num_cached_tokens >= 2 * CHUNK_TOKENS
 
 
@@ -95,3 +100,24 @@ def test_a_dead_prefill_actor_costs_only_the_recompute(cluster, client, prompts,
     assert result.token_ids == stock_outputs["evict_1"]
     assert result.final.prefill_instance == ""
     assert "transfer" not in result.final.cached_tokens_by_tier
+
+
+def test_a_decode_actor_killed_mid_stream_is_finished_by_the_other(cluster, client, prompts):
+    """The decode actor streaming a request is killed (its vLLM engine with it) after a
+    few tokens; the backend resumes on the other instance from the prompt plus the tokens
+    already streamed: the same greedy tokens as an undisturbed run."""
+    ids, num_tokens = prompts["short"], 60
+    reference = _generate(client, ids, "pd-kill", num_tokens).token_ids
+    stream = client.generate_stream(token_ids=ids, tenant="pd-kill-2", timeout_s=180,
+                                    params=SamplingParams(max_new_tokens=num_tokens,
+                                                          temperature=0.0))
+    tokens = [t for _, e in zip(range(3), stream) for t in e.token_ids]
+    serving = [h for h in cluster.cluster.pools.decode
+               if ray.get(h.actor.stats.remote(), timeout=30)["active_requests"]]
+    assert len(serving) == 1
+    ray.kill(serving[0].actor, no_restart=True)
+    events = list(stream)
+    tokens += [t for e in events[:-1] for t in e.token_ids]
+    assert tokens == reference
+    assert events[-1].decode_instance not in ("", serving[0].instance_id)
+    assert cluster.cluster.backend.stats["decode_retries"] == 1
