@@ -118,7 +118,9 @@ class VLLMDecodeWorker(DecodeWorkerBase):
             self.kv_in.abandon(request_id)
 
     def load(self) -> InstanceLoad:
-        return InstanceLoad(0, len(self._active), 0, self._kv_capacity_bytes())
+        capacity = self._kv_capacity_bytes()
+        used = int(capacity * self.engine.kv_usage.fraction) if self.engine else 0
+        return InstanceLoad(0, len(self._active), used, capacity)
 
     def info(self) -> dict:
         return {"model_id": self.model_id, "block_size": self.config.engine.block_size,

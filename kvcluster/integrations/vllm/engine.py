@@ -25,6 +25,7 @@ from kvcluster.common.hashing import BlockHash
 from kvcluster.common.layout import KVLayout
 from kvcluster.common.sampling import SamplingParams
 from kvcluster.integrations.vllm.engine_args import EventEndpoints, engine_args, model_folder
+from kvcluster.integrations.vllm.kv_usage import KVUsage
 from kvcluster.integrations.vllm.metadata import RECEIVED_CHUNKS
 from kvcluster.integrations.vllm.worker_extension import from_bytes, to_bytes
 
@@ -52,7 +53,9 @@ class VLLMEngine:
         args = engine_args(config, instance_id, events)
         self.kv_bytes_per_token = args.kv_cache_memory_bytes // (
             config.engine.num_blocks * config.engine.block_size)
-        self.llm = AsyncLLM.from_engine_args(args)
+        self.kv_usage = KVUsage()
+        """vLLM's KV cache usage, as its scheduler last reported it."""
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[self.kv_usage.factory()])
         self.block_size = config.engine.block_size
         self._layout: KVLayout | None = None
 

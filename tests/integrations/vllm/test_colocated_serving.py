@@ -144,6 +144,8 @@ def test_a_full_queue_is_resource_exhausted_and_closed_streams_abort_in_vllm(clu
     with pytest.raises(openai.RateLimitError):
         client.completions.create(model="smollm2", prompt=prompts["short"], max_tokens=4)
     assert ray.get(decode.actor.stats.remote(), timeout=30)["engine_requests"] == 2
+    load = ray.get(decode.actor.poll.remote(False), timeout=30)[0]
+    assert load.active_decode_requests == 2 and 0 < load.kv_usage < 1  # vLLM's own figure
     for stream in streams:
         stream.close()
     deadline = time.monotonic() + 20
