@@ -27,7 +27,7 @@ ray = pytest.importorskip("ray")
 def cluster(stock_outputs):
     config = vllm_config(workers={"colocated": False, "num_prefill": 1, "num_decode": 2,
                                   "max_queue": 4, "max_local_prefill_tokens": 0},
-                         transfer={"timeout_s": 30.0})
+                         transfer={"timeout_s": 30.0, "policy": "lossless"})  # exact KV
     handle = ClusterThread(config, num_cpus=2, start_timeout_s=400)
     yield handle
     handle.close()
@@ -57,7 +57,7 @@ def test_prefill_streams_whole_chunks_into_the_decoders_paged_blocks(cluster, cl
     assert set(cluster.cluster.backend.kv_events) == {"prefill", "decode"}
     sent = cluster.cluster.backend.stats["prefill_results"][-1]
     assert sent.transfer_ok and sent.num_transferred_tokens == 2 * CHUNK_TOKENS
-    assert sent.wire_bytes > 0
+    assert sent.wire_bytes > 0 and set(sent.levels) == {"lossless"}
 
 
 def test_the_next_turn_skips_the_prefill_hop_by_vllms_kv_events(cluster, client, prompts,
