@@ -115,7 +115,7 @@ class LocalCluster:
         kv_events = {}
         for role, router in zip(("prefill", "decode"), routers):
             subscriber = role in roles and vllm_events.start_subscriber(
-                router.bus, settings, self.config.router.host)
+                router.bus, settings, self.config.router, role)
             if subscriber:
                 kv_events[role] = subscriber
         self.pools = WorkerPools(self.config, {r: s.endpoint for r, s in kv_events.items()})
