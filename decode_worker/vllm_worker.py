@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -77,7 +75,6 @@ class VLLMDecodeWorker(DecodeWorkerBase):
         if self.engine is None:
             if kv_events_publish:
                 self.events = loopback_events(kv_events_publish, self.config.transfer.host)
-            _threads_for_vllm()
             self.engine = VLLMEngine(self.config, self.instance_id, self.events)
             if not self.config.workers.colocated:  # a prefill pool streams KV here
                 self.kv_in = VLLMKVReceiver(self.config, self.engine, self.model_id)
@@ -227,15 +224,3 @@ class VLLMDecodeWorker(DecodeWorkerBase):
         per_token = self.engine.kv_bytes_per_token
         return self.config.engine.num_blocks * self.config.engine.block_size * per_token
 
-
-def _threads_for_vllm() -> None:
-    """vLLM's processes inherit this one's environment: a Ray actor's OMP_NUM_THREADS is
-    1 (its CPU share), which would run vLLM's forward on one core. vLLM sizes its own
-    thread pool from every core it may run on, as engine.native_threads 0 does."""
-    if os.environ.get("OMP_NUM_THREADS") == "1" and _in_ray_actor():
-        os.environ["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
-
-
-def _in_ray_actor() -> bool:
-    ray = sys.modules.get("ray")
-    return bool(ray and ray.is_initialized() and ray.get_runtime_context().get_actor_id())

@@ -12,6 +12,8 @@ salted with it.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
@@ -50,6 +52,7 @@ class VLLMEngine:
         self.config = config
         self.instance_id = instance_id
         self.folder, self.model_id = model_folder(config)
+        _threads_for_vllm()
         args = engine_args(config, instance_id, events)
         self.kv_bytes_per_token = args.kv_cache_memory_bytes // (
             config.engine.num_blocks * config.engine.block_size)
@@ -140,3 +143,16 @@ def vllm_sampling(params: SamplingParams) -> VLLMSamplingParams:
         top_k=params.top_k, seed=params.seed, stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
         detokenize=False, output_kind=RequestOutputKind.DELTA)
+
+
+def _threads_for_vllm() -> None:
+    """vLLM's processes inherit this one's environment: a Ray actor's OMP_NUM_THREADS is
+    1 (its CPU share), which would run vLLM's forward on one core. vLLM sizes its own
+    thread pool from every core it may run on, as engine.native_threads 0 does."""
+    if os.environ.get("OMP_NUM_THREADS") == "1" and _in_ray_actor():
+        os.environ["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
+
+
+def _in_ray_actor() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray and ray.is_initialized() and ray.get_runtime_context().get_actor_id())
