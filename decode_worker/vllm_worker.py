@@ -30,7 +30,7 @@ from kvcluster.integrations.vllm.engine import EngineStep, VLLMEngine
 from kvcluster.integrations.vllm.engine_args import EventEndpoints, loopback_events, model_folder
 from kvcluster.integrations.vllm.errors import as_kvcluster_error
 from kvcluster.observability.logs import request_context
-from kvcluster.observability.metrics import WorkerMetrics
+from kvcluster.observability.metrics import WorkerMetrics, advertised_zmq
 from router.load import InstanceLoad
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class VLLMDecodeWorker(DecodeWorkerBase):
     def info(self) -> dict:
         return {"model_id": self.model_id, "block_size": self.config.engine.block_size,
                 "layout": "", "engine": "vllm",
-                "kv_events_replay": self.events.replay if self.events else ""}
+                "kv_events_replay": advertised_zmq(self.events.replay) if self.events else ""}
 
     def registries(self) -> list:
         return [self.metrics.registry]

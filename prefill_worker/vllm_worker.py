@@ -26,7 +26,7 @@ from kvcluster.common.tasks import PrefillResult, PrefillTask
 from kvcluster.integrations.vllm.engine import VLLMEngine
 from kvcluster.integrations.vllm.engine_args import EventEndpoints, loopback_events, model_folder
 from kvcluster.observability.logs import request_context
-from kvcluster.observability.metrics import TransferMetrics, WorkerMetrics
+from kvcluster.observability.metrics import TransferMetrics, WorkerMetrics, advertised_zmq
 from kvcluster.transfer.security import ChannelSecurity
 from kvcluster.transfer.sender import KVSender
 from kvcluster.transfer.source import ChunkSource
@@ -94,7 +94,7 @@ class VLLMPrefillWorker:
     def info(self) -> dict:
         return {"model_id": self.model_id, "block_size": self.config.engine.block_size,
                 "layout": "", "engine": "vllm",
-                "kv_events_replay": self.events.replay if self.events else ""}
+                "kv_events_replay": advertised_zmq(self.events.replay) if self.events else ""}
 
     def registries(self) -> list:
         return [self.metrics.registry, self.transfer_metrics.registry]

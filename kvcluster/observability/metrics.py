@@ -247,8 +247,16 @@ class _Forward:
 def advertised(address: str) -> str:
     """A wildcard bind (0.0.0.0, ::) is advertised as this Ray node's IP."""
     host, _, port = address.rpartition(":")
-    if host.strip("[]") in ("0.0.0.0", "::", ""):
+    if host.strip("[]") in ("0.0.0.0", "::", "*", ""):
         import ray
 
         host = ray.util.get_node_ip_address()
     return f"{host}:{port}"
+
+
+def advertised_zmq(endpoint: str) -> str:
+    """A ZMQ ``tcp://`` endpoint bound on a wildcard, as other nodes reach it (this Ray
+    node's IP); other endpoints (ipc, inproc, a concrete host) unchanged."""
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    return "tcp://" + advertised(endpoint.removeprefix("tcp://"))

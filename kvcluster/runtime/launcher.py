@@ -28,6 +28,7 @@ from kvcluster.observability.metrics import (
     FrontendMetrics,
     MetricsEndpoint,
     RouterMetrics,
+    advertised_zmq,
 )
 from kvcluster.runtime import vllm_events
 from kvcluster.runtime.pools import WorkerPools, init_local_ray
@@ -118,7 +119,9 @@ class LocalCluster:
                 router.bus, settings, self.config.router, role)
             if subscriber:
                 kv_events[role] = subscriber
-        self.pools = WorkerPools(self.config, {r: s.endpoint for r, s in kv_events.items()})
+        # engines on other nodes connect to it: a wildcard bind goes out as this node's IP
+        self.pools = WorkerPools(self.config, {r: advertised_zmq(s.endpoint)
+                                               for r, s in kv_events.items()})
         try:
             await asyncio.to_thread(self.pools.start)
             vllm_events.check_workers_hash_like(
