@@ -31,6 +31,7 @@ from kvcluster.transfer.security import ChannelSecurity
 from kvcluster.transfer.sender import KVSender
 from kvcluster.transfer.source import ChunkSource
 from kvcluster.worker.node import WorkerNode
+from prefill_worker.warm_up import warm_up
 from kvcluster.worker.relay import drain
 from kvstore.codec.factory import sender_levels
 from kvstore.codec.hint import chunk_hints
@@ -87,7 +88,11 @@ class PrefillWorker:
         return self.node.load(queued_prefill_tokens=self._queued_tokens)
 
     async def start(self, kv_events_publish: str = "") -> None:
-        return  # the model loaded in the constructor; events go through the node's bus
+        """The model loaded in the constructor and events go through the node's bus; the
+        engine and every codec level run once here, before the first request (warm_up)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._compute, warm_up, self.node.runner, self.levels,
+                                   self.config.transfer.chunk_tokens)
 
     def info(self) -> dict:
         runner = self.node.runner
