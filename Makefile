@@ -19,8 +19,11 @@ endif
 
 .PHONY: demo test bench-quick protos clean
 
+# The engine bench.serve measured serving the demo workload best (docs/benchmarks.md,
+# "serve"): vLLM, by a few percent on TTFT and tokens/s; `kvcluster demo --engine native`
+# starts in seconds instead of vLLM's minute or two.
 demo: $(STAMP)
-	$(PY) -m kvcluster demo
+	$(PY) -m kvcluster demo --engine vllm
 
 test: $(STAMP)
 	$(PY) -m pytest -q

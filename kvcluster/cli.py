@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvcluster.common.config import ENGINE_KINDS
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
@@ -21,6 +23,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the demo workload on the embedded default")
     demo.add_argument("--model", default="smollm2", help="HF folder, .gguf file or 'smollm2'")
+    demo.add_argument("--engine", default="native", choices=ENGINE_KINDS,
+                      help="the workers' engine (engine.kind); docs/benchmarks.md compares them")
     demo.set_defaults(func=_demo)
 
     model = sub.add_parser("model", help="model utilities").add_subparsers()
@@ -55,7 +59,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _demo(args: argparse.Namespace) -> int:
     from kvcluster.demo import run_demo
 
-    return run_demo(model=args.model)
+    return run_demo(model=args.model, engine=args.engine)
 
 
 def _serve(args: argparse.Namespace) -> int:

