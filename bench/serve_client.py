@@ -5,7 +5,8 @@ Per request it sends ``POST /v1/chat/completions`` with ``stream: true`` and
 
     data: {choices: [{delta: {role, content: ""}}]}      opening (no content: not a token)
     data: {choices: [{delta: {content: "..."}}]}         content deltas -> TTFT, gaps
-    data: {choices: [{delta: {}, finish_reason}], kvcluster: {stage_ms}}   (kvcluster only)
+    data: {choices: [{delta: {}, finish_reason}], kvcluster: {stage_ms, decode_instance}}
+                                                         (kvcluster only)
     data: {choices: [], usage: {completion_tokens, prompt_tokens_details.cached_tokens}}
     data: [DONE]
 
@@ -45,6 +46,9 @@ class RequestResult:
     num_output_tokens: int = 0
     stage_ms: dict[str, float] = field(default_factory=dict)
     """kvcluster's per-stage milliseconds (the ``kvcluster`` extension); {} elsewhere."""
+    instance: str = ""
+    """Which instance served it: kvcluster's ``decode_instance``, or the server a
+    client-side balancer sent it to (bench/serve_rr.py); "" when unknown."""
 
     @property
     def cached_fraction(self) -> float:
@@ -141,3 +145,5 @@ def _read_extensions(chunk: dict, result: RequestResult) -> None:
     serving = chunk.get("kvcluster")
     if serving and serving.get("stage_ms"):
         result.stage_ms = {k: float(v) for k, v in serving["stage_ms"].items()}
+    if serving and serving.get("decode_instance"):
+        result.instance = str(serving["decode_instance"])

@@ -52,7 +52,19 @@ def summarize(run: WorkloadRun) -> dict:
         "stage_ms_p50": stage_p50(ok),
         "overhead_requests": len(overheads),
         "overhead_ms_p50": _round(percentile(overheads, 50)),
+        "same_instance_share": same_instance_share(run.results),
+        "instances": sorted({r.instance for r in ok if r.instance}),
     }
+
+
+def same_instance_share(results: list[RequestResult]) -> float | None:
+    """Of the later turns whose instance and previous turn's instance are known, the
+    share served by the instance that served the conversation's previous turn (the
+    one holding its history); None when no server says which instance it was."""
+    served = {(r.conversation, r.turn): r.instance for r in results if r.ok and r.instance}
+    pairs = [(instance, served[(c, t - 1)]) for (c, t), instance in served.items()
+             if (c, t - 1) in served]
+    return round(sum(a == b for a, b in pairs) / len(pairs), 4) if pairs else None
 
 
 def overhead_ms(results: list[RequestResult]) -> list[float]:

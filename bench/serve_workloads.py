@@ -101,11 +101,13 @@ def demo_conversations() -> list[Conversation]:
 
 
 def sharegpt_conversations(path: Path, tokenizer, first: int, count: int, max_turns: int,
-                           max_tokens_cap: int, min_max_tokens: int = 8) -> list[Conversation]:
+                           max_tokens_cap: int, min_max_tokens: int = 8,
+                           min_turns: int = 1) -> list[Conversation]:
     """Conversations ``first .. first+count-1`` of the ShareGPT file: each one's human
     turns in order (leading non-human turns skipped), at most ``max_turns`` of them;
     each turn's max_tokens is the length of the dataset's own answer, clamped to
-    ``[min_max_tokens, max_tokens_cap]``.
+    ``[min_max_tokens, max_tokens_cap]``. With ``min_turns`` > 1, the first ``count``
+    records from ``first`` on that have at least that many human turns.
 
     Raises:
         FileNotFoundError: the file is absent.
@@ -117,7 +119,7 @@ def sharegpt_conversations(path: Path, tokenizer, first: int, count: int, max_tu
         if len(conversations) == count:
             break
         turns = _human_turns(record["conversations"], tokenizer, max_turns)
-        if turns:
+        if turns and len(turns) >= min_turns:
             conversations.append(Conversation(
                 f"sharegpt-{record.get('id', index)}", None, tuple(t for t, _ in turns),
                 tuple(min(max(n, min_max_tokens), max_tokens_cap) for _, n in turns)))
