@@ -53,7 +53,8 @@ turn was) and cached share; ``overhead_ms_p50`` (kvcluster disaggregated's own p
 on later turns whose prompt is >= 90 % cached, over the sequential workloads demo and
 sharegpt_c1: client TTFT minus stage_ms first_decode_step and prefill; see
 bench/serve_stats.py) and ``colocated_overhead_ms_p50``; ``systems``: every system's
-raw figures per workload. ``--quick``: demo + ShareGPT 4 conversations x 3 turns at
+raw figures per workload, and its successful requests one row each (``request_rows``,
+columns ``request_columns``). ``--quick``: demo + ShareGPT 4 conversations x 3 turns at
 c=1 and c=4; no Poisson run.
 """
 
@@ -70,7 +71,14 @@ from bench.common import parse_args, write_json
 from bench.serve_report import print_report
 from bench.serve_rr import client_for
 from bench.serve_runner import Workload, run_workload
-from bench.serve_stats import overhead_ms, percentile, ratio, summarize
+from bench.serve_stats import (
+    REQUEST_COLUMNS,
+    overhead_ms,
+    percentile,
+    ratio,
+    request_rows,
+    summarize,
+)
 from bench.serve_systems import (
     EXCLUSIVE_WORKLOADS,
     KVCLUSTER_NAMES,
@@ -181,6 +189,8 @@ def run_system(spec, workloads: list[Workload], fitter: PromptFitter, workdir: P
     finally:
         server.stop()
     out["workloads"] = {run.workload: summarize(run) for run in runs}
+    out["request_columns"] = list(REQUEST_COLUMNS)
+    out["request_rows"] = {run.workload: request_rows(run) for run in runs}
     sequential = [r for run in runs if run.workload in SEQUENTIAL for r in run.results]
     out["overhead_samples_ms"] = [round(v, 2) for v in overhead_ms(sequential)]
     out["demo_answers"] = [r.text.strip()[:120] for r in runs[0].results[:2]]

@@ -57,6 +57,19 @@ def summarize(run: WorkloadRun) -> dict:
     }
 
 
+REQUEST_COLUMNS = ("conversation", "turn", "ttft_ms", "prompt_tokens", "cached_tokens",
+                   "instance")
+
+
+def request_rows(run: WorkloadRun) -> list[list]:
+    """One row per successful request (REQUEST_COLUMNS), in the order they were sent:
+    what a reader needs to compare like with like, e.g. first turns (equal work on
+    every system) apart from later ones."""
+    return [[r.conversation, r.turn, _round(r.ttft_ms), r.num_prompt_tokens,
+             r.num_cached_tokens, r.instance]
+            for r in sorted(run.results, key=lambda r: r.sent_s) if r.ok]
+
+
 def same_instance_share(results: list[RequestResult]) -> float | None:
     """Of the later turns whose instance and previous turn's instance are known, the
     share served by the instance that served the conversation's previous turn (the

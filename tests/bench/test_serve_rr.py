@@ -12,8 +12,8 @@ import pytest
 from bench.serve_client import RequestResult
 from bench.serve_proc import ServerProcess, free_port
 from bench.serve_rr import RoundRobinClient, ServerGroup, client_for
-from bench.serve_runner import Workload, run_workload
-from bench.serve_stats import same_instance_share
+from bench.serve_runner import Workload, WorkloadRun, run_workload
+from bench.serve_stats import REQUEST_COLUMNS, request_rows, same_instance_share
 from bench.serve_systems import (
     ROUTING_NUM_BLOCKS,
     ROUTING_WORKLOAD,
@@ -80,6 +80,18 @@ def test_same_instance_share_counts_later_turns_on_the_previous_turns_instance()
     assert same_instance_share(results) == 0.6667  # (0,1) yes, (0,2) no, (1,1) yes
     assert same_instance_share([RequestResult(0, 0, ok=True), RequestResult(0, 1, ok=True)]) \
         is None
+
+
+def test_request_rows_are_the_successful_requests_in_sending_order():
+    run = WorkloadRun("x")
+    for sent_s, (conversation, turn, ok) in zip((3.0, 1.0, 2.0), ((0, 1, True), (0, 0, True),
+                                                                  (1, 0, False))):
+        r = RequestResult(conversation, turn, ok=ok, sent_s=sent_s, ttft_ms=12.345,
+                          num_prompt_tokens=40, num_cached_tokens=32 * turn)
+        r.instance = f"i{turn}"
+        run.results.append(r)
+    assert request_rows(run) == [[0, 0, 12.35, 40, 0, "i0"], [0, 1, 12.35, 40, 32, "i1"]]
+    assert len(REQUEST_COLUMNS) == 6
 
 
 def test_server_group_starts_and_stops_every_member(tmp_path):
