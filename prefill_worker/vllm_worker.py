@@ -19,18 +19,14 @@ import logging
 import time
 
 from kvcluster.common.config import ClusterConfig
-from kvcluster.common.errors import OverloadedError
 from kvcluster.common.hashing import ExtraKeys, chunk_hashes
 from kvcluster.common.sampling import SamplingParams
 from kvcluster.common.tasks import PrefillResult, PrefillTask
 from kvcluster.integrations.vllm.engine import VLLMEngine
 from kvcluster.integrations.vllm.engine_args import EventEndpoints, loopback_events, model_folder
-from kvcluster.observability.logs import request_context
-from kvcluster.observability.metrics import TransferMetrics, WorkerMetrics, advertised_zmq
-from kvcluster.transfer.security import ChannelSecurity
-from kvcluster.transfer.sender import KVSender
+from kvcluster.observability.metrics import advertised_zmq
 from kvcluster.transfer.source import ChunkSource
-from kvstore.codec.factory import sender_levels
+from prefill_worker.base import PrefillWorkerBase
 from router.load import InstanceLoad
 
 log = logging.getLogger(__name__)
@@ -38,23 +34,13 @@ log = logging.getLogger(__name__)
 ONE_TOKEN = SamplingParams(max_new_tokens=1, temperature=0.0)
 
 
-class VLLMPrefillWorker:
+class VLLMPrefillWorker(PrefillWorkerBase):
     def __init__(self, config: ClusterConfig, instance_id: str):
-        self.config = config
-        self.instance_id = instance_id
+        super().__init__(config, instance_id)
         self.folder, self.model_id = model_folder(config)
         self.engine: VLLMEngine | None = None
         self.events: EventEndpoints | None = None
-        self.levels = sender_levels(config.transfer.best_level, config.transfer.policy,
-                                    config.codec)
-        self.channel_security = ChannelSecurity.internal(config.security)
-        self._senders: dict[str, KVSender] = {}
-        self._queued_tokens = 0
-        self._num_queued = 0
         self._ids = itertools.count()
-        self.metrics = WorkerMetrics(instance_id, "prefill")
-        self.metrics.watch_queue(lambda: self._queued_tokens, lambda: 0)
-        self.transfer_metrics = TransferMetrics()
 
     async def start(self, kv_events_publish: str = "") -> None:
         """Start vLLM (once); with ``kv_events_publish`` its KV events go there and its
@@ -63,30 +49,6 @@ class VLLMPrefillWorker:
             if kv_events_publish:
                 self.events = loopback_events(kv_events_publish, self.config.transfer.host)
             self.engine = VLLMEngine(self.config, self.instance_id, self.events)
-
-    async def prefill(self, task: PrefillTask) -> PrefillResult:
-        """Compute ``task``'s prompt in vLLM and send its whole chunks on.
-
-        Raises:
-            OverloadedError: ``workers.max_queue`` tasks are already waiting.
-        """
-        if self._num_queued >= self.config.workers.max_queue:
-            self.metrics.count("overloaded")
-            raise OverloadedError(f"prefill worker {self.instance_id} has "
-                                  f"{self._num_queued} queued requests")
-        self._num_queued += 1
-        self._queued_tokens += len(task.token_ids)
-        try:
-            with request_context(task.request_id):
-                result = await self._prefill(task)
-            self.metrics.count("ok")
-            return result
-        except Exception:
-            self.metrics.count("error")
-            raise
-        finally:
-            self._num_queued -= 1
-            self._queued_tokens -= len(task.token_ids)
 
     def load(self) -> InstanceLoad:
         return InstanceLoad(self._queued_tokens, 0, 0, 0)
@@ -103,18 +65,12 @@ class VLLMPrefillWorker:
         return []  # vLLM publishes its KV events over ZMQ itself (EventEndpoints)
 
     async def stats(self) -> dict:
-        counts: dict[str, int] = {}
-        for sender in self._senders.values():
-            for plane, n in sender.data_planes.used.items():
-                counts[plane] = counts.get(plane, 0) + n
         return {"instance_id": self.instance_id, "engine": "vllm",
                 **await self._engine().tier_stats(), "lookup_chunks": 0,
-                "data_plane": {"data_plane": self.config.transfer.data_plane,
-                               "transfers": counts}}
+                "data_plane": self.data_plane_stats()}
 
     async def close(self) -> None:
-        for sender in self._senders.values():
-            await sender.close()
+        await self._close_senders()
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
@@ -122,6 +78,7 @@ class VLLMPrefillWorker:
     # ------------------------------------------------------------ helpers
 
     async def _prefill(self, task: PrefillTask) -> PrefillResult:
+        """Compute ``task``'s prompt in vLLM and send its whole chunks on."""
         engine = self._engine()
         began = time.perf_counter()
         final = None
@@ -147,35 +104,14 @@ class VLLMPrefillWorker:
                                num_computed_tokens=len(task.token_ids) - cached,
                                prefill_s=prefill_s)
         if task.decode_target and kv is not None:
-            await self._send(task, kv, await engine.layout(), result)
+            layout = await engine.layout()
+            source = ChunkSource(task.token_ids[:num_tokens], layout, self.levels,
+                                 self.config.transfer.chunk_tokens, kv=kv)
+            await self._send(task, source, layout, result)
         log.info("prefill done (vLLM): prompt=%d cached=%d sent=%d tokens, %d B in "
                  "%.3f+%.3f s", result.num_prompt_tokens, cached, num_tokens,
                  result.wire_bytes, result.prefill_s, result.transfer_s)
         return result
-
-    async def _send(self, task: PrefillTask, kv, layout, result: PrefillResult) -> None:
-        num_tokens = result.num_transferred_tokens
-        source = ChunkSource(task.token_ids[:num_tokens], layout, self.levels,
-                             self.config.transfer.chunk_tokens, kv=kv)
-        sent = await self._sender(task.decode_target).send(source, task.request_id,
-                                                           task.slo_ms or None)
-        result.transfer_s = sent.elapsed_s
-        result.wire_bytes = sent.bytes_sent
-        result.levels = list(sent.levels)
-        result.raw_bytes = layout.with_dtype("float16").bytes_per_chunk(num_tokens)
-        result.transfer_ok = sent.status is not None and sent.status.ok
-        result.message = sent.error or (sent.status.message if sent.status else "")
-        result.data_plane = sent.data_plane
-        if not result.transfer_ok:
-            log.warning("request %s: KV transfer to %s failed: %s", task.request_id,
-                        task.decode_target, result.message)
-
-    def _sender(self, target: str) -> KVSender:
-        if target not in self._senders:
-            self._senders[target] = KVSender(target, self.levels, self.config.transfer,
-                                             security=self.channel_security,
-                                             metrics=self.transfer_metrics)
-        return self._senders[target]
 
     def _engine(self) -> VLLMEngine:
         if self.engine is None:

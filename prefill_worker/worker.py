@@ -20,69 +20,28 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from kvcluster.common.config import ClusterConfig
-from kvcluster.common.errors import OverloadedError
 from kvcluster.common.tasks import PrefillResult, PrefillTask
 from kvcluster.engine.attention_importance import prefill_with_importance
 from kvcluster.engine.runner import ModelRunner
 from kvcluster.engine.sequence import Sequence
 from kvcluster.observability.logs import request_context
-from kvcluster.observability.metrics import TransferMetrics, WorkerMetrics
-from kvcluster.transfer.security import ChannelSecurity
-from kvcluster.transfer.sender import KVSender
 from kvcluster.transfer.source import ChunkSource
 from kvcluster.worker.node import WorkerNode
-from prefill_worker.warm_up import warm_up
 from kvcluster.worker.relay import drain
-from kvstore.codec.factory import sender_levels
 from kvstore.codec.hint import chunk_hints
+from prefill_worker.base import PrefillWorkerBase
+from prefill_worker.warm_up import warm_up
 from router.event_bus import EventBus
 
 log = logging.getLogger(__name__)
 
 
-class PrefillWorker:
+class PrefillWorker(PrefillWorkerBase):
     def __init__(self, config: ClusterConfig, instance_id: str,
                  runner: ModelRunner | None = None, bus: EventBus | None = None):
-        self.config = config
+        super().__init__(config, instance_id)
         self.node = WorkerNode(config, instance_id, "prefill", runner, bus)
-        self.levels = sender_levels(config.transfer.best_level, config.transfer.policy,
-                                    config.codec)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"prefill-{instance_id}")
-        self._senders: dict[str, KVSender] = {}
-        self.channel_security = ChannelSecurity.internal(config.security)
-        """What this worker's senders present to decode workers: the cluster secret."""
-        self._queued_tokens = 0
-        self._num_queued = 0
-        self.metrics = WorkerMetrics(instance_id, "prefill")
-        self.metrics.watch_queue(lambda: self._queued_tokens, lambda: 0)
-        self.transfer_metrics = TransferMetrics()
-
-    @property
-    def instance_id(self) -> str:
-        return self.node.instance_id
-
-    async def prefill(self, task: PrefillTask) -> PrefillResult:
-        """Compute (or load) the KV of ``task``'s whole chunks and send it on.
-
-        Raises:
-            OverloadedError: ``workers.max_queue`` tasks are already waiting.
-        """
-        if self._num_queued >= self.config.workers.max_queue:
-            self.metrics.count("overloaded")
-            raise OverloadedError(f"prefill worker {self.instance_id} has "
-                                  f"{self._num_queued} queued requests")
-        self._num_queued += 1
-        self._queued_tokens += len(task.token_ids)
-        try:
-            with request_context(task.request_id):
-                result = await self._prefill(task)
-            return result
-        except Exception:
-            self.metrics.count("error")
-            raise
-        finally:
-            self._num_queued -= 1
-            self._queued_tokens -= len(task.token_ids)
 
     def load(self):
         return self.node.load(queued_prefill_tokens=self._queued_tokens)
@@ -120,26 +79,16 @@ class PrefillWorker:
         saving = loop.run_in_executor(self._compute, self._save, task, result, keys, kv)
         try:
             if task.decode_target and kv is not None:
-                await self._send(task, kv, importance, result)
+                await self._send_kv(task, kv, importance, result)
         finally:
             await saving
-        self.metrics.count("ok")
         log.info("prefill done: prompt=%d cached=%d computed=%d sent=%d B in %.3f+%.3f s",
                  result.num_prompt_tokens, result.num_cached_tokens, result.num_computed_tokens,
                  result.wire_bytes, result.prefill_s, result.transfer_s)
         return result
 
-    def data_plane_stats(self) -> dict:
-        """Transfers per data plane over every receiver, for ``kvcluster status``."""
-        counts: dict[str, int] = {}
-        for sender in self._senders.values():
-            for plane, n in sender.data_planes.used.items():
-                counts[plane] = counts.get(plane, 0) + n
-        return {"data_plane": self.config.transfer.data_plane, "transfers": counts}
-
     async def close(self) -> None:
-        for sender in self._senders.values():
-            await sender.close()
+        await self._close_senders()
         self._compute.shutdown(wait=False, cancel_futures=True)
         self.node.close()
 
@@ -199,28 +148,10 @@ class PrefillWorker:
                     runner.prefill(seq)
         return runner.cache.export_blocks(seq.block_table), importance
 
-    async def _send(self, task: PrefillTask, kv: torch.Tensor, importance, result: PrefillResult):
+    async def _send_kv(self, task: PrefillTask, kv: torch.Tensor, importance,
+                       result: PrefillResult) -> None:
         num_tokens, chunk_tokens = result.num_transferred_tokens, self.config.transfer.chunk_tokens
         hints = () if importance is None else chunk_hints(importance[:, :num_tokens], chunk_tokens)
         source = ChunkSource(task.token_ids[:num_tokens], self.node.layout,
                              self.levels, chunk_tokens, kv=kv, hints=hints)
-        sender = self._sender(task.decode_target)
-        sent = await sender.send(source, task.request_id, task.slo_ms or None)
-        result.transfer_s = sent.elapsed_s
-        result.wire_bytes = sent.bytes_sent
-        result.levels = list(sent.levels)
-        fp16 = self.node.layout.with_dtype("float16")
-        result.raw_bytes = fp16.bytes_per_chunk(result.num_transferred_tokens)
-        result.transfer_ok = sent.status is not None and sent.status.ok
-        result.message = sent.error or (sent.status.message if sent.status else "")
-        result.data_plane = sent.data_plane
-        if not result.transfer_ok:
-            log.warning("request %s: KV transfer to %s failed: %s", task.request_id,
-                        task.decode_target, result.message)
-
-    def _sender(self, target: str) -> KVSender:
-        if target not in self._senders:
-            self._senders[target] = KVSender(target, self.levels, self.config.transfer,
-                                             security=self.channel_security,
-                                             metrics=self.transfer_metrics)
-        return self._senders[target]
+        await self._send(task, source, self.node.layout, result)
