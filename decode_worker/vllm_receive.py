@@ -12,7 +12,6 @@ no chunks, and vLLM computes the prompt (no wrong tokens, no hang).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from decode_worker.received_sink import ReceivedChunksSink
@@ -25,6 +24,7 @@ from kvcluster.transfer.receiver import KVReceiver
 from kvcluster.transfer.security import ServerSecurity
 from kvcluster.transfer.server import TransferServer
 from kvcluster.transfer.sink import RecomputeSpeed
+from kvcluster.worker.kv_wait import KVWaits
 from kvstore.codec.factory import level_set
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class VLLMKVReceiver:
         self.model_id = model_id
         self.receiver: KVReceiver | None = None
         self.server: TransferServer | None = None
-        self._abandoned: dict[str, asyncio.Event] = {}
+        self._kv_waits = KVWaits()
 
     async def start(self) -> str:
         """Bind the KV receiver on ``transfer.host``; returns its ``host:port``."""
@@ -78,7 +78,7 @@ class VLLMKVReceiver:
 
     def abandon(self, request_id: str) -> None:
         """The sender is gone before streaming (its prefill failed): stop waiting."""
-        self._abandoned.setdefault(request_id, asyncio.Event()).set()
+        self._kv_waits.abandon(request_id)
 
     def data_plane_stats(self) -> dict:
         return self.receiver.data_plane_stats() if self.receiver else {}
@@ -93,22 +93,12 @@ class VLLMKVReceiver:
 
     async def _wait(self, task: DecodeTask) -> ReceivedChunksSink | None:
         assert self.receiver is not None, "start() first"
-        abandoned = self._abandoned.setdefault(task.request_id, asyncio.Event())
-        waiter = asyncio.ensure_future(self.receiver.wait_result(task.request_id,
-                                                                 task.kv_timeout_s))
-        giver_up = asyncio.ensure_future(abandoned.wait())
-        try:
-            await asyncio.wait([waiter, giver_up], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            giver_up.cancel()
-            self._abandoned.pop(task.request_id, None)
-        if not waiter.done() or waiter.exception() is not None:
-            waiter.cancel()
-            log.warning("request %s: no KV (%s); vLLM computes the prompt", task.request_id,
-                        "sender gone" if abandoned.is_set() else
-                        f"none within {task.kv_timeout_s:.1f} s")
+        result, why = await self._kv_waits.wait(self.receiver, task.request_id,
+                                                task.kv_timeout_s)
+        if result is None:
+            log.warning("request %s: no KV (%s); vLLM computes the prompt",
+                        task.request_id, why)
             return None
-        result = waiter.result()
         sink: ReceivedChunksSink = result.sink
         if not result.status.ok or sink.token_ids != list(task.token_ids[:len(sink.token_ids)]):
             log.warning("request %s: KV stream unusable (%s); vLLM computes the prompt",

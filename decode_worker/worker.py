@@ -37,6 +37,7 @@ from kvcluster.transfer.receiver import KVReceiver
 from kvcluster.transfer.security import ServerSecurity
 from kvcluster.transfer.server import TransferServer
 from kvcluster.transfer.sink import RecomputeSpeed
+from kvcluster.worker.kv_wait import KVWaits
 from kvcluster.worker.node import WorkerNode
 from kvcluster.worker.relay import drain
 from kvstore.codec.factory import level_set
@@ -77,7 +78,7 @@ class DecodeWorker(DecodeWorkerBase):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._active: dict[str, _Active] = {}
-        self._abandoned: dict[str, asyncio.Event] = {}
+        self._kv_waits = KVWaits()
         self._keeper = ThreadPoolExecutor(1, thread_name_prefix=f"keep-{instance_id}")
         """Stores prompts' chunks off the token path (kvstore puts, disk spills)."""
         self.metrics = WorkerMetrics(instance_id, "decode")
@@ -219,25 +220,14 @@ class DecodeWorker(DecodeWorkerBase):
 
     def abandon_kv(self, request_id: str) -> None:
         """The sender is gone before streaming (its prefill failed): stop waiting."""
-        self._abandoned.setdefault(request_id, asyncio.Event()).set()
+        self._kv_waits.abandon(request_id)
 
     async def _received_blocks(self, task: DecodeTask, active: _Active) -> list[int]:
-        abandoned = self._abandoned.setdefault(task.request_id, asyncio.Event())
-        waiter = asyncio.ensure_future(self.receiver.wait_result(task.request_id,
-                                                                 task.kv_timeout_s))
-        giver_up = asyncio.ensure_future(abandoned.wait())
-        try:
-            await asyncio.wait([waiter, giver_up], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            giver_up.cancel()
-            self._abandoned.pop(task.request_id, None)
-        if not waiter.done() or waiter.exception() is not None:
-            waiter.cancel()
-            log.warning("request %s: no KV (%s); recomputing", task.request_id,
-                        "sender gone" if abandoned.is_set() else
-                        f"none within {task.kv_timeout_s:.1f} s")
+        result, why = await self._kv_waits.wait(self.receiver, task.request_id,
+                                                task.kv_timeout_s)
+        if result is None:
+            log.warning("request %s: no KV (%s); recomputing", task.request_id, why)
             return []
-        result = waiter.result()
         sink: PagedCacheSink = result.sink
         blocks = list(sink.seq.block_table)
         num_tokens = sink.seq.num_tokens
