@@ -108,7 +108,8 @@ class KVClusterConnector(KVConnectorBase_V1):
         self._scheduler_side().on_new_request(request.request_id,
                                               list(request.prompt_token_ids or []),
                                               request.cache_salt,
-                                              int(params.get(RECEIVED_CHUNKS, 0)))
+                                              int(params.get(RECEIVED_CHUNKS, 0)),
+                                              request.all_token_ids)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int
                                    ) -> tuple[int | None, bool]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from vllm.distributed.kv_events import BlockRemoved, BlockStored
 
@@ -41,6 +41,11 @@ class _Request:
     """Token end of the last reported external hit."""
     loaded_by_tier: dict[str, int] = field(default_factory=dict)
     """Tokens this request loaded from each tier (by the mirror's view when planned)."""
+    all_token_ids: Sequence[int] = ()
+    """vLLM's live list of the request's tokens (prompt, then each sampled token as it is
+    appended): the generated tokens' whole chunks are saved too, so that the next turn of
+    a chat, whose prompt holds this answer, finds them in the tiers."""
+    extra: ExtraKeys | None = None
 
 
 class SchedulerSide:
@@ -61,7 +66,8 @@ class SchedulerSide:
     # ------------------------------------------------------------ vLLM hooks
 
     def on_new_request(self, request_id: str, prompt_token_ids: list[int],
-                       cache_salt: str | None, received_chunks: int = 0) -> None:
+                       cache_salt: str | None, received_chunks: int = 0,
+                       all_token_ids: Sequence[int] = ()) -> None:
         """``received_chunks``: the request's first chunks, received from a prefill
         instance, were put into the worker's host tier just before the request was added
         (``kvcluster_received_chunks`` in its kv_transfer_params): the mirror counts them
@@ -73,7 +79,8 @@ class SchedulerSide:
                             self.chunk_tokens, extra)
         for key in keys[:received_chunks]:
             self.held.setdefault(key.u64, Tier.HOST)
-        self._requests[request_id] = _Request(tenant, len(prompt_token_ids), keys)
+        self._requests[request_id] = _Request(tenant, len(prompt_token_ids), keys,
+                                              all_token_ids=all_token_ids, extra=extra)
 
     def num_new_matched_tokens(self, request_id: str, num_computed_tokens: int) -> int:
         """Tokens past ``num_computed_tokens`` the tiers can fill (loaded synchronously)."""
@@ -161,9 +168,13 @@ class SchedulerSide:
 
     def _plan_saves(self, meta: ConnectorMeta, request_id: str, req: _Request,
                     computed_after_step: int) -> None:
-        """Runs of whole prompt chunks this step completes that no tier holds yet."""
+        """Runs of whole chunks this step completes that no tier holds yet: the prompt's,
+        then (with vLLM's live token list) the generated tokens'."""
         done = min(computed_after_step, req.prompt_len) // self.chunk_tokens
         done = min(done, len(req.keys))
+        if computed_after_step > req.prompt_len and req.all_token_ids:
+            self._extend_keys(req, computed_after_step)
+            done = min(computed_after_step // self.chunk_tokens, len(req.keys))
         run: list[int] = []
         for c in range(req.next_chunk, done):
             if req.keys[c].u64 in self.held:
@@ -173,6 +184,16 @@ class SchedulerSide:
                 run.append(c)
         self._flush_run(meta, request_id, req, run)
         req.next_chunk = max(req.next_chunk, done)
+
+    def _extend_keys(self, req: _Request, computed_after_step: int) -> None:
+        """Keys of the whole chunks in ``[0, computed_after_step)`` whose tokens vLLM's
+        list already holds (with async scheduling it can lag a step behind: those chunks
+        wait for the next step)."""
+        known = min(computed_after_step, len(req.all_token_ids)) // self.chunk_tokens
+        if known > len(req.keys):
+            tokens = list(req.all_token_ids[: known * self.chunk_tokens])
+            req.keys = chunk_hashes(tokens, self.settings.hash_block_size, self.chunk_tokens,
+                                    req.extra)
 
     def _flush_run(self, meta: ConnectorMeta, request_id: str, req: _Request,
                    chunks: list[int]) -> None:
