@@ -68,6 +68,9 @@ class _Stream:
     mismatch: RehashMismatch | None = None
     replay_silent_since: float | None = None
     """When its replay endpoint stopped answering (None: it answers)."""
+    published_while_silent: bool = False
+    """A live batch came since its replay went silent: the engine is up, so a replay
+    that still does not answer is a stale address (the engine restarted elsewhere)."""
     probe_after: float = 0.0
     """No probe before this (time.monotonic()): backoff while the replay is silent."""
     digests: dict[int, bytes] = field(default_factory=dict)
@@ -249,7 +252,9 @@ class VLLMEventSubscriber:
                       "dropped; the sequence check catches a lost batch", topic, len(frames),
                       len(frames[1]) if len(frames) > 1 else 0)
             return
-        stream.probe_after = 0.0  # it is up: its tail is worth probing again
+        if stream.replay_silent_since is not None and not stream.published_while_silent:
+            stream.published_while_silent = True
+            stream.probe_after = 0.0  # it is up: its tail is worth probing once more
         self._on_batch(stream, int.from_bytes(frames[1], "big"), frames[2])
 
     # ------------------------------------------------------------ sequence handling
@@ -403,6 +408,7 @@ class VLLMEventSubscriber:
             elif stream.replay_silent_since is not None:
                 log.warning("vLLM %s: its replay endpoint answers again", stream.instance_id)
                 stream.replay_silent_since, stream.probe_after = None, 0.0
+                stream.published_while_silent = False
         return results
 
     def _unanswered(self, stream: _Stream, start: int) -> None:
@@ -415,6 +421,12 @@ class VLLMEventSubscriber:
             log.warning("vLLM %s: replay from %d at %s got no end marker within %.1f s; "
                         "engine down or not started yet?", stream.instance_id, start,
                         stream.replay_endpoint, self.replay_timeout_s)
+        elif stream.published_while_silent and not stream.stats["stale_replay"]:
+            stream.stats["stale_replay"] += 1
+            log.error("vLLM %s: its engine publishes but its replay endpoint %s does not "
+                      "answer: a stale address (the engine restarted on another port?); "
+                      "gaps cannot be filled until it is watched with its new replay "
+                      "address", stream.instance_id, stream.replay_endpoint)
         silent_s = now - stream.replay_silent_since
         stream.probe_after = now + min(30.0, max(self.probe_interval_s, silent_s))
 
