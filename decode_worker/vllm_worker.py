@@ -6,6 +6,12 @@
                      -> one DecodeStep per token, then the final step with cached tokens
                         by source (the connector's tier loads, vLLM's prefix cache)
 
+Disaggregated, a task that expects KV goes to vLLM at once, with kv_transfer_params
+naming the stream (metadata.PD_RECV): vLLM allocates its blocks and waits while the
+prefill instance computes and streams straight into them (the connector's receiver in
+vLLM's worker process, whose address this worker advertises). No stream in time, the
+sender gone (abandon_kv), a bad or cut stream: vLLM computes what did not arrive.
+
 vLLM keeps its KV, its batch and its store (the connector's worker half) in its own
 processes; this object only passes token ids and keeps the request bookkeeping the
 backends rely on (bounded admission, error codes, stage timings). Closing a request's
@@ -14,6 +20,7 @@ iterator aborts it in vLLM.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -22,13 +29,13 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from decode_worker.base import DecodeWorkerBase
-from decode_worker.vllm_receive import VLLMKVReceiver
 from kvcluster.common.config import ClusterConfig
 from kvcluster.common.errors import KVClusterError, OverloadedError
 from kvcluster.common.tasks import DecodeStep, DecodeTask
 from kvcluster.integrations.vllm.engine import EngineStep, VLLMEngine
 from kvcluster.integrations.vllm.engine_args import EventEndpoints, loopback_events, model_folder
 from kvcluster.integrations.vllm.errors import as_kvcluster_error
+from kvcluster.integrations.vllm.metadata import PD_RECV
 from kvcluster.observability.logs import request_context
 from kvcluster.observability.metrics import WorkerMetrics, advertised_zmq
 from router.load import InstanceLoad
@@ -40,7 +47,7 @@ log = logging.getLogger(__name__)
 class _Active:
     arrived_s: float
     submitted_s: float = 0.0
-    """When the request went to vLLM (after any KV transfer)."""
+    """When the request went to vLLM (with a KV stream: before it arrives)."""
     first_token_s: float = 0.0
     first_token_time: float = 0.0
     num_tokens: int = 0
@@ -59,9 +66,9 @@ class VLLMDecodeWorker(DecodeWorkerBase):
         self.folder, self.model_id = model_folder(config)
         self.engine: VLLMEngine | None = None
         self.events: EventEndpoints | None = None
-        self.kv_in: VLLMKVReceiver | None = None
-        """Disaggregated: the KV receiver a prefill instance streams to."""
         self.address = ""
+        """Disaggregated: the KV receiver in vLLM's worker process, for prefill pools."""
+        self._abandons: set[asyncio.Task] = set()
         self.metrics = WorkerMetrics(instance_id, "decode")
         self._active: dict[str, _Active] = {}
         self._ids = itertools.count()
@@ -77,8 +84,7 @@ class VLLMDecodeWorker(DecodeWorkerBase):
                 self.events = loopback_events(kv_events_publish, self.config.transfer.host)
             self.engine = VLLMEngine(self.config, self.instance_id, self.events)
             if not self.config.workers.colocated:  # a prefill pool streams KV here
-                self.kv_in = VLLMKVReceiver(self.config, self.engine, self.model_id)
-                self.address = await self.kv_in.start()
+                self.address = await self.engine.pd_address()
         return self.address
 
     async def generate(self, task: DecodeTask) -> AsyncIterator[DecodeStep]:
@@ -90,10 +96,9 @@ class VLLMDecodeWorker(DecodeWorkerBase):
         engine_id = f"{task.request_id}#{next(self._ids)}"  # unique even if ids repeat
         active = self._active[engine_id] = _Active(time.perf_counter())
         try:
-            received = await self._received_chunks(task, active)
             active.submitted_s = time.perf_counter()
             steps = engine.generate(engine_id, task.token_ids, task.params, task.tenant,
-                                    received)
+                                    self._recv_params(task))
             async with contextlib.aclosing(steps):
                 async for step in self._checked(steps, active):
                     for token_id in step.token_ids:
@@ -101,8 +106,7 @@ class VLLMDecodeWorker(DecodeWorkerBase):
                     if step.finished:
                         with request_context(task.request_id):
                             self._observe_done(active)
-                        yield self._final(step, active, task.expect_kv,
-                                          received * self.config.store.chunk_tokens)
+                        yield self._final(step, active, task.expect_kv)
                         return
         except KVClusterError:
             self.metrics.count("error")
@@ -111,8 +115,13 @@ class VLLMDecodeWorker(DecodeWorkerBase):
             self._active.pop(engine_id, None)
 
     def abandon_kv(self, request_id: str) -> None:
-        if self.kv_in is not None:
-            self.kv_in.abandon(request_id)
+        """The request's prefill failed: its vLLM request stops waiting for the stream
+        (told between two of vLLM's steps, off this call)."""
+        if self.engine is None or not self.address:
+            return
+        task = asyncio.get_running_loop().create_task(self.engine.pd_abandon(request_id))
+        self._abandons.add(task)
+        task.add_done_callback(self._abandons.discard)
 
     def load(self) -> InstanceLoad:
         capacity = self._kv_capacity_bytes()
@@ -134,16 +143,15 @@ class VLLMDecodeWorker(DecodeWorkerBase):
         """The connector's tiers (in vLLM's worker process), and the requests vLLM still
         holds (``engine_requests``: an aborted one leaves)."""
         engine = self._engine()
+        receiver = await engine.pd_receiver_stats() if self.address else {}
         return {"instance_id": self.instance_id, "engine": "vllm",
                 **await engine.tier_stats(),
                 "active_requests": len(self._active),
                 "engine_requests": engine.num_unfinished(),
                 "lookup_chunks": 0,
-                "data_plane": self.kv_in.data_plane_stats() if self.kv_in else {}}
+                "data_plane": receiver.pop("data_plane", {}), "kv_receiver": receiver}
 
     async def close(self) -> None:
-        if self.kv_in is not None:
-            await self.kv_in.close()
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
@@ -178,27 +186,24 @@ class VLLMDecodeWorker(DecodeWorkerBase):
             active.num_tokens += len(step.token_ids)
             yield step
 
-    async def _received_chunks(self, task: DecodeTask, active: _Active) -> int:
-        """Chunks a prefill instance streamed for ``task``, now in vLLM's host tier."""
-        if not task.expect_kv or self.kv_in is None:
-            return 0
-        began = time.perf_counter()
-        received = await self.kv_in.receive(task)
-        active.stage_ms["kv_transfer"] = (time.perf_counter() - began) * 1e3
-        return received
+    def _recv_params(self, task: DecodeTask) -> dict | None:
+        """The stream vLLM waits for: the prompt's whole chunks but the last token's
+        (what the prefill instance sends), within the task's KV timeout."""
+        if not task.expect_kv or not self.address:
+            return None
+        chunk_tokens = self.config.store.chunk_tokens
+        num_tokens = (len(task.token_ids) - 1) // chunk_tokens * chunk_tokens
+        if not num_tokens:
+            return None
+        return {PD_RECV: {"transfer_id": task.request_id, "num_tokens": num_tokens,
+                          "timeout_s": task.kv_timeout_s}}
 
-    def _final(self, step: EngineStep, active: _Active, expected_kv: bool,
-               received_tokens: int) -> DecodeStep:
+    def _final(self, step: EngineStep, active: _Active, expected_kv: bool) -> DecodeStep:
         by_tier = {tier: n for tier, n in step.loaded_tokens_by_tier.items() if n}
-        transferred = min(received_tokens, by_tier.get("host", 0))
-        if transferred:  # loaded from the host tier, where the stream was put
-            by_tier["transfer"] = transferred
-            by_tier["host"] -= transferred
-            by_tier = {tier: n for tier, n in by_tier.items() if n}
         engine_cached = step.num_cached_tokens - sum(by_tier.values())
         if engine_cached > 0:
             by_tier["prefix_cache"] = engine_cached
-        kv_source = ("transfer" if transferred else
+        kv_source = ("transfer" if by_tier.get("transfer") else
                      "local-store" if by_tier.keys() - {"prefix_cache"} else
                      "prefix-cache" if engine_cached > 0 else
                      "recompute" if expected_kv else "none")

@@ -268,9 +268,15 @@ class TransferConfig:
     """data_plane "mooncake": the Transfer Engine's transport ("tcp", "rdma", ...)."""
     mooncake_device: str = ""
     """data_plane "mooncake": RDMA device names, comma separated; empty: auto-discovery."""
+    sender_pace_bits_per_s: float = 0.0
+    """The vLLM connector's KV streams (engine.kind vllm, disaggregated) are paced to this
+    rate by an in-sender token bucket, for tests and benchmarks of a slow link; 0: no
+    limit."""
 
     def validate(self, path: str) -> None:
         _check_positive(path + ".slo_ms", self.slo_ms)
+        if self.sender_pace_bits_per_s < 0:
+            raise ConfigError(path + ".sender_pace_bits_per_s", "must be >= 0")
         _check_positive(path + ".chunk_tokens", self.chunk_tokens)
         _check_positive(path + ".max_message_bytes", self.max_message_bytes)
         for name in ("message_payload_bytes", "num_channels", "max_inflight_chunks",

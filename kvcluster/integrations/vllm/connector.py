@@ -10,9 +10,17 @@ Loaded by vLLM from the engine's ``kv_transfer_config``::
 
 vLLM builds one instance per role: the scheduler's (``scheduler_side.SchedulerSide``:
 lookups and plans) and the worker's (``worker_side.WorkerSide``: the store and the
-copies). Loads are synchronous (done before the step's forward) and saves happen right
-after it, so a chunk is never read from blocks that can still change. One worker only:
-tensor or pipeline parallelism would shard the KV across processes.
+copies). Tier loads are synchronous (done before the step's forward) and saves happen
+right after it, so a chunk is never read from blocks that can still change. One worker
+only: tensor or pipeline parallelism would shard the KV across processes; one KV cache
+group only (no hybrid models).
+
+PD: a decode instance's stream from a prefill instance is an asynchronous load, as
+vLLM's NIXL connector does it: ``get_num_new_matched_tokens`` answers ``(n, True)``,
+the request waits in WAITING_FOR_REMOTE_KVS while its blocks fill, ``get_finished``
+reports it in finished_recving, and blocks the stream did not fill come back from
+``get_block_ids_with_load_errors`` (kv_load_failure_policy recompute: vLLM computes
+them).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                KVConnectorRole)
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvcluster.integrations.vllm.metadata import (RECEIVED_CHUNKS, ConnectorMeta,
+from kvcluster.integrations.vllm.metadata import (LOADED_TOKENS, ConnectorMeta,
                                                   ConnectorSettings, KVClusterEvents)
 from kvcluster.integrations.vllm.paged_kv import PagedShape
 from kvcluster.integrations.vllm.scheduler_side import SchedulerSide
@@ -50,6 +58,11 @@ class KVClusterConnector(KVConnectorBase_V1):
         if parallel.tensor_parallel_size * parallel.pipeline_parallel_size != 1:
             raise ValueError("KVClusterConnector supports one worker per engine "
                              "(tensor_parallel_size = pipeline_parallel_size = 1)")
+        groups = getattr(kv_cache_config, "kv_cache_groups", None) or ()
+        if len(groups) > 1:
+            raise ValueError(f"KVClusterConnector supports one KV cache group; this model "
+                             f"has {len(groups)} (a hybrid model: sliding-window or mamba "
+                             f"layers beside full attention)")
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.settings = ConnectorSettings.from_extra_config(extra)
         self.block_size = vllm_config.cache_config.block_size
@@ -75,6 +88,8 @@ class KVClusterConnector(KVConnectorBase_V1):
         assert isinstance(meta, ConnectorMeta)
         if meta.loads:
             self._failed_blocks |= self._worker_side().load(meta)
+        if meta.recvs:
+            self._worker_side().pd_expect(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv already filled every layer
@@ -86,8 +101,16 @@ class KVClusterConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, ConnectorMeta)
+        if meta.sends:  # first: the decoder waits for these, the tiers do not
+            self._worker_side().pd_send(meta)
         if meta.saves:
             self._worker_side().save(meta)
+
+    def get_finished(self, finished_req_ids: set[str]
+                     ) -> tuple[set[str] | None, set[str] | None]:
+        done, invalid = self._worker_side().pd_poll(finished_req_ids)
+        self._failed_blocks |= invalid
+        return None, (done or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
@@ -104,11 +127,10 @@ class KVClusterConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------ scheduler role
 
     def on_new_request(self, request: "Request") -> None:
-        params = request.kv_transfer_params or {}
         self._scheduler_side().on_new_request(request.request_id,
                                               list(request.prompt_token_ids or []),
                                               request.cache_salt,
-                                              int(params.get(RECEIVED_CHUNKS, 0)),
+                                              request.kv_transfer_params,
                                               request.all_token_ids)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int
@@ -116,7 +138,7 @@ class KVClusterConnector(KVConnectorBase_V1):
         side = self._scheduler_side()
         if not side.knows(request.request_id):  # e.g. added before the connector was
             self.on_new_request(request)
-        return side.num_new_matched_tokens(request.request_id, num_computed_tokens), False
+        return side.num_new_matched_tokens(request.request_id, num_computed_tokens)
 
     def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int):
         self._scheduler_side().after_alloc(request.request_id, list(blocks.get_block_ids()[0]),
@@ -126,6 +148,8 @@ class KVClusterConnector(KVConnectorBase_V1):
         return self._scheduler_side().build_meta(scheduler_output)
 
     def update_connector_output(self, connector_output) -> None:
+        self._scheduler_side().on_recv_outcome(set(connector_output.invalid_block_ids or ()),
+                                               set(connector_output.finished_recving or ()))
         events = connector_output.kv_cache_events
         if isinstance(events, KVClusterEvents):
             self._scheduler_side().on_worker_events(events.get_all_events())
@@ -133,7 +157,7 @@ class KVClusterConnector(KVConnectorBase_V1):
     def request_finished(self, request: "Request", block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
         loaded = self._scheduler_side().request_finished(request.request_id)
-        return False, ({"kvcluster_loaded_tokens": loaded} if loaded else None)
+        return False, ({LOADED_TOKENS: loaded} if loaded else None)
 
     def take_events(self) -> Iterable:
         return self._scheduler_side().take_events()

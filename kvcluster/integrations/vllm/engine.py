@@ -23,13 +23,11 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from kvcluster.common.config import ClusterConfig
-from kvcluster.common.hashing import BlockHash
 from kvcluster.common.layout import KVLayout
 from kvcluster.common.sampling import SamplingParams
 from kvcluster.integrations.vllm.engine_args import EventEndpoints, engine_args, model_folder
 from kvcluster.integrations.vllm.kv_usage import KVUsage
-from kvcluster.integrations.vllm.metadata import RECEIVED_CHUNKS
-from kvcluster.integrations.vllm.worker_extension import from_bytes, to_bytes
+from kvcluster.integrations.vllm.metadata import LOADED_TOKENS
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 
@@ -64,9 +62,12 @@ class VLLMEngine:
 
     async def generate(self, request_id: str, token_ids: Sequence[int],
                        params: SamplingParams, tenant: str = "",
-                       received_chunks: int = 0) -> AsyncIterator[EngineStep]:
+                       kv_transfer_params: dict | None = None) -> AsyncIterator[EngineStep]:
         """Steps of one request; closing or cancelling the iterator before its final
         step aborts the request in vLLM (its blocks are freed now, not at GC).
+
+        ``kv_transfer_params``: the connector's PD instructions (metadata.PD_RECV on a
+        decode instance, PD_SEND on a prefill one).
 
         Raises:
             vLLM's errors as they are (:func:`kvcluster.integrations.vllm.errors.
@@ -76,8 +77,8 @@ class VLLMEngine:
         if tenant:
             prompt["cache_salt"] = tenant
         sampling = vllm_sampling(params)
-        if received_chunks:  # put into the worker's host tier just before (put_chunks)
-            sampling.extra_args = {"kv_transfer_params": {RECEIVED_CHUNKS: received_chunks}}
+        if kv_transfer_params:
+            sampling.extra_args = {"kv_transfer_params": dict(kv_transfer_params)}
         outputs = self.llm.generate(prompt, sampling, request_id)
         finished = False
         try:
@@ -87,7 +88,7 @@ class VLLMEngine:
                     yield EngineStep(tuple(completion.token_ids))
                     continue
                 finished = True
-                loaded = (out.kv_transfer_params or {}).get("kvcluster_loaded_tokens", {})
+                loaded = (out.kv_transfer_params or {}).get(LOADED_TOKENS, {})
                 yield EngineStep(tuple(completion.token_ids), True,
                                  FINISH_REASONS.get(completion.finish_reason or "", "stop"),
                                  out.num_cached_tokens or 0, dict(loaded))
@@ -102,22 +103,25 @@ class VLLMEngine:
             self._layout = KVLayout(**fields)
         return self._layout
 
-    async def get_chunks(self, keys: Sequence[BlockHash]):
-        """KV ``[L, 2, n * C, H, D]`` of the first n of ``keys`` the tiers hold (None: not
-        the first), read in vLLM's worker process (worker_extension)."""
-        (data,) = await self.llm.collective_rpc("kvcluster_get_chunks",
-                                                args=([k.digest for k in keys],))
-        if not data:
-            return None
-        layout = await self.layout()
-        num_tokens = len(data) // (layout.dtype_size * layout.elements_per_token)
-        return from_bytes(data, layout, num_tokens)
+    async def pd_address(self) -> str:
+        """``host:port`` of the KV receiver in vLLM's worker process (started now)."""
+        (address,) = await self.llm.collective_rpc("kvcluster_pd_address")
+        return address
 
-    async def put_chunks(self, keys: Sequence[BlockHash], kv, tenant: str) -> int:
-        """Store whole chunks ``kv`` ``[L, 2, len(keys) * C, H, D]`` in the worker's tiers."""
-        (num,) = await self.llm.collective_rpc(
-            "kvcluster_put_chunks", args=([k.digest for k in keys], to_bytes(kv), tenant))
-        return num
+    async def pd_abandon(self, transfer_id: str) -> None:
+        """Nobody will stream ``transfer_id``: its request stops waiting for it."""
+        await self.llm.collective_rpc("kvcluster_pd_abandon", args=(transfer_id,))
+
+    async def pd_send_result(self, transfer_id: str) -> dict | None:
+        """The outcome of the stream the worker sent for ``transfer_id`` (None: not
+        ended yet); see pd_sender.PDSender.take_result."""
+        (result,) = await self.llm.collective_rpc("kvcluster_pd_send_result",
+                                                  args=(transfer_id,))
+        return result
+
+    async def pd_receiver_stats(self) -> dict:
+        (stats,) = await self.llm.collective_rpc("kvcluster_pd_receiver_stats")
+        return stats
 
     async def tier_stats(self) -> dict:
         """``{"tiers": {name: {used_bytes, capacity_bytes, hits, up}}, "misses": n}`` of

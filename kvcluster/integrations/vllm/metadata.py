@@ -18,12 +18,19 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 from kvcluster.common.config import ClusterConfig, from_dict
 from kvcluster.common.event_media import KVCLUSTER_OWNERSHIP as OWNERSHIP
 
-RECEIVED_CHUNKS = "kvcluster_received_chunks"
-"""kv_transfer_params key: the request's first N store chunks were just put into the
-worker's host tier (received from a prefill instance)."""
+PD_RECV = "kvcluster_recv"
+"""kv_transfer_params key (decode instance): ``{"transfer_id", "num_tokens",
+"timeout_s"}``: the request's first ``num_tokens`` prompt tokens (whole store chunks)
+come from a prefill instance's stream named ``transfer_id``."""
+PD_SEND = "kvcluster_send"
+"""kv_transfer_params key (prefill instance): ``{"transfer_id", "target", "num_tokens",
+"slo_ms"}``: stream the first ``num_tokens`` prompt tokens' KV to ``target``."""
+LOADED_TOKENS = "kvcluster_loaded_tokens"
+"""kv_transfer_params of a finished request: tokens it loaded, by tier ("transfer":
+from a prefill instance's stream)."""
 
-__all__ = ["OWNERSHIP", "RECEIVED_CHUNKS", "ConnectorSettings", "LoadSpec", "SaveSpec", "ConnectorMeta",
-           "KVClusterEvents"]
+__all__ = ["OWNERSHIP", "PD_RECV", "PD_SEND", "LOADED_TOKENS", "ConnectorSettings",
+           "LoadSpec", "SaveSpec", "RecvSpec", "SendSpec", "ConnectorMeta", "KVClusterEvents"]
 
 
 @dataclass(frozen=True)
@@ -80,9 +87,45 @@ class SaveSpec:
 
 
 @dataclass
+class RecvSpec:
+    """Decode instance: a request waits for its stream; write it into these blocks."""
+
+    request_id: str
+    """vLLM's (internal) request id, reported in finished_recving."""
+    transfer_id: str
+    """The stream's request id (the sender's)."""
+    prompt_token_ids: list[int]
+    """The request's tokens ``[0, end_token)``: the stream must carry these."""
+    first_token: int
+    end_token: int
+    """Tokens ``[first_token, end_token)`` (block-aligned) come from the stream."""
+    block_ids: list[int]
+    timeout_s: float
+
+
+@dataclass
+class SendSpec:
+    """Prefill instance: a request's first step opens its stream (``target`` set);
+    every step that completes whole chunks hands them over (``block_ids``)."""
+
+    request_id: str
+    transfer_id: str
+    first_token: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    """vLLM blocks of tokens ``[first_token, first_token + len * B)``, to gather."""
+    target: str = ""
+    """host:port of the decode instance's receiver ("": the stream is open already)."""
+    token_ids: list[int] = field(default_factory=list)
+    """With ``target``: every token the stream carries."""
+    slo_ms: float = 0.0
+
+
+@dataclass
 class ConnectorMeta(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    recvs: list[RecvSpec] = field(default_factory=list)
+    sends: list[SendSpec] = field(default_factory=list)
 
 
 class KVClusterEvents(KVConnectorKVEvents):

@@ -9,6 +9,10 @@ them in vLLM's KV event stream.
 
 vLLM's paged cache is the device tier here, so the store's own device tier is off:
 chunks live in host memory, then on disk, then in Redis, as configured.
+
+PD: a decode instance's worker runs the KV receiver (pd_receiver.PDReceiver, started
+on the first ``pd_address`` call) that writes streams straight into the blocks; a
+prefill instance's worker streams each step's whole chunks (pd_sender.PDSender).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from kvcluster.common.hashing import BlockHash
 from kvcluster.common.layout import KVLayout
 from kvcluster.integrations.vllm.metadata import OWNERSHIP, ConnectorMeta, ConnectorSettings
 from kvcluster.integrations.vllm.paged_kv import PagedKV, PagedShape
+from kvcluster.integrations.vllm.pd_receiver import PDReceiver
+from kvcluster.integrations.vllm.pd_sender import PDSender
 from kvstore import build_store
 from kvstore.tiers.factory import default_disk_directory
 
@@ -53,6 +59,8 @@ class WorkerSide:
         self.store = build_store(store_config(settings.config.store, settings.instance_id),
                                  self.layout, device="cpu", model_id=settings.model_id)
         self.paged: PagedKV | None = None
+        self.pd_receiver: PDReceiver | None = None
+        self.pd_sender: PDSender | None = None
         self._lock = threading.Lock()
         self._events: list = []
         self.store.on_event.append(self._on_event)
@@ -79,12 +87,46 @@ class WorkerSide:
             keys = [BlockHash(d) for d in spec.chunk_keys]
             self.store.put(keys, kv, tenant=spec.tenant)
 
+    def pd_address(self) -> str:
+        """The KV receiver's ``host:port`` (started on the first call)."""
+        if self.pd_receiver is None:
+            self.pd_receiver = PDReceiver(self.settings.config, self.layout, self._paged())
+            self.pd_receiver.start()
+        return self.pd_receiver.address
+
+    def pd_expect(self, meta: ConnectorMeta) -> None:
+        """This step's requests that wait for a stream: where to write it."""
+        for spec in meta.recvs:
+            self._receiver().expect(spec)
+
+    def pd_send(self, meta: ConnectorMeta) -> None:
+        """After the forward: open this step's streams, hand over its whole chunks."""
+        for spec in meta.sends:
+            if self.pd_sender is None:
+                self.pd_sender = PDSender(self.settings.config, self.layout)
+            if spec.target:
+                self.pd_sender.start(spec)
+            if spec.block_ids:  # a copy: the blocks may be freed once the step ends
+                kv = self._paged().gather(spec.block_ids)  # [L, 2, n * B, H, D]
+                self.pd_sender.add(spec.request_id, spec.first_token, kv)
+
+    def pd_poll(self, finished_req_ids: set[str]) -> tuple[set[str], set[int]]:
+        """Requests done receiving, and blocks the streams did not fill."""
+        if self.pd_sender is not None:
+            self.pd_sender.finished(finished_req_ids)
+        if self.pd_receiver is None:
+            return set(), set()
+        return self.pd_receiver.poll(finished_req_ids)
+
     def take_events(self) -> list:
         with self._lock:
             events, self._events = self._events, []
         return events
 
     def close(self) -> None:
+        for part in (self.pd_receiver, self.pd_sender):
+            if part is not None:
+                part.close()
         self.store.flush()
         self.store.close()
 
@@ -105,6 +147,12 @@ class WorkerSide:
                         "vLLM recomputes them", spec.request_id,
                         len(spec.block_ids) - num_ok, len(spec.block_ids))
         return spec.block_ids[num_ok:]
+
+    def _receiver(self) -> PDReceiver:
+        if self.pd_receiver is None:  # a RecvSpec before pd_address: no stream can come
+            self.pd_address()
+        assert self.pd_receiver is not None
+        return self.pd_receiver
 
     def _paged(self) -> PagedKV:
         if self.paged is None:

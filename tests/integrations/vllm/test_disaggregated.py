@@ -1,15 +1,21 @@
-"""``engine.kind: vllm`` disaggregated: a vLLM prefill actor computes the prompt and
-streams its whole chunks over kvcluster's transfer to a vLLM decode actor, whose
-connector loads them into vLLM's paged blocks; greedy tokens equal stock vLLM's. The
-next turn goes to the decode instance vLLM's KV events say holds its prefix, with no
-prefill hop. A prefill actor gone before streaming: the decoder computes the prompt; a
-decode actor killed mid-stream: the other one finishes the request; same tokens.
+"""``engine.kind: vllm`` disaggregated: a vLLM prefill instance's worker process
+streams the prompt's whole chunks over kvcluster's transfer straight into the paged
+blocks of a vLLM decode instance, whose request waits in vLLM (an async KV load) from
+the moment the task arrives; greedy tokens equal stock vLLM's. The next turn goes to
+the decode instance vLLM's KV events say holds its prefix, with no prefill hop. A
+prefill instance killed mid-transfer or gone before streaming: the decoder computes
+what did not arrive; a decode actor killed mid-stream: the other one finishes the
+request; same tokens.
 
-One cluster (three vLLM engines: one prefill, two decode) for the module.
+One cluster (three vLLM engines: one prefill, two decode) for the module. Its streams
+are paced (transfer.sender_pace_bits_per_s) so that a kill lands mid-transfer.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 
 import pytest
@@ -21,13 +27,19 @@ from kvcluster.runtime.launcher import ClusterThread
 from tests.integrations.vllm.conftest import CHUNK_TOKENS, MAX_NEW_TOKENS, vllm_config
 
 ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+
+PACE_BITS_PER_S = 100e6
+"""~1 s per 256-token transfer chunk of SmolLM2's fp32 KV (46 KB a token)."""
 
 
 @pytest.fixture(scope="module")
 def cluster(stock_outputs):
     config = vllm_config(workers={"colocated": False, "num_prefill": 1, "num_decode": 2,
                                   "max_queue": 4, "max_local_prefill_tokens": 0},
-                         transfer={"timeout_s": 30.0, "policy": "lossless"})  # exact KV
+                         transfer={"timeout_s": 30.0, "policy": "lossless",  # exact KV
+                                   "chunk_tokens": CHUNK_TOKENS,
+                                   "sender_pace_bits_per_s": PACE_BITS_PER_S})
     handle = ClusterThread(config, num_cpus=2, start_timeout_s=400)
     yield handle
     handle.close()
@@ -57,7 +69,9 @@ def test_prefill_streams_whole_chunks_into_the_decoders_paged_blocks(cluster, cl
     assert set(cluster.cluster.backend.kv_events) == {"prefill", "decode"}
     sent = cluster.cluster.backend.stats["prefill_results"][-1]
     assert sent.transfer_ok and sent.num_transferred_tokens == 2 * CHUNK_TOKENS
-    assert sent.wire_bytes > 0 and set(sent.levels) == {"lossless"}
+    assert sent.wire_bytes > 0 and sent.levels == ["lossless", "lossless"]
+    receiver = _receiver_stats(cluster, final.decode_instance)
+    assert receiver["requests_filled"] >= 1 and receiver["tokens_written"] >= 2 * CHUNK_TOKENS
 
 
 def test_the_next_turn_skips_the_prefill_hop_by_vllms_kv_events(cluster, client, prompts,
@@ -90,12 +104,42 @@ def test_short_prompt_needs_no_transfer(client, prompts, stock_outputs):
     assert "transfer" not in result.final.cached_tokens_by_tier
 
 
+def test_a_prefill_killed_mid_transfer_costs_the_decoder_only_the_recompute(
+        cluster, client, prompts, stock_outputs):
+    """kill -9 of the prefill actor and its vLLM processes (where the sender runs) once
+    the decoder has written the stream's first chunk and before the second: the
+    decoder keeps what arrived, computes the rest, and answers as stock vLLM."""
+    prefill = cluster.cluster.pools.prefill[0]
+    pid = ray.get(prefill.actor.stats.remote(), timeout=30)["pid"]
+    tree = [pid] + [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    short_before = {h.instance_id: _receiver_stats(cluster, h.instance_id)["requests_short"]
+                    for h in cluster.cluster.pools.decode}
+    answer = {}
+    request = threading.Thread(target=lambda: answer.update(
+        result=_generate(client, prompts["long"], "pd-midway")))
+    request.start()
+    midway = _wait_for_a_stream_midway(cluster)
+    ray.kill(prefill.actor, no_restart=True)
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    request.join(180)
+    result = answer["result"]
+    assert result.token_ids == stock_outputs["long"]
+    decoder = result.final.decode_instance
+    assert decoder == midway
+    assert result.final.cached_tokens_by_tier.get("transfer", 0) < 2 * CHUNK_TOKENS
+    assert _receiver_stats(cluster, decoder)["requests_short"] == short_before[decoder] + 1
+
+
 def test_a_dead_prefill_actor_costs_only_the_recompute(cluster, client, prompts,
                                                        stock_outputs):
-    """Last in the module: the prefill actor is killed for good, the router still has
-    it; the decoder is told nobody will stream, computes the prompt, same tokens."""
+    """The prefill actor is dead for good (killed above), the router still has it; the
+    decoder is told nobody will stream, computes the prompt, same tokens."""
     prefill = cluster.cluster.pools.prefill[0]
-    ray.kill(prefill.actor, no_restart=True)
+    ray.kill(prefill.actor, no_restart=True)  # already dead when the module runs whole
     result = _generate(client, prompts["evict_1"], "pd-dead")
     assert result.token_ids == stock_outputs["evict_1"]
     assert result.final.prefill_instance == ""
@@ -121,3 +165,20 @@ def test_a_decode_actor_killed_mid_stream_is_finished_by_the_other(cluster, clie
     assert tokens == reference
     assert events[-1].decode_instance not in ("", serving[0].instance_id)
     assert cluster.cluster.backend.stats["decode_retries"] == 1
+
+
+def _receiver_stats(cluster, instance_id: str) -> dict:
+    handle = cluster.cluster.pools.by_id(instance_id)
+    return ray.get(handle.actor.stats.remote(), timeout=30)["kv_receiver"]
+
+
+def _wait_for_a_stream_midway(cluster, timeout_s: float = 60) -> str:
+    """The decode instance one of whose streams has chunks written and is still open."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for handle in cluster.cluster.pools.decode:
+            streams = _receiver_stats(cluster, handle.instance_id)["streams"].values()
+            if any(s["decoded_tokens"] and not s["done"] for s in streams):
+                return handle.instance_id
+        time.sleep(0.02)
+    raise AssertionError("no stream was ever seen midway")
