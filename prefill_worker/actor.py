@@ -24,10 +24,14 @@ class PrefillActor:
         self.metrics = MetricsEndpoint(self.worker.registries())
         self.metrics_address = advertised(self.metrics.start(cluster_config.transfer.host))
         self.kv_events_publish = kv_events_publish
+        self._started = False
 
     async def ready(self) -> str:
-        """Start the worker (once: a vLLM engine); returns the instance id."""
-        await self.worker.start(self.kv_events_publish)
+        """Start the worker (once: a vLLM engine, the native warm-up); returns the
+        instance id."""
+        if not self._started:
+            self._started = True
+            await self.worker.start(self.kv_events_publish)
         return self.worker.instance_id
 
     async def prefill(self, task: PrefillTask) -> PrefillResult:
@@ -39,7 +43,12 @@ class PrefillActor:
                     pid=os.getpid(), config_digest=self.config_digest)
 
     async def poll(self, resync: bool = False):
-        """Heartbeat: (load, relayed KV event batches, "" (no receiver))."""
+        """Heartbeat: (load, relayed KV event batches, "" (no receiver)).
+
+        Also (re)starts the worker: after Ray restarts this actor, the first poll
+        brings its engine back (before, every prefill on it failed: never started).
+        """
+        await self.ready()
         return self.worker.load(), self.worker.take_event_batches(resync), ""
 
     async def stats(self) -> dict:

@@ -15,6 +15,13 @@ actor that dies mid-generation is replaced: the request resumes on another
 decode instance from its prompt plus the tokens already streamed (greedy
 output is therefore identical), or fails with a clear error.
 
+Ray restarts a dead actor (``max_restarts=-1``: same name, same handle, a new
+process) and its next poll starts its engine again. An actor seen dying (a Ray
+actor error from a request or a poll) has its vLLM KV events unwatched at once, which
+clears its view in the router (its KV died with it); once it answers again, a new
+``pid`` in its ``info()`` is a restart: its handle's info is refreshed and its events
+are watched on its new replay address (vLLM's numbering starts over from 0 there).
+
 A worker's :class:`~kvcluster.common.errors.KVClusterError` (a full queue, a
 prompt its engine cannot hold) comes out of Ray wrapped in ``RayTaskError``; it
 is unwrapped here and raised with its own code, so the client sees
@@ -65,6 +72,10 @@ class RayClusterBackend(GenerateBackend):
         self._poller: asyncio.Task | None = None
         self._poll_locks: dict[str, asyncio.Lock] = {}
         self._unreachable: set[str] = set()
+        """Instances whose last poll failed or that were seen dying: their info() is
+        read again (a restart?) before they count as reachable."""
+        self._events_dropped: set[str] = set()
+        """Instances unwatched when seen dying: watched again once they answer."""
         self.metrics = metrics or RouterMetrics()
         for role, router in self.routers.items():
             self.metrics.watch_live(role, lambda r=router: len(r.registry.alive()))
@@ -74,9 +85,7 @@ class RayClusterBackend(GenerateBackend):
         for handle in self.pools.prefill + self.pools.decode:
             self.routers[handle.role].registry.register(handle.instance_id, handle.address,
                                                         handle.role)
-            replay = handle.info.get("kv_events_replay", "")
-            if handle.role in self.kv_events and replay:
-                self.kv_events[handle.role].watch(handle.instance_id, replay)
+            self._watch_events(handle)
         await self._poll_once()
         self._poller = asyncio.create_task(self._poll_forever())
 
@@ -107,6 +116,7 @@ class RayClusterBackend(GenerateBackend):
                 self.metrics.decode_retries.inc()
                 log.warning("request %s: decode %s died after %d tokens (%s); resuming",
                             request.request_id, decode.instance_id, len(outputs), exc)
+                self._seen_dying(decode)
                 if attempt + 1 == MAX_DECODE_ATTEMPTS:
                     raise UnavailableError(f"decode workers kept failing: {exc}")
                 self.routers["decode"].registry.deregister(decode.instance_id)
@@ -271,6 +281,8 @@ class RayClusterBackend(GenerateBackend):
                         [h.instance_id for h in handles], self.poll_interval_s)
 
     async def _poll_once(self, handles: list[WorkerHandle] | None = None) -> None:
+        from ray.exceptions import RayActorError
+
         handles = handles or self.pools.prefill + self.pools.decode
         results = await asyncio.gather(*(self._poll(h) for h in handles),
                                        return_exceptions=True)
@@ -280,8 +292,12 @@ class RayClusterBackend(GenerateBackend):
                 if handle.instance_id not in self._unreachable:
                     log.warning("%s unreachable: %r", handle.instance_id, result)
                 self._unreachable.add(handle.instance_id)
+                if isinstance(result, RayActorError):  # died (a timeout may be a busy one)
+                    self._seen_dying(handle)
                 continue
             if handle.instance_id in self._unreachable:
+                if not await self._refresh_info(handle):
+                    continue
                 log.warning("%s reachable again", handle.instance_id)
                 self._unreachable.discard(handle.instance_id)
             load, address = result
@@ -293,6 +309,48 @@ class RayClusterBackend(GenerateBackend):
             if handle.instance_id not in alive:
                 router.registry.register(handle.instance_id, handle.address, handle.role)
             router.registry.heartbeat(handle.instance_id, load)
+
+    async def _refresh_info(self, handle: WorkerHandle) -> bool:
+        """Read an instance's ``info()`` again after it was unreachable or seen dying; a
+        new pid is a restart by Ray (a new process: a new engine, empty KV, a vLLM
+        replay socket on a new port), whose KV events are then watched anew.
+
+        Returns:
+            False when info() does not answer either (it stays unreachable).
+        """
+        try:
+            info = await asyncio.wait_for(handle.actor.info.remote(), self.poll_interval_s * 4)
+        except Exception as exc:  # noqa: BLE001 - any failure: still unreachable
+            log.debug("%s: info() after being unreachable failed: %r", handle.instance_id, exc)
+            return False
+        restarted = info.get("pid") != handle.info.get("pid")
+        if restarted:
+            log.warning("%s restarted (pid %s -> %s)%s", handle.instance_id,
+                        handle.info.get("pid"), info.get("pid"),
+                        f"; its KV events now replay from {info['kv_events_replay']}"
+                        if info.get("kv_events_replay") else "")
+        handle.info = info
+        if restarted or handle.instance_id in self._events_dropped:
+            self._watch_events(handle)
+        return True
+
+    def _watch_events(self, handle: WorkerHandle) -> None:
+        """Consume the instance's vLLM KV events (its replay address from its info()):
+        its view in the router is rebuilt from that engine's replay buffer."""
+        subscriber = self.kv_events.get(handle.role)
+        replay = handle.info.get("kv_events_replay", "")
+        if subscriber is not None and replay:
+            subscriber.watch(handle.instance_id, replay)
+            self._events_dropped.discard(handle.instance_id)
+
+    def _seen_dying(self, handle: WorkerHandle) -> None:
+        """A Ray actor error: its process (and the KV its engine held) is gone, so its
+        view is cleared now; its info() is read again before it counts as reachable."""
+        self._unreachable.add(handle.instance_id)
+        subscriber = self.kv_events.get(handle.role)
+        if subscriber is not None and handle.instance_id not in self._events_dropped:
+            subscriber.unwatch(handle.instance_id)
+            self._events_dropped.add(handle.instance_id)
 
     async def _poll(self, handle: WorkerHandle) -> tuple:
         """One actor's heartbeat ``(load, address)``; its queued events go to the
