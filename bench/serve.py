@@ -14,9 +14,10 @@ two systems under test):
     sharegpt_c1     multi-turn ShareGPT chats (../shared/datasets/), closed loop, 1 at a time
     sharegpt_c4     other conversations, closed loop, 4 at a time
     sharegpt_poisson  other conversations starting at Poisson times (full run only)
-    sharegpt_tiered   other conversations, interleaved turn by turn (each one's KV is
-                    evicted from a small KV cache before its next turn); run only by
-                    the systems tiered and vllm_small
+    sharegpt_tiered   other conversations with >= TIERED_TURNS user turns (8 of them;
+                    12 full), interleaved turn by turn (each one's KV is evicted from a
+                    small KV cache before its next turn); answers up to 32 tokens (64
+                    full); run only by the systems tiered and vllm_small
     sharegpt_routing  other conversations with >= ROUTING_TURNS user turns, interleaved
                     turn by turn, an odd number of them (so that per-request round-robin
                     over 2 servers sends each conversation's turns to alternate servers;
@@ -94,6 +95,7 @@ from bench.serve_workloads import (
     PromptFitter,
     demo_conversations,
     sharegpt_conversations,
+    sharegpt_picks,
 )
 
 SEQUENTIAL = ("demo", "sharegpt_c1")
@@ -101,6 +103,9 @@ SEQUENTIAL = ("demo", "sharegpt_c1")
 WARMUP = ["Say hello.", "Name a colour."]
 ROUTING_TURNS = 6
 """User turns per sharegpt_routing conversation (quick; full: 8): later turns mostly prefix."""
+TIERED_TURNS = 5
+"""User turns per sharegpt_tiered conversation (quick; full: 7): a chat long enough that
+its later turns, the ones a tier can serve, are most of its requests."""
 
 
 def main(argv=None) -> dict:
@@ -142,9 +147,6 @@ def build_workloads(args, tokenizer) -> tuple[list[Workload], list[str]]:
     slices = [("sharegpt_c1", "closed", 1, count), ("sharegpt_c4", "closed", 4, count)]
     if not args.quick:
         slices.append(("sharegpt_poisson", "poisson", 0, 2 * count))
-    # Enough conversations that their KV together is several times the small cache
-    # (the quick ones hold ~300-500 tokens each after 3 turns; the cache ~2k).
-    slices.append((TIERED_WORKLOAD, "interleaved", 1, 12 if args.quick else 16))
     first = 0
     for name, schedule, concurrency, n in slices:
         # Each workload gets conversations of its own, so none starts on another's cache.
@@ -152,13 +154,27 @@ def build_workloads(args, tokenizer) -> tuple[list[Workload], list[str]]:
         first += n
         workloads.append(Workload(name, tuple(conversations), schedule, concurrency,
                                   args.rate if schedule == "poisson" else 0.0))
-    # Last, so its multi-turn picks (which skip short records) overlap no other slice.
+    # Then the multi-turn picks (which skip short records), each after the other's.
+    tiered, first = tiered_workload(args, tokenizer, first)
+    workloads.append(tiered)
     workloads.append(routing_workload(args, tokenizer, first))
     notes.append(f"ShareGPT: human turns in order (leading non-human turns skipped), <= {turns} "
                  f"per conversation, max_tokens = the dataset answer's length clamped to "
                  f"[8, {cap}]; prompts capped to the context by dropping the oldest exchanges "
                  "after the first one (then cutting the new turn)")
     return workloads, notes
+
+
+def tiered_workload(args, tokenizer, first: int) -> tuple[Workload, int]:
+    """sharegpt_tiered: conversations with >= TIERED_TURNS user turns each, from record
+    ``first`` on, interleaved: together their KV is several times the small KV cache,
+    and each one's is evicted before its next turn (see the module docstring). Returns
+    the workload and the record index after its last pick."""
+    turns = args.turns or (TIERED_TURNS if args.quick else TIERED_TURNS + 2)
+    count = 8 if args.quick else 12
+    conversations, after = sharegpt_picks(SHAREGPT_PATH, tokenizer, first, count, turns,
+                                          32 if args.quick else 64, min_turns=turns)
+    return Workload(TIERED_WORKLOAD, tuple(conversations), "interleaved"), after
 
 
 def routing_workload(args, tokenizer, first: int) -> Workload:

@@ -89,17 +89,16 @@ def kvcluster_config(colocated: bool, disk_dir: str, http_port: int,
                      num_decode: int = 1) -> dict:
     """``kvcluster serve``'s YAML content: the demo's sizes, 127.0.0.1, dtype auto.
 
-    engine_kind "vllm": the same KV cache in tokens, in vLLM-CPU's 32-token blocks
-    (``num_blocks`` of them when given). ``num_decode``: decode instances (colocated:
-    each one a whole engine), routed by the default kv_aware policy."""
-    data = json.loads(json.dumps(_to_dict(_demo_config(disk_dir))))  # tuples -> lists
+    engine_kind "vllm": the demo's vLLM sizes (the same KV cache in tokens, in vLLM-CPU's
+    32-token blocks, one block per store chunk), ``num_blocks`` blocks when given.
+    ``num_decode``: decode instances (colocated: each one a whole engine), routed by the
+    default kv_aware policy."""
+    demo = _demo_config(disk_dir, engine_kind)
+    data = json.loads(json.dumps(_to_dict(demo)))  # tuples -> lists
     config = {section: data[section] for section in ("model", "engine", "store", "transfer")}
     config["model"]["dtype"] = "auto"
-    if engine_kind == "vllm":
-        engine = config["engine"]
-        tokens = engine["block_size"] * engine["num_blocks"]
-        engine.update(kind="vllm", block_size=VLLM_BLOCK_TOKENS,
-                      num_blocks=num_blocks or tokens // VLLM_BLOCK_TOKENS)
+    if num_blocks:
+        config["engine"]["num_blocks"] = num_blocks
     config["router"] = {"host": "127.0.0.1", "port": 0, "http_port": http_port,
                         "metrics_port": 0}
     config["workers"] = {"num_prefill": 1, "num_decode": num_decode, "colocated": colocated}
@@ -172,10 +171,10 @@ def start_kvcluster(colocated: bool, workdir: Path, log=print, engine_kind: str 
     return server
 
 
-def _demo_config(disk_dir: str):
+def _demo_config(disk_dir: str, engine_kind: str = "native"):
     from kvcluster.demo import demo_config
 
-    return demo_config(MODEL, disk_dir)
+    return demo_config(MODEL, disk_dir, engine_kind)
 
 
 def _to_dict(config) -> dict:

@@ -112,18 +112,29 @@ def sharegpt_conversations(path: Path, tokenizer, first: int, count: int, max_tu
     Raises:
         FileNotFoundError: the file is absent.
     """
+    return sharegpt_picks(path, tokenizer, first, count, max_turns, max_tokens_cap,
+                          min_max_tokens, min_turns)[0]
+
+
+def sharegpt_picks(path: Path, tokenizer, first: int, count: int, max_turns: int,
+                   max_tokens_cap: int, min_max_tokens: int = 8, min_turns: int = 1
+                   ) -> tuple[list[Conversation], int]:
+    """:func:`sharegpt_conversations`, and the record index after the last one picked
+    (where a later workload's picks start, so that none overlaps this one's)."""
     conversations = []
+    next_index = first
     for index, record in enumerate(_records(path)):
         if index < first:
             continue
         if len(conversations) == count:
             break
+        next_index = index + 1
         turns = _human_turns(record["conversations"], tokenizer, max_turns)
         if turns and len(turns) >= min_turns:
             conversations.append(Conversation(
                 f"sharegpt-{record.get('id', index)}", None, tuple(t for t, _ in turns),
                 tuple(min(max(n, min_max_tokens), max_tokens_cap) for _, n in turns)))
-    return conversations
+    return conversations, next_index
 
 
 # ------------------------------------------------------------------ private

@@ -52,14 +52,21 @@ def demo_config(model: str, disk_dir: str, engine: str = "native") -> ClusterCon
     """Small tiers on purpose, so chunks spill down and hits show up per tier. With
     ``engine`` "vllm", the same KV cache in tokens in vLLM-CPU's 32-token blocks."""
     block_size = VLLM_BLOCK_TOKENS if engine == "vllm" else 16
+    # vLLM: one store chunk per vLLM block, so that every block vLLM's cache holds can
+    # go to (and come back from) the tiers; a chunk of several blocks loses the partial
+    # one at the end of each turn's prompt and answer.
+    chunk_tokens = VLLM_BLOCK_TOKENS if engine == "vllm" else 128
     return from_dict(ClusterConfig, {
         "model": {"path": model},
         "engine": {"kind": engine, "block_size": block_size,
                    "num_blocks": 512 * 16 // block_size, "max_model_len": 2048},
-        "store": {"chunk_tokens": 128,
+        "store": {"chunk_tokens": chunk_tokens,
                   "device": {"capacity_bytes": 12 << 20},
                   "host": {"capacity_bytes": 24 << 20},
-                  "disk": {"enabled": True, "directory": disk_dir, "capacity_bytes": 1 << 30}},
+                  # the staging of 16 chunks of 128 tokens, whatever the chunk: a burst
+                  # of spills past it skips the disk (the chunks are lost)
+                  "disk": {"enabled": True, "directory": disk_dir, "capacity_bytes": 1 << 30,
+                           "max_pending_writes": 16 * 128 // chunk_tokens}},
         "transfer": {"chunk_tokens": 256, "slo_ms": 2000},
         "router": {"port": 0, "http_port": 0},
     })

@@ -158,3 +158,17 @@ def test_routing_workload_is_an_odd_number_of_long_chats_of_its_own(tokenizer):
     assert all(len(c.user_turns) == serve.ROUTING_TURNS for c in routing.conversations)
     others = {c.name for w in workloads if w is not routing for c in w.conversations}
     assert not others & {c.name for c in routing.conversations}
+
+
+@pytest.mark.skipif(not SHAREGPT_PATH.is_file(), reason="../shared/datasets is absent")
+def test_tiered_workload_is_long_chats_no_other_workload_has(tokenizer):
+    from bench import serve
+    from bench.common import parse_args
+
+    workloads, _ = serve.build_workloads(parse_args(serve.__doc__, ["--quick"],
+                                                    extra=serve._flags), tokenizer)
+    tiered = next(w for w in workloads if w.name == TIERED_WORKLOAD)
+    assert tiered.schedule == "interleaved" and len(tiered.conversations) == 8
+    assert all(len(c.user_turns) == serve.TIERED_TURNS for c in tiered.conversations)
+    others = {c.name for w in workloads if w is not tiered for c in w.conversations}
+    assert not others & {c.name for c in tiered.conversations}

@@ -144,6 +144,10 @@ def test_vllm_engine_config_keeps_the_kv_cache_in_tokens_in_32_token_blocks():
     assert (config.engine.kind, config.engine.block_size) == ("vllm", 32)
     assert config.engine.num_blocks * 32 == demo.num_blocks * demo.block_size
     assert config.engine.max_model_len == demo.max_model_len and config.workers.colocated
+    assert config.store == demo_config("smollm2", "/tmp/x", "vllm").store
+    assert config.store.chunk_tokens == 32  # one vLLM block per store chunk
+    small = from_dict(ClusterConfig, kvcluster_config(True, "/tmp/x", 8123, "vllm", 65))
+    assert small.engine.num_blocks == 65 and small.engine.block_size == 32
 
 
 def test_vllm_requirements_leave_out_the_wheels_built_for_another_torch():
