@@ -88,6 +88,7 @@ class EngineConfig:
                               f"must be >= 0, got {self.native_threads}")
         for name in ("block_size", "num_blocks", "max_batch_size", "max_model_len"):
             _check_positive(f"{path}.{name}", getattr(self, name))
+        _check_one_vllm_worker(path + ".vllm_args", self.vllm_args)
 
 
 @dataclass
@@ -598,6 +599,40 @@ def _scalar(hint: Any, value: Any, path: str) -> Any:
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise ConfigError(path, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+VLLM_PARALLEL_SIZES = ("tensor_parallel_size", "pipeline_parallel_size",
+                       "prefill_context_parallel_size", "decode_context_parallel_size",
+                       "data_parallel_size", "data_parallel_size_local")
+"""vLLM engine arguments that split one engine over several workers or ranks."""
+VLLM_DATA_PARALLEL_MODES = ("data_parallel_hybrid_lb", "data_parallel_external_lb",
+                            "data_parallel_multi_port_external_lb")
+
+
+def _check_one_vllm_worker(path: str, vllm_args: dict[str, Any]) -> None:
+    """kvcluster runs one vLLM worker per engine: its connector reads and writes the
+    whole KV of the engine's only worker, and the router watches one event publisher
+    per instance (vLLM's data parallelism shifts each rank's event and replay ports by
+    its rank, which no one would watch)."""
+    for name in VLLM_PARALLEL_SIZES:
+        value = vllm_args.get(name, 1)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}.{name}", f"must be an integer, got {value!r}")
+        if value != 1:
+            why = ("each data-parallel rank publishes its KV events on ports the router "
+                   "does not watch, and each is a separate engine" if "data" in name else
+                   "the KV would be sharded across workers; kvcluster's connector stores "
+                   "and loads one worker's whole KV")
+            raise ConfigError(f"{path}.{name}", f"must be 1, got {value}: {why}; run more "
+                              "kvcluster instances instead (workers.num_decode, "
+                              "workers.num_prefill)")
+    for name in VLLM_DATA_PARALLEL_MODES:
+        if vllm_args.get(name):
+            raise ConfigError(f"{path}.{name}", "vLLM data parallelism is not supported "
+                              "(its ranks' KV event ports are not watched); run more "
+                              "kvcluster instances instead")
 
 
 def _check_positive(path: str, value: float) -> None:

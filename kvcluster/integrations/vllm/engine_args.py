@@ -10,6 +10,7 @@ keeps vLLM's defaults.
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,12 @@ from pathlib import Path
 from vllm.config import KVEventsConfig, KVTransferConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 
-from kvcluster.common.config import ClusterConfig, to_dict
+from kvcluster.common.config import (
+    VLLM_DATA_PARALLEL_MODES,
+    VLLM_PARALLEL_SIZES,
+    ClusterConfig,
+    to_dict,
+)
 from kvcluster.common.layout import DTYPE_SIZES
 from kvcluster.engine.hf_loader import load_arch
 from kvcluster.engine.models import default_model_id, resolve_model
@@ -94,7 +100,31 @@ def engine_args(config: ClusterConfig, instance_id: str,
     unknown = sorted(set(engine.vllm_args) - known)
     if unknown:
         raise ValueError(f"engine.vllm_args: {unknown} are not vLLM engine arguments")
-    return dataclasses.replace(args, **engine.vllm_args)
+    args = dataclasses.replace(args, **engine.vllm_args)
+    check_one_worker(args)
+    return args
+
+
+def check_one_worker(args: AsyncEngineArgs) -> None:
+    """One vLLM worker per engine, one engine per kvcluster instance (config validation
+    refuses the same in ``engine.vllm_args``; this also catches vllm_args changed after
+    the config was built, and vLLM's ``VLLM_DP_SIZE`` environment variable).
+
+    Raises:
+        ValueError: tensor, pipeline, context or data parallelism > 1, or a
+            data-parallel load-balancing mode.
+    """
+    split = {name: getattr(args, name) for name in VLLM_PARALLEL_SIZES
+             if getattr(args, name, None) not in (None, 1)}
+    split.update({name: True for name in VLLM_DATA_PARALLEL_MODES if getattr(args, name, False)})
+    if os.environ.get("VLLM_DP_SIZE", "1").strip() not in ("", "1"):
+        split["VLLM_DP_SIZE (environment)"] = os.environ["VLLM_DP_SIZE"]
+    if split:
+        raise ValueError(f"vLLM engine arguments {split}: kvcluster runs one vLLM worker per "
+                         "engine (its connector holds one worker's whole KV; the router "
+                         "watches one KV event publisher per instance, and data-parallel "
+                         "ranks publish on shifted ports); run more kvcluster instances "
+                         "instead (workers.num_decode, workers.num_prefill)")
 
 
 def max_model_len(config: ClusterConfig, arch) -> int:
