@@ -34,7 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                KVConnectorRole)
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvcluster.integrations.vllm.metadata import (LOADED_TOKENS, ConnectorMeta,
+from kvcluster.integrations.vllm.metadata import (LOADED_TOKENS, LOST_TOKENS, ConnectorMeta,
                                                   ConnectorSettings, KVClusterEvents)
 from kvcluster.integrations.vllm.paged_kv import PagedShape
 from kvcluster.integrations.vllm.scheduler_side import SchedulerSide
@@ -156,8 +156,13 @@ class KVClusterConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request", block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
-        loaded = self._scheduler_side().request_finished(request.request_id)
-        return False, ({LOADED_TOKENS: loaded} if loaded else None)
+        side = self._scheduler_side()
+        lost = side.lost_tokens(request.request_id)
+        loaded = side.request_finished(request.request_id)
+        params = {LOADED_TOKENS: loaded} if loaded else {}
+        if lost:  # vLLM's num_cached_tokens still counts them (its plan at admission)
+            params[LOST_TOKENS] = lost
+        return False, (params or None)
 
     def take_events(self) -> Iterable:
         return self._scheduler_side().take_events()

@@ -27,7 +27,7 @@ from kvcluster.common.layout import KVLayout
 from kvcluster.common.sampling import SamplingParams
 from kvcluster.integrations.vllm.engine_args import EventEndpoints, engine_args, model_folder
 from kvcluster.integrations.vllm.kv_usage import KVUsage
-from kvcluster.integrations.vllm.metadata import LOADED_TOKENS
+from kvcluster.integrations.vllm.metadata import LOADED_TOKENS, LOST_TOKENS
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 
@@ -88,10 +88,13 @@ class VLLMEngine:
                     yield EngineStep(tuple(completion.token_ids))
                     continue
                 finished = True
-                loaded = (out.kv_transfer_params or {}).get(LOADED_TOKENS, {})
+                params = out.kv_transfer_params or {}
+                loaded = params.get(LOADED_TOKENS, {})
+                # vLLM counts a planned load as cached even where it failed and was computed
+                cached = max(0, (out.num_cached_tokens or 0) - int(params.get(LOST_TOKENS, 0)))
                 yield EngineStep(tuple(completion.token_ids), True,
                                  FINISH_REASONS.get(completion.finish_reason or "", "stop"),
-                                 out.num_cached_tokens or 0, dict(loaded))
+                                 cached, dict(loaded))
         finally:
             if not finished:  # AsyncLLM.generate aborts the request when closed early
                 await outputs.aclose()

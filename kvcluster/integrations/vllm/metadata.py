@@ -28,8 +28,12 @@ PD_SEND = "kvcluster_send"
 LOADED_TOKENS = "kvcluster_loaded_tokens"
 """kv_transfer_params of a finished request: tokens it loaded, by tier ("transfer":
 from a prefill instance's stream)."""
+LOST_TOKENS = "kvcluster_lost_tokens"
+"""kv_transfer_params of a finished request: tokens vLLM counted as cached when it
+planned the request's stream, but computed because the stream did not fill them."""
 
-__all__ = ["OWNERSHIP", "PD_RECV", "PD_SEND", "LOADED_TOKENS", "ConnectorSettings",
+__all__ = ["OWNERSHIP", "PD_RECV", "PD_SEND", "LOADED_TOKENS", "LOST_TOKENS",
+           "ConnectorSettings",
            "LoadSpec", "SaveSpec", "RecvSpec", "SendSpec", "ConnectorMeta", "KVClusterEvents"]
 
 

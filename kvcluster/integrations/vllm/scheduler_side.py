@@ -62,6 +62,8 @@ class _Request:
     """Blocks waiting for the stream, until vLLM reports the receive finished."""
     send: dict | None = None
     """PD_SEND params until the last chunk is handed over."""
+    lost_tokens: int = 0
+    """Planned stream tokens vLLM computed after all (their blocks failed)."""
     send_started: bool = False
     next_send_token: int = 0
 
@@ -184,6 +186,11 @@ class SchedulerSide:
         req = self._requests.pop(request_id, None)
         return req.loaded_by_tier if req is not None else {}
 
+    def lost_tokens(self, request_id: str) -> int:
+        """Tokens of the request's planned stream that vLLM computed after all."""
+        req = self._requests.get(request_id)
+        return req.lost_tokens if req is not None else 0
+
     def on_recv_outcome(self, invalid_block_ids: set[int], finished_recving: set[str]
                         ) -> None:
         """A stream that filled fewer blocks than planned counts only what it filled
@@ -197,6 +204,7 @@ class SchedulerSide:
                 req.loaded_by_tier["transfer"] = max(
                     0, req.loaded_by_tier.get("transfer", 0) - lost)
                 self.loaded_tokens -= lost
+                req.lost_tokens += lost
                 req.recv_blocks = req.recv_blocks[:bad[0]]
             if request_id in finished_recving:
                 req.recv_blocks = []

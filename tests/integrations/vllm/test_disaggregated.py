@@ -118,7 +118,8 @@ def test_a_prefill_killed_mid_transfer_costs_the_decoder_only_the_recompute(
     request = threading.Thread(target=lambda: answer.update(
         result=_generate(client, prompts["long"], "pd-midway")))
     request.start()
-    midway = _wait_for_a_stream_midway(cluster)
+    midway, transfer_id, expected = _wait_for_a_stream_midway(cluster)
+    assert transfer_id in expected  # vLLM holds the request's blocks while KV streams in
     ray.kill(prefill.actor, no_restart=True)
     for p in tree:
         try:
@@ -131,6 +132,8 @@ def test_a_prefill_killed_mid_transfer_costs_the_decoder_only_the_recompute(
     decoder = result.final.decode_instance
     assert decoder == midway
     assert result.final.cached_tokens_by_tier.get("transfer", 0) < 2 * CHUNK_TOKENS
+    # what vLLM computed after all is not counted as cached (its figure is the plan's)
+    assert result.final.num_cached_tokens == sum(result.final.cached_tokens_by_tier.values())
     assert _receiver_stats(cluster, decoder)["requests_short"] == short_before[decoder] + 1
 
 
@@ -172,13 +175,15 @@ def _receiver_stats(cluster, instance_id: str) -> dict:
     return ray.get(handle.actor.stats.remote(), timeout=30)["kv_receiver"]
 
 
-def _wait_for_a_stream_midway(cluster, timeout_s: float = 60) -> str:
-    """The decode instance one of whose streams has chunks written and is still open."""
+def _wait_for_a_stream_midway(cluster, timeout_s: float = 60) -> tuple[str, str, list]:
+    """(decode instance, transfer id, the ids its vLLM waits for) of a stream that has
+    chunks written and is still open."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for handle in cluster.cluster.pools.decode:
-            streams = _receiver_stats(cluster, handle.instance_id)["streams"].values()
-            if any(s["decoded_tokens"] and not s["done"] for s in streams):
-                return handle.instance_id
+            stats = _receiver_stats(cluster, handle.instance_id)
+            for transfer_id, stream in stats["streams"].items():
+                if stream["decoded_tokens"] and not stream["done"]:
+                    return handle.instance_id, transfer_id, stats["expected"]
         time.sleep(0.02)
     raise AssertionError("no stream was ever seen midway")
