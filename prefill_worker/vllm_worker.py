@@ -146,6 +146,8 @@ class VLLMPrefillWorker(PrefillWorkerBase):
         result.data_plane = str(sent["data_plane"])
         if result.data_plane:
             self._planes[result.data_plane] = self._planes.get(result.data_plane, 0) + 1
+        self.transfer_metrics.observe_send(result.transfer_ok, float(sent.get("elapsed_s", 0)),
+                                           [tuple(c) for c in sent.get("chunk_bytes", ())])
         if not result.transfer_ok:
             log.warning("request %s: KV transfer to %s failed: %s", task.request_id,
                         task.decode_target, result.message)

@@ -155,7 +155,7 @@ class PDSender:
         except Exception as exc:  # noqa: BLE001 - the decoder computes what is missing
             log.warning("stream %s to %s failed: %r", spec.transfer_id, spec.target, exc)
             result = {"ok": False, "message": repr(exc), "elapsed_s": 0.0, "bytes_sent": 0,
-                      "levels": [], "data_plane": "", "num_tokens": 0}
+                      "levels": [], "data_plane": "", "num_tokens": 0, "chunk_bytes": []}
         if not result["ok"]:
             log.warning("stream %s to %s: %s", spec.transfer_id, spec.target,
                         result["message"])
@@ -180,7 +180,9 @@ class PDSender:
 def _result_dict(sent, source: ComputedSource) -> dict:
     """A SendResult as plain data (vLLM's RPC returns it to the prefill actor)."""
     ok = sent.status is not None and sent.status.ok
+    chunk_bytes = [(level, len(source.payload(i, level)) if source.has_payload(i, level) else 0)
+                   for i, level in enumerate(sent.levels) if level]
     return {"ok": ok, "message": sent.error or (sent.status.message if sent.status else ""),
             "elapsed_s": sent.elapsed_s, "bytes_sent": sent.bytes_sent,
             "levels": list(sent.levels), "data_plane": sent.data_plane,
-            "num_tokens": source.num_tokens}
+            "num_tokens": source.num_tokens, "chunk_bytes": chunk_bytes}

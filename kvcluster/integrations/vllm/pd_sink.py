@@ -134,5 +134,8 @@ class BlockSink(KVSink):
             return
         B, first = self.block_size, target.first_token
         blocks = target.block_ids[(lo - first) // B:(hi - first) // B]
-        self.paged.scatter(blocks, kv[:, :, lo - start:hi - start])  # [L, 2, hi - lo, H, D]
+        device = self.paged.layers[0].device
+        self.paged.scatter(blocks, kv[:, :, lo - start:hi - start].to(device))  # [L, 2, n, H, D]
+        if device.type == "cuda":  # written before vLLM hears the stream is done
+            torch.cuda.current_stream(device).synchronize()
         self._written_end = hi

@@ -105,7 +105,10 @@ def _result(sender, transfer_id, timeout_s=15.0) -> dict:
 def test_a_stream_before_registration_is_kept_then_written(sender, receiver, paged):
     kv = _kv(1)
     _send(sender, receiver, "early", kv, steps=(C, NUM_TOKENS))  # two vLLM steps
-    assert _result(sender, "early")["ok"]
+    result = _result(sender, "early")
+    assert result["ok"] and result["levels"] == ["lossless", "lossless"]
+    assert [level for level, _ in result["chunk_bytes"]] == ["lossless", "lossless"]
+    assert sum(n for _, n in result["chunk_bytes"]) <= result["bytes_sent"]
     blocks = [3, 7, 1, 12]
     receiver.expect(_recv("early", blocks))
     assert _poll_until_done(receiver, "vllm-early") == set()
