@@ -199,6 +199,8 @@ class VLLMDecodeWorker(DecodeWorkerBase):
                           "timeout_s": task.kv_timeout_s}}
 
     def _final(self, step: EngineStep, active: _Active, expected_kv: bool) -> DecodeStep:
+        if step.kv_wait_ms:  # inside vLLM: blocks allocated until the stream was in
+            active.stage_ms["kv_transfer"] = step.kv_wait_ms
         by_tier = {tier: n for tier, n in step.loaded_tokens_by_tier.items() if n}
         engine_cached = step.num_cached_tokens - sum(by_tier.values())
         if engine_cached > 0:

@@ -34,7 +34,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                KVConnectorRole)
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvcluster.integrations.vllm.metadata import (LOADED_TOKENS, LOST_TOKENS, ConnectorMeta,
+from kvcluster.integrations.vllm.metadata import (LOADED_TOKENS, LOST_TOKENS, RECV_WAIT_MS,
+                                                  ConnectorMeta,
                                                   ConnectorSettings, KVClusterEvents)
 from kvcluster.integrations.vllm.paged_kv import PagedShape
 from kvcluster.integrations.vllm.scheduler_side import SchedulerSide
@@ -158,10 +159,13 @@ class KVClusterConnector(KVConnectorBase_V1):
                          ) -> tuple[bool, dict[str, Any] | None]:
         side = self._scheduler_side()
         lost = side.lost_tokens(request.request_id)
+        waited_ms = side.recv_wait_ms(request.request_id)
         loaded = side.request_finished(request.request_id)
-        params = {LOADED_TOKENS: loaded} if loaded else {}
+        params: dict[str, Any] = {LOADED_TOKENS: loaded} if loaded else {}
         if lost:  # vLLM's num_cached_tokens still counts them (its plan at admission)
             params[LOST_TOKENS] = lost
+        if waited_ms:
+            params[RECV_WAIT_MS] = waited_ms
         return False, (params or None)
 
     def take_events(self) -> Iterable:

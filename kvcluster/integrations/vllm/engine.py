@@ -27,7 +27,7 @@ from kvcluster.common.layout import KVLayout
 from kvcluster.common.sampling import SamplingParams
 from kvcluster.integrations.vllm.engine_args import EventEndpoints, engine_args, model_folder
 from kvcluster.integrations.vllm.kv_usage import KVUsage
-from kvcluster.integrations.vllm.metadata import LOADED_TOKENS, LOST_TOKENS
+from kvcluster.integrations.vllm.metadata import LOADED_TOKENS, LOST_TOKENS, RECV_WAIT_MS
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 
@@ -42,6 +42,8 @@ class EngineStep:
     """Final step: prompt tokens vLLM did not compute (its prefix cache + the tiers)."""
     loaded_tokens_by_tier: dict[str, int] = field(default_factory=dict)
     """Final step: of those, what the connector loaded from each kvstore tier."""
+    kv_wait_ms: float = 0.0
+    """Final step: how long vLLM held the request waiting for its KV stream (PD)."""
 
 
 class VLLMEngine:
@@ -94,7 +96,8 @@ class VLLMEngine:
                 cached = max(0, (out.num_cached_tokens or 0) - int(params.get(LOST_TOKENS, 0)))
                 yield EngineStep(tuple(completion.token_ids), True,
                                  FINISH_REASONS.get(completion.finish_reason or "", "stop"),
-                                 cached, dict(loaded))
+                                 cached, dict(loaded),
+                                 float(params.get(RECV_WAIT_MS, 0.0)))
         finally:
             if not finished:  # AsyncLLM.generate aborts the request when closed early
                 await outputs.aclose()

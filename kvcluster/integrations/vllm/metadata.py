@@ -28,12 +28,15 @@ PD_SEND = "kvcluster_send"
 LOADED_TOKENS = "kvcluster_loaded_tokens"
 """kv_transfer_params of a finished request: tokens it loaded, by tier ("transfer":
 from a prefill instance's stream)."""
+RECV_WAIT_MS = "kvcluster_recv_wait_ms"
+"""kv_transfer_params of a finished request: how long vLLM held it waiting for its
+stream (blocks allocated -> receive finished)."""
 LOST_TOKENS = "kvcluster_lost_tokens"
 """kv_transfer_params of a finished request: tokens vLLM counted as cached when it
 planned the request's stream, but computed because the stream did not fill them."""
 
 __all__ = ["OWNERSHIP", "PD_RECV", "PD_SEND", "LOADED_TOKENS", "LOST_TOKENS",
-           "ConnectorSettings",
+           "RECV_WAIT_MS", "ConnectorSettings",
            "LoadSpec", "SaveSpec", "RecvSpec", "SendSpec", "ConnectorMeta", "KVClusterEvents"]
 
 

@@ -21,6 +21,7 @@ step completes them (SendSpec).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -63,6 +64,9 @@ class _Request:
     send: dict | None = None
     """PD_SEND params until the last chunk is handed over."""
     lost_tokens: int = 0
+    recv_planned_s: float = 0.0
+    recv_wait_ms: float = 0.0
+    """Blocks allocated -> the receive finished (what the request waited for its KV)."""
     """Planned stream tokens vLLM computed after all (their blocks failed)."""
     send_started: bool = False
     next_send_token: int = 0
@@ -191,6 +195,11 @@ class SchedulerSide:
         req = self._requests.get(request_id)
         return req.lost_tokens if req is not None else 0
 
+    def recv_wait_ms(self, request_id: str) -> float:
+        """How long the request waited in vLLM for its stream (0: it had none)."""
+        req = self._requests.get(request_id)
+        return req.recv_wait_ms if req is not None else 0.0
+
     def on_recv_outcome(self, invalid_block_ids: set[int], finished_recving: set[str]
                         ) -> None:
         """A stream that filled fewer blocks than planned counts only what it filled
@@ -208,6 +217,7 @@ class SchedulerSide:
                 req.recv_blocks = req.recv_blocks[:bad[0]]
             if request_id in finished_recving:
                 req.recv_blocks = []
+                req.recv_wait_ms = (time.monotonic() - req.recv_planned_s) * 1e3
 
     def on_worker_events(self, events: Iterable) -> None:
         """Apply the worker's tier events to the mirror and queue them for publishing."""
@@ -267,6 +277,7 @@ class SchedulerSide:
                                     req.token_ids[:req.hit_end], first_token, req.hit_end,
                                     blocks, float(req.recv.get("timeout_s", 30.0))))
         req.recv_blocks = list(blocks)
+        req.recv_planned_s = time.monotonic()
         req.loaded_by_tier["transfer"] = req.loaded_by_tier.get("transfer", 0) + num_external
         self.loaded_tokens += num_external
         req.recv = None

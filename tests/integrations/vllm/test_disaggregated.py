@@ -66,6 +66,7 @@ def test_prefill_streams_whole_chunks_into_the_decoders_paged_blocks(cluster, cl
     assert final.decode_instance in ("decode-0", "decode-1")
     assert final.cached_tokens_by_tier.get("transfer") == 2 * CHUNK_TOKENS  # vLLM loaded them
     assert final.num_cached_tokens == sum(final.cached_tokens_by_tier.values())
+    assert final.stage_ms["kv_transfer"] > 0  # vLLM held the request while KV streamed in
     assert set(cluster.cluster.backend.kv_events) == {"prefill", "decode"}
     sent = cluster.cluster.backend.stats["prefill_results"][-1]
     assert sent.transfer_ok and sent.num_transferred_tokens == 2 * CHUNK_TOKENS
