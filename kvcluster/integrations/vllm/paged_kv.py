@@ -47,6 +47,7 @@ class PagedKV:
         self.kind = kind
         self._views = [_block_view(t, shape, kind) for t in self.layers]  # [nb, H, 2, B, D]
         self.dtype = self.layers[0].dtype
+        self.device = self.layers[0].device
 
     @classmethod
     def from_kv_caches(cls, kv_caches: Mapping[str, torch.Tensor], shape: PagedShape
@@ -69,7 +70,8 @@ class PagedKV:
         return self._views[0].shape[0]
 
     def gather(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """KV of whole blocks, ``[L, 2, len(block_ids) * B, H, D]``."""
+        """KV of whole blocks, ``[L, 2, len(block_ids) * B, H, D]``, in host memory
+        (where the tiers and the transfer take it), whatever device vLLM's cache is on."""
         idx = self._index(block_ids)
         n, (B, H, D) = len(block_ids), (self.shape.block_size, self.shape.num_kv_heads,
                                         self.shape.head_dim)
@@ -88,17 +90,16 @@ class PagedKV:
         if tuple(kv.shape) != expected:
             raise ValueError(f"KV of shape {tuple(kv.shape)} for {n} blocks, "
                              f"expected {expected}")
-        kv = kv.to(self.dtype)
+        kv = kv.to(device=self.device, dtype=self.dtype)
         for layer, view in enumerate(self._views):
             src = kv[layer].view(2, n, B, H, D).permute(1, 3, 0, 2, 4)  # [n, H, 2, B, D]
             view.index_copy_(0, idx, src.contiguous())
 
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
-        idx = torch.as_tensor(list(block_ids), dtype=torch.long)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_blocks):
-            raise ValueError(f"block ids out of range [0, {self.num_blocks}): "
-                             f"{list(block_ids)[:8]}...")
-        return idx
+        ids = list(block_ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.num_blocks):
+            raise ValueError(f"block ids out of range [0, {self.num_blocks}): {ids[:8]}...")
+        return torch.as_tensor(ids, dtype=torch.long).to(self.device)
 
 
 def detect_kind(tensor: torch.Tensor, shape: PagedShape) -> str:
