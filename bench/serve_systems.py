@@ -17,6 +17,7 @@ vLLM. A system that cannot start raises; the bench reports the others.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -140,13 +141,22 @@ def start_vllm_group(name: str, num_servers: int, num_blocks: int, workdir: Path
                             block_size=VLLM_BLOCK_TOKENS, num_blocks=num_blocks)
     servers: list[ServerProcess] = []
     try:
-        for i in range(num_servers):
-            servers.append(start_vllm(settings, workdir / f"{name}-{i}.log", log))
+        for i, bound in enumerate(one_core_each(settings, num_servers)):
+            servers.append(start_vllm(bound, workdir / f"{name}-{i}.log", log))
     except BaseException:
         for server in servers:
             server.stop()
         raise
     return ServerGroup(name, servers)
+
+
+def one_core_each(settings: VLLMSettings, num_servers: int) -> list[VLLMSettings]:
+    """``settings`` per server, each bound to its own core (round the cores this process
+    may use), as an operator runs CPU servers side by side: vLLM's "auto" binding would
+    put every one on the first core."""
+    cores = sorted(os.sched_getaffinity(0))
+    return [dataclasses.replace(settings, cpu_bind=str(cores[i % len(cores)]))
+            for i in range(num_servers)]
 
 
 def start_kvcluster(colocated: bool, workdir: Path, log=print, engine_kind: str = "native",

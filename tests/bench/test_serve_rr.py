@@ -172,3 +172,20 @@ def test_tiered_workload_is_long_chats_no_other_workload_has(tokenizer):
     assert all(len(c.user_turns) == serve.TIERED_TURNS for c in tiered.conversations)
     others = {c.name for w in workloads if w is not tiered for c in w.conversations}
     assert not others & {c.name for c in tiered.conversations}
+
+
+def test_each_round_robin_server_gets_its_own_core():
+    import os
+    from pathlib import Path
+
+    from bench.serve_systems import one_core_each
+    from bench.serve_vllm import VLLMSettings, server_env
+
+    base = VLLMSettings(Path("/m"), "smollm2", 2048, block_size=32, num_blocks=256)
+    cores = sorted(os.sched_getaffinity(0))
+    bound = one_core_each(base, 2)
+    assert [s.cpu_bind for s in bound] == [str(cores[i % len(cores)]) for i in range(2)]
+    assert all(s.num_blocks == 256 and s.block_size == 32 for s in bound)
+    assert server_env(bound[1])["VLLM_CPU_OMP_THREADS_BIND"] == bound[1].cpu_bind
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in server_env(base) or \
+        os.environ.get("VLLM_CPU_OMP_THREADS_BIND")  # unset: vLLM's own "auto"
