@@ -6,6 +6,9 @@
     kvstore_capacity_bytes{tier}           a tier's byte budget
     kvstore_evictions_total{tier}          chunks evicted from a tier (spilled or dropped)
     kvstore_dropped_total                  evicted chunks that no lower tier took
+    kvstore_skipped_total{tier}            chunks a put or spill sent past a tier that
+                                           was not accepting (disk: every staging row
+                                           busy; Redis: down)
     kvstore_promotions_total{tier}         chunks moved up to the top tier, by source tier
     kvstore_lost_total{tier,reason}        chunks a tier lost on its own (corrupt, io,
                                            expired, unavailable)
@@ -37,6 +40,8 @@ class StoreMetrics:
                                  registry=r)
         self.dropped = Counter("kvstore_dropped", "Evicted chunks no lower tier took",
                                registry=r)
+        self.skipped = Counter("kvstore_skipped", "Chunks sent past a tier not accepting",
+                               ["tier"], registry=r)
         self.promotions = Counter("kvstore_promotions", "Chunks promoted, by source tier",
                                   ["tier"], registry=r)
         self.lost = Counter("kvstore_lost", "Chunks lost by a tier", ["tier", "reason"],

@@ -268,7 +268,10 @@ class TieredStore:
 
     def _make_room(self, tier: StorageTier) -> bool:
         """Evict from ``tier`` (spilling down) until one chunk fits."""
-        if not tier.can_ever_hold() or not tier.accepting():
+        if not tier.can_ever_hold():
+            return False
+        if not tier.accepting():
+            self.metrics.skipped.labels(tier.name).inc()
             return False
         while not tier.has_space():
             victim = tier.policy.pop_victim(self._pins.__contains__)

@@ -195,6 +195,7 @@ def test_full_writer_queue_never_blocks_the_caller(tmp_path):
     # k0 took the only staging row; k1 found the queue full and was dropped.
     assert [store.tier_of(k) for k in keys] == [Tier.DISK, None, Tier.HOST]
     assert store.metrics.value("kvstore_dropped_total") == 1
+    assert store.metrics.value("kvstore_skipped_total", tier="disk") == 1
     release.set()
     store.close()
 
