@@ -1,5 +1,5 @@
-"""What both prefill workers share, whatever their engine: queue admission and the
-KV senders to decode instances.
+"""What both prefill workers share, whatever their engine: queue admission, metrics, and
+how a transfer's outcome goes into the PrefillResult.
 
     PrefillWorkerBase
       PrefillWorker       (prefill_worker.worker)       kvcluster's native engine
@@ -19,10 +19,6 @@ from kvcluster.common.layout import KVLayout
 from kvcluster.common.tasks import PrefillResult, PrefillTask
 from kvcluster.observability.logs import request_context
 from kvcluster.observability.metrics import TransferMetrics, WorkerMetrics
-from kvcluster.transfer.security import ChannelSecurity
-from kvcluster.transfer.sender import KVSender
-from kvcluster.transfer.source import ChunkSource
-from kvstore.codec.factory import sender_levels
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +27,6 @@ class PrefillWorkerBase(abc.ABC):
     def __init__(self, config: ClusterConfig, instance_id: str):
         self.config = config
         self.instance_id = instance_id
-        self.levels = sender_levels(config.transfer.best_level, config.transfer.policy,
-                                    config.codec)
-        self.channel_security = ChannelSecurity.internal(config.security)
-        """What this worker's senders present to decode workers: the cluster secret."""
-        self._senders: dict[str, KVSender] = {}
         self._queued_tokens = 0
         self._num_queued = 0
         self.metrics = WorkerMetrics(instance_id, "prefill")
@@ -70,39 +61,18 @@ class PrefillWorkerBase(abc.ABC):
     async def _prefill(self, task: PrefillTask) -> PrefillResult:
         """One admitted task, in its request's log context."""
 
-    async def _send(self, task: PrefillTask, source: ChunkSource, layout: KVLayout,
-                    result: PrefillResult) -> None:
-        """Stream ``source`` to ``task.decode_target``; the outcome goes into ``result``
-        (a failed transfer is logged, not raised: the decoder then recomputes)."""
-        sent = await self._sender(task.decode_target).send(source, task.request_id,
-                                                           task.slo_ms or None)
-        result.transfer_s = sent.elapsed_s
-        result.wire_bytes = sent.bytes_sent
-        result.levels = list(sent.levels)
+    def _record_transfer(self, task: PrefillTask, result: PrefillResult, layout: KVLayout,
+                         ok: bool, message: str, bytes_sent: int, levels, data_plane: str
+                         ) -> None:
+        """A stream's outcome into ``result`` (a failed one is logged, not raised: the
+        decoder then recomputes)."""
+        result.wire_bytes = bytes_sent
+        result.levels = list(levels)
         result.raw_bytes = layout.with_dtype("float16").bytes_per_chunk(
             result.num_transferred_tokens)
-        result.transfer_ok = sent.status is not None and sent.status.ok
-        result.message = sent.error or (sent.status.message if sent.status else "")
-        result.data_plane = sent.data_plane
-        if not result.transfer_ok:
+        result.transfer_ok = ok
+        result.message = message
+        result.data_plane = data_plane
+        if not ok:
             log.warning("request %s: KV transfer to %s failed: %s", task.request_id,
-                        task.decode_target, result.message)
-
-    def _sender(self, target: str) -> KVSender:
-        if target not in self._senders:
-            self._senders[target] = KVSender(target, self.levels, self.config.transfer,
-                                             security=self.channel_security,
-                                             metrics=self.transfer_metrics)
-        return self._senders[target]
-
-    def data_plane_stats(self) -> dict:
-        """Transfers per data plane over every receiver, for ``kvcluster status``."""
-        counts: dict[str, int] = {}
-        for sender in self._senders.values():
-            for plane, n in sender.data_planes.used.items():
-                counts[plane] = counts.get(plane, 0) + n
-        return {"data_plane": self.config.transfer.data_plane, "transfers": counts}
-
-    async def _close_senders(self) -> None:
-        for sender in self._senders.values():
-            await sender.close()
+                        task.decode_target, message)

@@ -81,7 +81,6 @@ class VLLMPrefillWorker(PrefillWorkerBase):
         return {"data_plane": self.config.transfer.data_plane, "transfers": dict(self._planes)}
 
     async def close(self) -> None:
-        await self._close_senders()
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
@@ -134,23 +133,15 @@ class VLLMPrefillWorker(PrefillWorkerBase):
         sent = sent or {"ok": False, "message": "no stream outcome within "
                         f"{self.config.transfer.timeout_s:g} s", "bytes_sent": 0,
                         "levels": [], "data_plane": ""}
-        layout = await engine.layout()
         # the stream ran beside the prefill: what it added is the wait past the prompt
         result.transfer_s = max(0.0, time.perf_counter() - began - result.prefill_s)
-        result.wire_bytes = int(sent["bytes_sent"])
-        result.levels = list(sent["levels"])
-        result.raw_bytes = layout.with_dtype("float16").bytes_per_chunk(
-            result.num_transferred_tokens)
-        result.transfer_ok = bool(sent["ok"])
-        result.message = str(sent["message"])
-        result.data_plane = str(sent["data_plane"])
+        self._record_transfer(task, result, await engine.layout(), bool(sent["ok"]),
+                              str(sent["message"]), int(sent["bytes_sent"]), sent["levels"],
+                              str(sent["data_plane"]))
         if result.data_plane:
             self._planes[result.data_plane] = self._planes.get(result.data_plane, 0) + 1
         self.transfer_metrics.observe_send(result.transfer_ok, float(sent.get("elapsed_s", 0)),
                                            [tuple(c) for c in sent.get("chunk_bytes", ())])
-        if not result.transfer_ok:
-            log.warning("request %s: KV transfer to %s failed: %s", task.request_id,
-                        task.decode_target, result.message)
 
     def _engine(self) -> VLLMEngine:
         if self.engine is None:

@@ -28,6 +28,7 @@ from kvcluster.observability.logs import request_context
 from kvcluster.transfer.source import ChunkSource
 from kvcluster.worker.node import WorkerNode
 from kvcluster.worker.relay import drain
+from kvcluster.worker.sender_pool import SenderPool
 from kvstore.codec.hint import chunk_hints
 from prefill_worker.base import PrefillWorkerBase
 from prefill_worker.warm_up import warm_up
@@ -41,6 +42,7 @@ class PrefillWorker(PrefillWorkerBase):
                  runner: ModelRunner | None = None, bus: EventBus | None = None):
         super().__init__(config, instance_id)
         self.node = WorkerNode(config, instance_id, "prefill", runner, bus)
+        self.senders = SenderPool(config, self.transfer_metrics)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"prefill-{instance_id}")
 
     def load(self):
@@ -50,7 +52,7 @@ class PrefillWorker(PrefillWorkerBase):
         """The model loaded in the constructor and events go through the node's bus; the
         engine and every codec level run once here, before the first request (warm_up)."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._compute, warm_up, self.node.runner, self.levels,
+        await loop.run_in_executor(self._compute, warm_up, self.node.runner, self.senders.levels,
                                    self.config.transfer.chunk_tokens)
 
     def info(self) -> dict:
@@ -68,7 +70,8 @@ class PrefillWorker(PrefillWorkerBase):
     async def stats(self) -> dict:
         lookups = self.metrics.value("kvcluster_worker_prefix_lookup_chunks_total")
         return dict(self.node.stats(), lookup_chunks=lookups,
-                    data_plane=self.data_plane_stats())
+                    data_plane={"data_plane": self.config.transfer.data_plane,
+                                "transfers": self.senders.data_plane_counts()})
 
     async def _prefill(self, task: PrefillTask) -> PrefillResult:
         loop = asyncio.get_running_loop()
@@ -88,7 +91,7 @@ class PrefillWorker(PrefillWorkerBase):
         return result
 
     async def close(self) -> None:
-        await self._close_senders()
+        await self.senders.close()
         self._compute.shutdown(wait=False, cancel_futures=True)
         self.node.close()
 
@@ -153,5 +156,9 @@ class PrefillWorker(PrefillWorkerBase):
         num_tokens, chunk_tokens = result.num_transferred_tokens, self.config.transfer.chunk_tokens
         hints = () if importance is None else chunk_hints(importance[:, :num_tokens], chunk_tokens)
         source = ChunkSource(task.token_ids[:num_tokens], self.node.layout,
-                             self.levels, chunk_tokens, kv=kv, hints=hints)
-        await self._send(task, source, self.node.layout, result)
+                             self.senders.levels, chunk_tokens, kv=kv, hints=hints)
+        sent = await self.senders.sender(task.decode_target).send(source, task.request_id,
+                                                                  task.slo_ms or None)
+        result.transfer_s = sent.elapsed_s
+        self._record_transfer(task, result, self.node.layout, sent.ok, sent.message,
+                              sent.bytes_sent, sent.levels, sent.data_plane)

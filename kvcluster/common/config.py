@@ -270,9 +270,8 @@ class TransferConfig:
     mooncake_device: str = ""
     """data_plane "mooncake": RDMA device names, comma separated; empty: auto-discovery."""
     sender_pace_bits_per_s: float = 0.0
-    """The vLLM connector's KV streams (engine.kind vllm, disaggregated) are paced to this
-    rate by an in-sender token bucket, for tests and benchmarks of a slow link; 0: no
-    limit."""
+    """Every prefill's KV stream (either engine) is paced to this rate by an in-sender
+    token bucket, for tests and benchmarks of a slow link; 0: no limit."""
 
     def validate(self, path: str) -> None:
         _check_positive(path + ".slo_ms", self.slo_ms)

@@ -91,6 +91,16 @@ class SendResult:
     """Payload bytes that went over the data plane (the rest of bytes_sent inline)."""
 
     @property
+    def ok(self) -> bool:
+        """The receiver reported the stream complete."""
+        return self.status is not None and self.status.ok
+
+    @property
+    def message(self) -> str:
+        """Why it failed (this sender's error, else the receiver's word); "" when ok."""
+        return self.error or (self.status.message if self.status else "")
+
+    @property
     def tail_s(self) -> float:
         """From the last ack to the final status: the receiver's last decode(s)."""
         acked = [c.acked_at_s for c in self.chunks if c.acked_at_s]

@@ -82,8 +82,8 @@ async def run_prefill(config: ClusterConfig) -> None:
     print("ready", flush=True)
     async for request_id, target, rate in _lines():
         shaper = _PrintingShaper(float(rate), request_id) if float(rate) > 0 else None
-        worker._senders[target] = KVSender(target, worker.levels, config.transfer,
-                                           shaper=shaper)
+        worker.senders._senders[target] = KVSender(target, worker.senders.levels,
+                                                   config.transfer, shaper=shaper)
         result = await worker.prefill(PrefillTask(request_id, PROMPT, "", target))
         _emit("result", {"id": request_id, "transfer_ok": result.transfer_ok,
                          "message": result.message, "levels": result.levels})

@@ -15,7 +15,7 @@ def test_codec_level_and_group_size_drive_the_transfer(tiny_model):
                          transfer={"policy": "adaptive", "slo_ms": 60_000})
     with running_workers(config) as (loop, prefill, decode, address):
         _, final, result = loop.run_until_complete(_request(prefill, decode, address, "c1"))
-        levels, layout = prefill.levels, prefill.node.layout
+        levels, layout = prefill.senders.levels, prefill.node.layout
         # codec.level caps the adaptive choice (best_level "default") and is the probe.
         assert levels.best == "L3" and levels.default == "L3"
         assert decode.receiver.levels.default == "L3"

@@ -16,7 +16,7 @@ from tests.workers.conftest import tiny_config
 def test_warm_up_runs_every_level_and_leaves_nothing_behind(tiny_model, policy):
     config = tiny_config(tiny_model, transfer={"policy": policy})
     worker = PrefillWorker(config, "prefill-warm")
-    runner, levels = worker.node.runner, worker.levels
+    runner, levels = worker.node.runner, worker.senders.levels
     encoded = []
     for name in levels.names:
         codec = levels.codec(name)
@@ -44,7 +44,7 @@ def test_warm_up_takes_at_most_half_the_block_pool(tiny_model):
     config = tiny_config(tiny_model, engine={"num_blocks": 8})  # 32 tokens of KV
     worker = PrefillWorker(config, "prefill-small")
     try:
-        assert warm_up(worker.node.runner, worker.levels, 10_000) > 0
+        assert warm_up(worker.node.runner, worker.senders.levels, 10_000) > 0
         assert worker.node.runner.blocks.num_free == 8
     finally:
         asyncio.run(worker.close())

@@ -32,10 +32,8 @@ from kvcluster.engine.dtypes import torch_dtype
 from kvcluster.integrations.vllm.metadata import SendSpec
 from kvcluster.transfer.levels import LevelSet
 from kvcluster.transfer.messages import TEXT_LEVEL
-from kvcluster.transfer.security import ChannelSecurity
-from kvcluster.transfer.sender import KVSender
 from kvcluster.transfer.source import ChunkSource
-from kvcluster.transfer.token_bucket import TokenBucketShaper
+from kvcluster.worker.sender_pool import SenderPool
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +83,9 @@ class ComputedSource(ChunkSource):
 
 class PDSender:
     def __init__(self, config: ClusterConfig, layout: KVLayout):
-        from kvstore.codec.factory import sender_levels
-
         self.config = config
         self.layout = layout
-        self.levels = sender_levels(config.transfer.best_level, config.transfer.policy,
-                                    config.codec)
-        self.security = ChannelSecurity.internal(config.security)
-        self._senders: dict[str, KVSender] = {}
+        self.senders = SenderPool(config)
         self._sources: dict[str, ComputedSource] = {}
         """vLLM request id -> its stream's source, until its last chunk is added."""
         self._results: OrderedDict[str, dict] = OrderedDict()
@@ -104,7 +97,7 @@ class PDSender:
 
     def start(self, spec: SendSpec) -> None:
         """Open the stream of ``spec.transfer_id`` to ``spec.target`` (its first step)."""
-        source = ComputedSource(spec.token_ids, self.layout, self.levels,
+        source = ComputedSource(spec.token_ids, self.layout, self.senders.levels,
                                 self.config.transfer.chunk_tokens)
         with self._lock:
             self._sources[spec.request_id] = source
@@ -138,7 +131,8 @@ class PDSender:
             sources = list(self._sources.values())
         for source in sources:
             source.fail("connector shut down")
-        future: Future = asyncio.run_coroutine_threadsafe(self._close(), self._loop)
+        future: Future = asyncio.run_coroutine_threadsafe(self.senders.close(),
+                                                                 self._loop)
         try:
             future.result(10)
         finally:
@@ -149,8 +143,8 @@ class PDSender:
 
     async def _send(self, spec: SendSpec, source: ComputedSource) -> None:
         try:
-            sent = await self._sender(spec.target).send(source, spec.transfer_id,
-                                                        spec.slo_ms or None)
+            sent = await self.senders.sender(spec.target).send(source, spec.transfer_id,
+                                                               spec.slo_ms or None)
             result = _result_dict(sent, source)
         except Exception as exc:  # noqa: BLE001 - the decoder computes what is missing
             log.warning("stream %s to %s failed: %r", spec.transfer_id, spec.target, exc)
@@ -164,25 +158,13 @@ class PDSender:
             while len(self._results) > MAX_RESULTS:
                 self._results.popitem(last=False)
 
-    def _sender(self, target: str) -> KVSender:
-        if target not in self._senders:
-            pace = self.config.transfer.sender_pace_bits_per_s
-            shaper = TokenBucketShaper(pace, burst_bytes=64 << 10) if pace else None
-            self._senders[target] = KVSender(target, self.levels, self.config.transfer,
-                                             security=self.security, shaper=shaper)
-        return self._senders[target]
-
-    async def _close(self) -> None:
-        for sender in self._senders.values():
-            await sender.close()
 
 
 def _result_dict(sent, source: ComputedSource) -> dict:
     """A SendResult as plain data (vLLM's RPC returns it to the prefill actor)."""
-    ok = sent.status is not None and sent.status.ok
     chunk_bytes = [(level, len(source.payload(i, level)) if source.has_payload(i, level) else 0)
                    for i, level in enumerate(sent.levels) if level]
-    return {"ok": ok, "message": sent.error or (sent.status.message if sent.status else ""),
+    return {"ok": sent.ok, "message": sent.message,
             "elapsed_s": sent.elapsed_s, "bytes_sent": sent.bytes_sent,
             "levels": list(sent.levels), "data_plane": sent.data_plane,
             "num_tokens": source.num_tokens, "chunk_bytes": chunk_bytes}
