@@ -101,13 +101,11 @@ class PDReceiver:
     # ------------------------------------------------------------ vLLM's worker thread
 
     def expect(self, spec: RecvSpec) -> None:
-        target = BlockTarget(tuple(spec.block_ids), spec.first_token, spec.end_token,
-                             tuple(spec.prompt_token_ids))
         with self._lock:
             self._expected[spec.transfer_id] = _Expected(spec, time.monotonic() + spec.timeout_s)
             sink = self._sinks.get(spec.transfer_id)
         if sink is not None:  # the stream came first: write what it holds now
-            sink.register(target)
+            sink.register(BlockTarget.of(spec))
 
     def abandon(self, transfer_id: str) -> None:
         """Nobody will stream ``transfer_id`` (its prefill failed): stop waiting."""
@@ -200,9 +198,7 @@ class PDReceiver:
         if old is not None:
             old.release()
         if expected is not None:
-            spec = expected.spec
-            sink.register(BlockTarget(tuple(spec.block_ids), spec.first_token,
-                                      spec.end_token, tuple(spec.prompt_token_ids)))
+            sink.register(BlockTarget.of(expected.spec))
         asyncio.ensure_future(self._claim(header.request_id))
         return sink
 

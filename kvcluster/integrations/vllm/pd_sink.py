@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from kvcluster.integrations.vllm.metadata import RecvSpec
 from kvcluster.integrations.vllm.paged_kv import PagedKV
 from kvcluster.transfer.sink import KVSink, TokenRange
 
@@ -38,6 +39,12 @@ class BlockTarget:
     end_token: int
     prompt_token_ids: tuple[int, ...]
     """The request's tokens ``[0, end_token)``: the stream must carry these."""
+
+    @classmethod
+    def of(cls, spec: RecvSpec) -> BlockTarget:
+        """Where the scheduler's RecvSpec says the request's stream goes."""
+        return cls(tuple(spec.block_ids), spec.first_token, spec.end_token,
+                   tuple(spec.prompt_token_ids))
 
 
 class BlockSink(KVSink):
@@ -134,8 +141,8 @@ class BlockSink(KVSink):
             return
         B, first = self.block_size, target.first_token
         blocks = target.block_ids[(lo - first) // B:(hi - first) // B]
-        device = self.paged.layers[0].device
-        self.paged.scatter(blocks, kv[:, :, lo - start:hi - start].to(device))  # [L, 2, n, H, D]
+        self.paged.scatter(blocks, kv[:, :, lo - start:hi - start])  # [L, 2, n, H, D]
+        device = self.paged.device
         if device.type == "cuda":  # written before vLLM hears the stream is done
             torch.cuda.current_stream(device).synchronize()
         self._written_end = hi
