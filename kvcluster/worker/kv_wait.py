@@ -2,7 +2,9 @@
 
 A decode worker waits for the prefill worker's stream of a request; if that prefill
 fails before it streams, the backend says so (``abandon``) and the wait ends at once
-instead of running out its timeout. Both decode workers (native and vLLM) use this.
+instead of running out its timeout. The native decode worker waits here; a vLLM decode
+instance waits inside vLLM's worker process instead (the connector's PDReceiver polls
+for the same three outcomes each step).
 """
 
 from __future__ import annotations
